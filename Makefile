@@ -1,0 +1,51 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11+ and make:
+#   make train   create .venv, install the package, run the main job
+#   make test    create .venv, install with the dev and parity extras, lint, run every test
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED ?= ../shared
+DATA_DIR ?= $(HOME)/.cache/resnet_jax/tfds
+CIFAR10 := $(DATA_DIR)/cifar10_jpeg/1.0.0/dataset_info.json
+
+.PHONY: train test lint format data model-table
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Reinstall whenever pyproject.toml changes.
+$(VENV)/.installed-base: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[dev,parity]'
+	touch $@ $(VENV)/.installed-base
+
+$(CIFAR10):
+	@test -f $(SHARED)/data/cifar10_jpeg.tar.xz || { \
+	  echo "error: $(SHARED)/data/cifar10_jpeg.tar.xz not found; set SHARED=DIR to the folder holding data/cifar10_jpeg.tar.xz" >&2; exit 1; }
+	mkdir -p $(DATA_DIR)
+	tar -xJf $(SHARED)/data/cifar10_jpeg.tar.xz -C $(DATA_DIR)
+
+data: $(CIFAR10)
+
+train: $(VENV)/.installed-base $(CIFAR10)
+	$(PY) scripts/demo_step.py --data_dir=$(DATA_DIR)
+
+test: $(VENV)/.installed-dev $(CIFAR10)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	RESNET_JAX_DATA_DIR=$(DATA_DIR) $(PY) -m pytest
+
+lint: $(VENV)/.installed-dev
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(VENV)/.installed-dev
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+model-table: $(VENV)/.installed-base
+	$(PY) scripts/model_table.py --write README.md

@@ -1,0 +1,366 @@
+"""Weights in and out of other frameworks, and between the unrolled and scanned layouts.
+
+* `from_torchvision(state_dict, model)`: torchvision's resnet18..152 (ResNet v1.5, stride on the
+  3x3 of a bottleneck) into a model built with `stride_on='3x3'`, `shortcut='B'`.
+* `from_keras(keras_model, model)`: `keras.applications` ResNet50/101/152 (v1, stride on the first
+  1x1) into a model built with `stride_on='1x1'`, `shortcut='B'`, `bn_epsilon=1.001e-5`.
+* `load_state_dict(path)`: a torchvision checkpoint file, read without executing pickled code.
+* `to_scanned` / `to_unrolled`: the same weights for `scan_blocks=True` / `False`.
+
+Conversions read the target model's variable shapes with `jax.eval_shape` (no weights are
+initialised), map every variable to exactly one source tensor, and raise one ValueError that
+names every missing, unexpected or mis-shaped entry. Nothing here imports torch or keras at
+module level: both are optional, and only the objects the caller passes in are touched.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from resnet_jax.models import Bottleneck, ResNet, Variables, init_variables
+
+TORCHVISION_BN_EPSILON = 1e-5
+KERAS_BN_EPSILON = 1.001e-5
+
+# Where one of our variables comes from: (the source's name for it, a function returning it).
+_Source = tuple[str, Callable[[], Any]]
+
+_BN_SUFFIX = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
+
+
+# --- Unrolled <-> scanned --------------------------------------------------------------------
+
+
+def _block_index(key: str) -> int | None:
+    match = re.fullmatch(r'block(\d+)', key)
+    return int(match.group(1)) if match else None
+
+
+def to_scanned(variables: Variables) -> Variables:
+    """Stacks blocks 2..n of every stage under `repeated/block`, the layout of `scan_blocks`."""
+
+    def stage(tree: Mapping[str, Any]) -> dict[str, Any]:
+        rest = sorted((i, k) for k in tree if (i := _block_index(k)) is not None and i > 1)
+        out = {k: v for k, v in tree.items() if not (_block_index(k) or 0) > 1}
+        if rest:
+            blocks = [tree[k] for _, k in rest]
+            out['repeated'] = {'block': jax.tree.map(lambda *xs: np.stack(xs), *blocks)}
+        return out
+
+    return _map_stages(variables, stage)
+
+
+def to_unrolled(variables: Variables) -> Variables:
+    """Splits the stacked `repeated/block` of every stage back into `block2`, `block3`, ..."""
+
+    def stage(tree: Mapping[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in tree.items() if k != 'repeated'}
+        if 'repeated' in tree:
+            stacked = tree['repeated']['block']
+            length = jax.tree.leaves(stacked)[0].shape[0]
+            for i in range(length):
+                out[f'block{i + 2}'] = jax.tree.map(lambda x, i=i: np.asarray(x[i]), stacked)
+        return out
+
+    return _map_stages(variables, stage)
+
+
+def _map_stages(variables: Variables, fn: Callable) -> Variables:
+    return {
+        collection: {k: fn(v) if re.fullmatch(r'stage\d+', k) else v for k, v in tree.items()}
+        for collection, tree in variables.items()
+    }
+
+
+# --- Shared machinery ------------------------------------------------------------------------
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple]:
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, (*prefix, key))
+        else:
+            yield (*prefix, key), value
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _unrolled_shapes(model: ResNet) -> Variables:
+    unrolled = model.clone(scan_blocks=False, dtype=np.float32)
+    return jax.eval_shape(lambda: init_variables(unrolled, jax.random.key(0), (64, 64, 3)))
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, 'detach'):  # A torch tensor; torch itself need not be imported here.
+        value = value.detach().cpu().float().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def _convert(
+    model: ResNet,
+    source_of: Callable[[tuple[str, ...]], _Source],
+    available: set[str],
+    what: str,
+) -> tuple[Variables, set[str]]:
+    """Fills every variable of `model` from its source; returns them and the names used.
+
+    Raises one ValueError listing every missing name and every shape mismatch.
+    """
+    variables: Variables = {}
+    used: set[str] = set()
+    missing: list[str] = []
+    mismatched: list[str] = []
+    for path, leaf in _flatten(_unrolled_shapes(model)):
+        name, fetch = source_of(path)
+        if name not in available:
+            missing.append(name)
+            continue
+        used.add(name)
+        value = _to_numpy(fetch())
+        if value.shape != leaf.shape:
+            mismatched.append(
+                f'{name} has shape {value.shape} (as {"/".join(path)}), expected {leaf.shape}'
+            )
+            continue
+        _set(variables, path, value)
+    problems = []
+    if missing:
+        problems.append(f'missing {len(set(missing))}: {", ".join(sorted(set(missing)))}')
+    if mismatched:
+        problems.append(f'shape mismatches: {"; ".join(mismatched)}')
+    if problems:
+        raise ValueError(f'{what} does not fit the model: ' + ' | '.join(problems))
+    if model.scan_blocks:
+        variables = to_scanned(variables)
+    return variables, used
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_imagenet_model(model: Any, source: str) -> None:
+    _require(
+        isinstance(model, ResNet) and not model.cifar_stem,
+        f'{source} weights need an ImageNet ResNet from create_model (resnet18..resnet152), '
+        f'got {type(model).__name__}'
+        + (' with the CIFAR stem' if isinstance(model, ResNet) and model.cifar_stem else ''),
+    )
+    _require(
+        model.shortcut == 'B',
+        f'{source} ResNets project only where the shape changes: build the model with '
+        f"shortcut='B', got shortcut={model.shortcut!r}",
+    )
+
+
+# --- torchvision -----------------------------------------------------------------------------
+
+
+def _torchvision_name(path: tuple[str, ...]) -> tuple[str, bool]:
+    """torchvision's name for one of our variables, and whether it is a conv kernel."""
+    _, *module, leaf = path
+    if module == ['head']:
+        return ('fc.weight' if leaf == 'kernel' else 'fc.bias'), False
+    if module[0] in ('stem_conv', 'stem_bn'):
+        torch_module = {'stem_conv': 'conv1', 'stem_bn': 'bn1'}[module[0]]
+    else:
+        stage, block, *rest = module
+        prefix = f'layer{stage[len("stage") :]}.{int(block[len("block") :]) - 1}'
+        layer = {'proj_conv': 'downsample.0', 'proj_bn': 'downsample.1'}.get(rest[-1], rest[-1])
+        torch_module = f'{prefix}.{layer}'
+    if leaf == 'kernel':
+        return f'{torch_module}.weight', True
+    return f'{torch_module}.{_BN_SUFFIX[leaf]}', False
+
+
+def from_torchvision(state_dict: Mapping[str, Any], model: ResNet) -> Variables:
+    """Converts a torchvision ResNet state dict into variables for `model`.
+
+    Args:
+      state_dict: torchvision's `model.state_dict()`, or the mapping `load_state_dict` returns:
+        names to torch tensors or numpy arrays.
+      model: `create_model('resnetN', num_classes=..., stride_on='3x3')` (shortcut 'B' is the
+        ImageNet default); torchvision's BatchNorm epsilon, 1e-5, is the default too.
+        `scan_blocks` models are supported.
+
+    Returns:
+      {'params': ..., 'batch_stats': ...} as float32 numpy arrays.
+
+    Raises:
+      ValueError: the model is not a matching ImageNet ResNet, or the state dict has missing,
+        unexpected or mis-shaped entries (all of them named in the message).
+    """
+    _check_imagenet_model(model, 'torchvision')
+    if issubclass(model.block_cls, Bottleneck):
+        _require(
+            model.stride_on == '3x3',
+            "torchvision's bottleneck ResNets stride on the 3x3 convolution (v1.5): build the "
+            f"model with stride_on='3x3', got stride_on={model.stride_on!r}",
+        )
+    _require(
+        model.bn_epsilon == TORCHVISION_BN_EPSILON,
+        f'torchvision BatchNorm uses epsilon={TORCHVISION_BN_EPSILON}: build the model with '
+        f'bn_epsilon={TORCHVISION_BN_EPSILON}, got {model.bn_epsilon}',
+    )
+    _require(
+        isinstance(state_dict, Mapping),
+        f'state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}',
+    )
+
+    def source(path: tuple[str, ...]) -> _Source:
+        name, is_conv = _torchvision_name(path)
+        if is_conv:  # OIHW -> HWIO
+            return name, lambda: _to_numpy(state_dict[name]).transpose(2, 3, 1, 0)
+        if name == 'fc.weight':  # (out, in) -> (in, out)
+            return name, lambda: _to_numpy(state_dict[name]).T
+        return name, lambda: state_dict[name]
+
+    # num_batches_tracked only drives PyTorch's momentum=None averaging; it has no counterpart.
+    names = {k for k in state_dict if not k.endswith('num_batches_tracked')}
+    variables, used = _convert(model, source, names, 'torchvision state_dict')
+    unexpected = sorted(names - used)
+    _require(
+        not unexpected,
+        f'torchvision state_dict has {len(unexpected)} unexpected entries for this model: '
+        f'{", ".join(unexpected)}',
+    )
+    return variables
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a torchvision checkpoint without executing pickled code.
+
+    `.safetensors` files are read with safetensors (torch not needed); `.pt`/`.pth`/`.bin`
+    with `torch.load(..., weights_only=True)`, which refuses anything but tensors and
+    containers. A checkpoint that wraps the weights as {'state_dict': ...} or {'model': ...}
+    is unwrapped.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f'weights file {path!r} does not exist or is not a file')
+    if path.endswith('.safetensors'):
+        from safetensors.numpy import load_file
+
+        return dict(load_file(path))
+    if not path.endswith(('.pt', '.pth', '.bin')):
+        raise ValueError(
+            f'weights file {path!r} has an unknown extension; expected .safetensors, .pt, .pth '
+            'or .bin'
+        )
+    try:
+        import torch
+    except ImportError as e:
+        raise ValueError(
+            f'reading {path!r} needs torch (pip install torch), or convert it to .safetensors'
+        ) from e
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise ValueError(f'cannot read {path!r} as a weights-only torch checkpoint: {e}') from e
+    for wrapper in ('state_dict', 'model'):
+        if isinstance(state, Mapping) and set(state) == {wrapper}:
+            state = state[wrapper]
+    if not isinstance(state, Mapping):
+        raise ValueError(f'{path!r} holds a {type(state).__name__}, expected a state dict')
+    return {k: _to_numpy(v) for k, v in state.items()}
+
+
+# --- Keras -----------------------------------------------------------------------------------
+
+# Our module name -> (Keras layer suffix inside a block).
+_KERAS_BLOCK_LAYER = {
+    'conv1': '1_conv',
+    'bn1': '1_bn',
+    'conv2': '2_conv',
+    'bn2': '2_bn',
+    'conv3': '3_conv',
+    'bn3': '3_bn',
+    'proj_conv': '0_conv',
+    'proj_bn': '0_bn',
+}
+_KERAS_BN_INDEX = {'scale': 0, 'bias': 1, 'mean': 2, 'var': 3}
+
+
+def _keras_layer(module: list[str]) -> str:
+    if module[0] in ('stem_conv', 'stem_bn', 'head'):
+        return {'stem_conv': 'conv1_conv', 'stem_bn': 'conv1_bn', 'head': 'predictions'}[module[0]]
+    stage, block, *rest = module
+    return f'conv{int(stage[len("stage") :]) + 1}_{block}_{_KERAS_BLOCK_LAYER[rest[-1]]}'
+
+
+def from_keras(keras_model: Any, model: ResNet) -> Variables:
+    """Converts a `keras.applications` ResNet50/101/152 (v1) into variables for `model`.
+
+    Keras's convolutions carry biases; each is folded exactly into the running mean of the
+    BatchNorm that follows it (BN(conv(x) + b) == BN'(conv(x)) with mean' = mean - b).
+    Build the Keras model with `include_top=True` and, to compare logits,
+    `classifier_activation=None`.
+
+    Args:
+      keras_model: a built `keras.applications.ResNet50/101/152` (any backend).
+      model: `create_model('resnetN', num_classes=..., bn_epsilon=1.001e-5)` with the
+        defaults stride_on='1x1' and shortcut='B'. `scan_blocks` models are supported.
+
+    Returns:
+      {'params': ..., 'batch_stats': ...} as float32 numpy arrays.
+
+    Raises:
+      ValueError: the model does not match Keras's architecture, or layers are missing,
+        unexpected or mis-shaped (all of them named in the message).
+    """
+    _check_imagenet_model(model, 'Keras')
+    _require(
+        issubclass(model.block_cls, Bottleneck) and model.stride_on == '1x1',
+        'keras.applications ResNets are bottleneck nets (resnet50/101/152) with the stride on '
+        f"the first 1x1 (stride_on='1x1'); got {model.block_cls.__name__} blocks with "
+        f'stride_on={model.stride_on!r}',
+    )
+    layers = {layer.name: layer for layer in getattr(keras_model, 'layers', ()) if layer.weights}
+    _require(bool(layers), f'expected a built Keras model, got {type(keras_model).__name__}')
+    _require(
+        not any('preact' in name for name in layers),
+        'this is a pre-activation ResNetV2, a different architecture from the paper; expected '
+        'keras.applications.ResNet50/101/152',
+    )
+    epsilons = {
+        float(layer.epsilon)
+        for layer in layers.values()
+        if type(layer).__name__.endswith('BatchNormalization')
+    }
+    _require(
+        epsilons <= {model.bn_epsilon},
+        f'Keras BatchNorm uses epsilon={sorted(epsilons)}: build the model with '
+        f'bn_epsilon={min(epsilons, default=KERAS_BN_EPSILON)}, got {model.bn_epsilon}',
+    )
+    weights = {name: layer.get_weights() for name, layer in layers.items()}
+
+    def source(path: tuple[str, ...]) -> _Source:
+        _, *module, leaf = path
+        layer = _keras_layer(module)
+        if not layer.endswith('_bn'):  # A conv kernel, or the head's kernel and bias.
+            return layer, lambda: weights[layer][leaf == 'bias']
+        if leaf != 'mean':
+            return layer, lambda: weights[layer][_KERAS_BN_INDEX[leaf]]
+        conv = weights.get(layer.removesuffix('bn') + 'conv', [])
+        conv_bias = conv[1] if len(conv) > 1 else 0.0
+        return layer, lambda: weights[layer][_KERAS_BN_INDEX['mean']] - conv_bias
+
+    variables, used = _convert(model, source, set(weights), 'Keras model')
+    unexpected = sorted(set(weights) - used)
+    _require(
+        not unexpected,
+        f'Keras model has {len(unexpected)} unexpected layers for this model: '
+        f'{", ".join(unexpected)}',
+    )
+    return variables

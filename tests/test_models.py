@@ -1,0 +1,558 @@
+"""Tests of resnet_jax.models: the paper's architectures, their options and their errors."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import resnet_jax as rj
+from resnet_jax import models, weights
+
+CIFAR_SHAPE = (32, 32, 3)
+IMAGENET_SHAPE = (224, 224, 3)
+SMALL_IMAGENET_SHAPE = (64, 64, 3)  # Big enough for all four stages, cheap on a CPU.
+
+
+def _classes(name):
+    return 1000 if name in rj.IMAGENET_MODELS else 10
+
+
+def _shape(name):
+    return IMAGENET_SHAPE if name in rj.IMAGENET_MODELS else CIFAR_SHAPE
+
+
+@functools.cache
+def _abstract_variables(name, **options):
+    model = rj.create_model(name, num_classes=_classes(name), **options)
+    return jax.eval_shape(lambda: rj.init_variables(model, jax.random.key(0), _shape(name)))
+
+
+def _images(shape, batch=2, seed=0):
+    return jax.random.normal(jax.random.key(seed), (batch, *shape), jnp.float32)
+
+
+def _intermediates(model, variables, images, *, train=False):
+    """Outputs of every submodule's __call__, keyed by module path."""
+    _, state = model.apply(
+        variables,
+        images,
+        train=train,
+        capture_intermediates=True,
+        mutable=['intermediates', 'batch_stats'] if train else ['intermediates'],
+    )
+    flat = {}
+
+    def walk(tree, path):
+        for key, value in tree.items():
+            if key == '__call__':
+                flat['/'.join(path)] = value[0]
+            else:
+                walk(value, (*path, key))
+
+    walk(state['intermediates'], ())
+    return flat
+
+
+def _blocks(flat):
+    """Paths of the residual blocks (unrolled models)."""
+    return sorted(p for p in flat if p.count('/') == 1 and p.split('/')[1].startswith('block'))
+
+
+# --- The registry ----------------------------------------------------------------------------
+
+
+def test_model_names_are_the_papers():
+    assert set(rj.MODEL_NAMES) == {
+        'resnet18',
+        'resnet34',
+        'resnet50',
+        'resnet101',
+        'resnet152',
+        'plain18',
+        'plain34',
+        'resnet20',
+        'resnet32',
+        'resnet44',
+        'resnet56',
+        'resnet110',
+        'resnet1202',
+        'plain20',
+        'plain32',
+        'plain44',
+        'plain56',
+        'plain110',
+    }
+    assert set(rj.IMAGENET_MODELS) | set(rj.CIFAR_MODELS) == set(rj.MODEL_NAMES)
+
+
+@pytest.mark.parametrize('name', rj.MODEL_NAMES)
+def test_output_shape_for_every_name(name):
+    model = rj.create_model(name, num_classes=7)
+    variables = jax.eval_shape(lambda: rj.init_variables(model, jax.random.key(0), _shape(name)))
+    images = jax.ShapeDtypeStruct((3, *_shape(name)), jnp.float32)
+    logits, stats = jax.eval_shape(
+        lambda v, x: rj.apply_model(model, v, x, train=True), variables, images
+    )
+    assert logits.shape == (3, 7)
+    assert logits.dtype == jnp.float32
+    assert jax.tree.structure(stats) == jax.tree.structure(variables['batch_stats'])
+
+
+@pytest.mark.parametrize('name,options', [('resnet20', {}), ('plain20', {}), ('resnet50', {})])
+def test_forward_backward_runs_and_is_finite(name, options):
+    model = rj.create_model(name, num_classes=5, **options)
+    shape = CIFAR_SHAPE if name in rj.CIFAR_MODELS else SMALL_IMAGENET_SHAPE
+    variables = rj.init_variables(model, jax.random.key(1), shape)
+    images = _images(shape, batch=4)
+
+    @jax.jit
+    def loss_and_grads(params):
+        def loss(params):
+            logits, _ = rj.apply_model(model, {**variables, 'params': params}, images, train=True)
+            return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[:, 0])
+
+        return jax.value_and_grad(loss)(params)
+
+    loss, grads = loss_and_grads(variables['params'])
+    assert np.isfinite(loss)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    assert any(np.any(g != 0) for g in jax.tree.leaves(grads))
+
+
+# --- Parameter and FLOP counts against the paper and torchvision -----------------------------
+
+# torchvision's exact counts (shortcut B, 1000 classes).
+TORCHVISION_PARAMS = {
+    'resnet18': 11_689_512,
+    'resnet34': 21_797_672,
+    'resnet50': 25_557_032,
+    'resnet101': 44_549_160,
+    'resnet152': 60_192_808,
+}
+# Paper Table 6 (CIFAR-10, option A), as printed.
+TABLE6_PARAMS = {
+    'resnet20': '0.27M',
+    'resnet32': '0.46M',
+    'resnet44': '0.66M',
+    'resnet56': '0.85M',
+    'resnet110': '1.7M',
+    'resnet1202': '19.4M',
+}
+# Paper Table 1, multiply-adds per 224x224 image.
+TABLE1_GMACS = {
+    'resnet18': 1.8,
+    'resnet34': 3.6,
+    'resnet50': 3.8,
+    'resnet101': 7.6,
+    'resnet152': 11.3,
+    'plain18': 1.8,
+    'plain34': 3.6,
+}
+
+
+@pytest.mark.parametrize('name', sorted(TORCHVISION_PARAMS))
+def test_imagenet_params_equal_torchvision(name):
+    assert rj.count_params(_abstract_variables(name)['params']) == TORCHVISION_PARAMS[name]
+
+
+@pytest.mark.parametrize('name', sorted(TABLE6_PARAMS))
+def test_cifar_params_match_table6(name):
+    printed = TABLE6_PARAMS[name]
+    decimals = len(printed.rstrip('M').split('.')[1])
+    count = rj.count_params(_abstract_variables(name)['params'])
+    assert f'{count / 1e6:.{decimals}f}M' == printed
+
+
+@pytest.mark.parametrize(
+    'plain,resnet',
+    [('plain20', 'resnet20'), ('plain56', 'resnet56'), ('plain110', 'resnet110')],
+)
+def test_plain_cifar_nets_have_the_option_a_count(plain, resnet):
+    count = rj.count_params(_abstract_variables(plain)['params'])
+    assert count == rj.count_params(_abstract_variables(resnet)['params'])
+
+
+def test_plain_imagenet_nets_have_the_resnet_count_minus_projections():
+    # Option B's projections are the only parameters a plain net lacks: three 1x1 convs + BN.
+    projections = sum(
+        c_in * c_out + 2 * c_out for c_in, c_out in [(64, 128), (128, 256), (256, 512)]
+    )
+    for plain, resnet in [('plain18', 'resnet18'), ('plain34', 'resnet34')]:
+        count = rj.count_params(_abstract_variables(plain)['params'])
+        assert count == rj.count_params(_abstract_variables(resnet)['params']) - projections
+
+
+def test_shortcut_options_add_exactly_their_projections():
+    a = rj.count_params(_abstract_variables('resnet20', shortcut='A')['params'])
+    b = rj.count_params(_abstract_variables('resnet20', shortcut='B')['params'])
+    c = rj.count_params(_abstract_variables('resnet20', shortcut='C')['params'])
+    proj = lambda c_in, c_out: c_in * c_out + 2 * c_out  # 1x1 conv without bias, BN scale+bias
+    assert b - a == proj(16, 32) + proj(32, 64)
+    # C projects in every one of the 9 blocks: 3 at width 16, 3 at 32, 3 at 64.
+    assert c - a == (
+        3 * proj(16, 16) + proj(16, 32) + 2 * proj(32, 32) + proj(32, 64) + 2 * proj(64, 64)
+    )
+
+
+@pytest.mark.parametrize('name', sorted(TABLE1_GMACS))
+def test_multiply_adds_within_5_percent_of_table1(name):
+    model = rj.create_model(name, num_classes=1000)
+    gmacs = rj.count_flops(model, IMAGENET_SHAPE) / 1e9
+    assert abs(gmacs / TABLE1_GMACS[name] - 1) < 0.05, gmacs
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'resnet50', 'resnet20'])
+def test_multiply_adds_agree_with_xla_cost_analysis(name):
+    # XLA skips kernel taps that fall on padding and adds the elementwise work: a few % apart.
+    model = rj.create_model(name, num_classes=_classes(name))
+    ours = rj.count_flops(model, _shape(name))
+    variables = _abstract_variables(name)
+    images = jax.ShapeDtypeStruct((1, *_shape(name)), jnp.float32)
+    cost = (
+        jax.jit(lambda v, x: rj.apply_model(model, v, x, train=False)[0])
+        .lower(variables, images)
+        .cost_analysis()
+    )
+    xla = cost['flops'] / 2
+    assert 0.9 * ours < xla < 1.01 * ours
+
+
+def test_multiply_adds_follow_the_options():
+    count = lambda name, **kw: rj.count_flops(
+        rj.create_model(name, num_classes=1000, **kw), IMAGENET_SHAPE
+    )
+    v1 = count('resnet50')
+    # "ResNet v1.5" strides on the 3x3: 4.1 GMACs as torchvision reports.
+    assert abs(count('resnet50', stride_on='3x3') / 1e9 - 4.1) < 0.05
+    assert count('resnet50', scan_blocks=True) == v1
+    assert count('resnet50', shortcut='C') > v1
+    # Multiply-adds scale with the pixels.
+    small = rj.count_flops(rj.create_model('resnet20', num_classes=10), (16, 16, 3))
+    assert small * 4 == pytest.approx(
+        rj.count_flops(rj.create_model('resnet20', num_classes=10), CIFAR_SHAPE), rel=0.01
+    )
+
+
+# --- Architecture ----------------------------------------------------------------------------
+
+
+def test_cifar_stages_run_at_32_16_8_with_widths_16_32_64():
+    model = rj.create_model('resnet20', num_classes=10)
+    variables = rj.init_variables(model, jax.random.key(0), CIFAR_SHAPE)
+    flat = _intermediates(model, variables, _images(CIFAR_SHAPE))
+    assert flat['stem_conv'].shape == (2, 32, 32, 16)
+    assert flat['stage1'].shape == (2, 32, 32, 16)
+    assert flat['stage2'].shape == (2, 16, 16, 32)
+    assert flat['stage3'].shape == (2, 8, 8, 64)
+    convs = [p for p in flat if p.endswith(('conv1', 'conv2')) or p == 'stem_conv']
+    assert len(convs) + 1 == 20  # 6n+2 weighted layers: 19 convolutions and the head.
+
+
+def test_imagenet_stem_and_stages_follow_table1():
+    model = rj.create_model('resnet50', num_classes=1000)
+    variables = rj.init_variables(model, jax.random.key(0), SMALL_IMAGENET_SHAPE)
+    flat = _intermediates(model, variables, _images(SMALL_IMAGENET_SHAPE))
+    assert flat['stem_conv'].shape == (2, 32, 32, 64)  # 7x7/2
+    assert flat['stage1'].shape == (2, 16, 16, 256)  # after the 3x3/2 max-pool
+    assert flat['stage2'].shape == (2, 8, 8, 512)
+    assert flat['stage3'].shape == (2, 4, 4, 1024)
+    assert flat['stage4'].shape == (2, 2, 2, 2048)
+
+
+@pytest.mark.parametrize('stride_on,strided', [('1x1', 'conv1'), ('3x3', 'conv2')])
+def test_stride_on_puts_the_stride_where_asked(stride_on, strided):
+    model = rj.create_model('resnet50', num_classes=10, stride_on=stride_on)
+    variables = rj.init_variables(model, jax.random.key(0), SMALL_IMAGENET_SHAPE)
+    flat = _intermediates(model, variables, _images(SMALL_IMAGENET_SHAPE))
+    block = 'stage2/block1'
+    assert flat[f'{block}/{strided}'].shape[1:3] == (8, 8)
+    other = {'conv1': 'conv2', 'conv2': 'conv1'}[strided]
+    expected_other = (16, 16) if strided == 'conv2' else (8, 8)
+    assert flat[f'{block}/{other}'].shape[1:3] == expected_other
+
+
+def _module_paths(params):
+    paths = set()
+    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+        paths.add('/'.join(k.key for k in path[:-1]))
+    return paths
+
+
+def test_option_a_has_no_parameters_and_pads_with_zeros():
+    params = _abstract_variables('resnet20', shortcut='A')['params']
+    assert not any('shortcut' in p for p in _module_paths(params))
+
+    shortcut = models.Shortcut('A', features=8, strides=2, conv=None, norm=None)
+    x = jnp.arange(2 * 4 * 4 * 4, dtype=jnp.float32).reshape(2, 4, 4, 4)
+    y = shortcut.apply({}, x)
+    assert y.shape == (2, 2, 2, 8)
+    np.testing.assert_array_equal(y[..., 2:6], x[:, ::2, ::2, :])
+    np.testing.assert_array_equal(y[..., :2], 0)
+    np.testing.assert_array_equal(y[..., 6:], 0)
+
+
+def test_option_b_projects_only_where_the_shape_changes():
+    params = _abstract_variables('resnet20', shortcut='B')['params']
+    projected = {p.rsplit('/shortcut', 1)[0] for p in _module_paths(params) if 'shortcut' in p}
+    assert projected == {'stage2/block1', 'stage3/block1'}
+    params = _abstract_variables('resnet50')['params']  # B by default on ImageNet nets
+    projected = {p.rsplit('/shortcut', 1)[0] for p in _module_paths(params) if 'shortcut' in p}
+    assert projected == {f'stage{i}/block1' for i in range(1, 5)}
+
+
+def test_option_c_projects_every_block():
+    params = _abstract_variables('resnet20', shortcut='C')['params']
+    projected = {p.rsplit('/shortcut', 1)[0] for p in _module_paths(params) if 'shortcut' in p}
+    assert projected == {f'stage{s}/block{b}' for s in (1, 2, 3) for b in (1, 2, 3)}
+
+
+def test_defaults_are_the_papers():
+    assert rj.create_model('resnet20', num_classes=10).shortcut == 'A'
+    assert rj.create_model('resnet50', num_classes=10).shortcut == 'B'
+    assert rj.create_model('resnet50', num_classes=10).stride_on == '1x1'
+    assert rj.create_model('plain20', num_classes=10).shortcut is None
+
+
+@pytest.mark.parametrize('name', ['resnet20', 'resnet50'])
+def test_zero_init_residual_makes_every_branch_zero(name):
+    model = rj.create_model(name, num_classes=10, zero_init_residual=True)
+    shape = CIFAR_SHAPE if name == 'resnet20' else SMALL_IMAGENET_SHAPE
+    variables = rj.init_variables(model, jax.random.key(0), shape)
+    flat = _intermediates(model, variables, _images(shape), train=True)
+    last_bn = 'bn2' if name == 'resnet20' else 'bn3'
+    blocks = [p for p in flat if p.count('/') == 1 and '/block' in p]
+    assert len(blocks) == sum(model.stage_sizes)
+    for block in blocks:
+        np.testing.assert_array_equal(flat[f'{block}/{last_bn}'], 0.0)
+        # The branch is silent, so each block is relu(shortcut(x)).
+        if f'{block}/shortcut' in flat:
+            np.testing.assert_array_equal(flat[block], jax.nn.relu(flat[f'{block}/shortcut']))
+    # Without the option the same branches are not zero.
+    plain_init = rj.create_model(name, num_classes=10)
+    flat = _intermediates(
+        plain_init, rj.init_variables(plain_init, jax.random.key(0), shape), _images(shape)
+    )
+    assert np.any(flat[f'stage1/block1/{last_bn}'] != 0)
+
+
+def test_plain_nets_have_no_shortcut():
+    """Silence every branch: residual blocks still pass x on, plain blocks output zero."""
+    plain = rj.create_model('plain20', num_classes=10)
+    resnet = rj.create_model('resnet20', num_classes=10)
+    variables = rj.init_variables(resnet, jax.random.key(0), CIFAR_SHAPE)
+    assert jax.tree.structure(variables) == jax.tree.structure(
+        rj.init_variables(plain, jax.random.key(0), CIFAR_SHAPE)
+    )
+    assert not any('shortcut' in p for p in _module_paths(variables['params']))
+
+    def silence(path, x):
+        names = [k.key for k in path]
+        return jnp.zeros_like(x) if names[-2] == 'bn2' else x
+
+    silenced = {
+        'params': jax.tree_util.tree_map_with_path(silence, variables['params']),
+        'batch_stats': variables['batch_stats'],
+    }
+    images = _images(CIFAR_SHAPE)
+    plain_flat = _intermediates(plain, silenced, images)
+    resnet_flat = _intermediates(resnet, silenced, images)
+    for block in _blocks(plain_flat):
+        np.testing.assert_array_equal(plain_flat[block], 0.0)
+        assert np.any(resnet_flat[block] != 0)
+
+
+# --- BatchNorm state -------------------------------------------------------------------------
+
+
+def test_running_statistics_change_only_in_train_mode():
+    model = rj.create_model('resnet20', num_classes=10)
+    variables = rj.init_variables(model, jax.random.key(0), CIFAR_SHAPE)
+    images = _images(CIFAR_SHAPE, batch=4) * 3 + 1
+    _, eval_stats = rj.apply_model(model, variables, images, train=False)
+    assert eval_stats is variables['batch_stats']
+    _, train_stats = rj.apply_model(model, variables, images, train=True)
+    changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), train_stats, variables['batch_stats'])
+    assert all(jax.tree.leaves(changed))
+
+
+def test_train_mode_uses_batch_statistics_and_eval_mode_running_ones():
+    model = rj.create_model('resnet20', num_classes=10)
+    variables = rj.init_variables(model, jax.random.key(0), CIFAR_SHAPE)
+    images = _images(CIFAR_SHAPE, batch=4)
+    shifted = {
+        'params': variables['params'],
+        'batch_stats': jax.tree.map(lambda x: x + 0.5, variables['batch_stats']),
+    }
+    train_a, _ = rj.apply_model(model, variables, images, train=True)
+    train_b, _ = rj.apply_model(model, shifted, images, train=True)
+    np.testing.assert_array_equal(train_a, train_b)
+    eval_a, _ = rj.apply_model(model, variables, images, train=False)
+    eval_b, _ = rj.apply_model(model, shifted, images, train=False)
+    assert np.abs(eval_a - eval_b).max() > 1e-3
+
+
+def test_bn_momentum_and_epsilon_reach_batchnorm():
+    # momentum 0: the running mean becomes exactly the batch mean of the stem convolution.
+    model = rj.create_model('resnet20', num_classes=10, bn_momentum=0.0, bn_epsilon=1e-3)
+    variables = rj.init_variables(model, jax.random.key(0), CIFAR_SHAPE)
+    images = _images(CIFAR_SHAPE, batch=4)
+    flat = _intermediates(model, variables, images)
+    _, stats = rj.apply_model(model, variables, images, train=True)
+    np.testing.assert_allclose(
+        stats['stem_bn']['mean'], flat['stem_conv'].mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6
+    )
+    assert model.bn_epsilon == 1e-3
+    x = flat['stem_conv']
+    scale, bias = variables['params']['stem_bn']['scale'], variables['params']['stem_bn']['bias']
+    expected = (x - 0.0) / np.sqrt(1.0 + 1e-3) * scale + bias  # init: mean 0, var 1
+    np.testing.assert_allclose(flat['stem_bn'], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
+    model = rj.create_model('resnet20', num_classes=10, dtype=jnp.bfloat16)
+    variables = rj.init_variables(model, jax.random.key(0), CIFAR_SHAPE)
+    assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    images = _images(CIFAR_SHAPE, batch=4)
+    logits, stats = rj.apply_model(model, variables, images, train=True)
+    assert logits.dtype == jnp.float32
+    assert {x.dtype for x in jax.tree.leaves(stats)} == {jnp.dtype(jnp.float32)}
+    flat = _intermediates(model, variables, images)
+    assert flat['stem_conv'].dtype == jnp.bfloat16
+    assert flat['stage3/block3/bn2'].dtype == jnp.bfloat16
+    # Same weights in float32 give nearly the same logits.
+    f32 = rj.create_model('resnet20', num_classes=10)
+    logits32, _ = rj.apply_model(f32, variables, images, train=True)
+    assert np.abs(logits - logits32).max() < 0.1 * np.abs(logits32).max() + 0.05
+
+
+# --- Scanned blocks --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    'name,options,shape',
+    [
+        ('resnet20', {}, CIFAR_SHAPE),
+        ('plain20', {}, CIFAR_SHAPE),
+        ('resnet20', {'shortcut': 'C', 'zero_init_residual': False}, CIFAR_SHAPE),
+        ('resnet50', {'stride_on': '3x3'}, SMALL_IMAGENET_SHAPE),
+    ],
+)
+def test_scanned_and_unrolled_nets_agree(name, options, shape):
+    unrolled = rj.create_model(name, num_classes=10, **options)
+    scanned = rj.create_model(name, num_classes=10, scan_blocks=True, **options)
+    variables = rj.init_variables(unrolled, jax.random.key(3), shape)
+    stacked = weights.to_scanned(variables)
+    expected = jax.eval_shape(lambda: rj.init_variables(scanned, jax.random.key(0), shape))
+    assert jax.tree.structure(stacked) == jax.tree.structure(expected)
+    assert jax.tree.map(np.shape, stacked) == jax.tree.map(lambda x: x.shape, expected)
+    images = _images(shape, batch=3)
+    for train in (False, True):
+        logits_u, stats_u = rj.apply_model(unrolled, variables, images, train=train)
+        logits_s, stats_s = rj.apply_model(scanned, stacked, images, train=train)
+        # Equal up to float32 rounding: XLA fuses a scan body differently from unrolled code.
+        scale = float(np.abs(logits_u).max())
+        np.testing.assert_allclose(logits_s, logits_u, rtol=0, atol=3e-5 * scale)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+            weights.to_unrolled({'batch_stats': jax.device_get(stats_s)})['batch_stats'],
+            jax.device_get(stats_u),
+        )
+    roundtrip = weights.to_unrolled(stacked)
+    jax.tree.map(np.testing.assert_array_equal, roundtrip, jax.device_get(variables))
+
+
+def test_scanned_params_are_stacked_per_stage():
+    variables = _abstract_variables('resnet56', scan_blocks=True)
+    stage = variables['params']['stage2']
+    assert set(stage) == {'block1', 'repeated'}
+    assert stage['repeated']['block']['conv1']['kernel'].shape == (8, 3, 3, 32, 32)
+
+
+# --- Errors ----------------------------------------------------------------------------------
+
+
+def test_unknown_name_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown model name 'resnet19'.*resnet20.*plain110"):
+        rj.create_model('resnet19', num_classes=10)
+
+
+def test_unknown_option_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown option 'shortcuts'.*shortcut, stride_on"):
+        rj.create_model('resnet20', num_classes=10, shortcuts='A')
+
+
+@pytest.mark.parametrize(
+    'option,value',
+    [
+        ('shortcut', 'D'),
+        ('shortcut', 'a'),
+        ('stride_on', '2x2'),
+        ('zero_init_residual', 1),
+        ('dtype', jnp.int32),
+        ('dtype', 'float33'),
+        ('bn_momentum', 1.0),
+        ('bn_momentum', '0.9'),
+        ('bn_epsilon', 0.0),
+        ('scan_blocks', 'yes'),
+        ('input_channels', 0),
+    ],
+)
+def test_invalid_option_values_are_named(option, value):
+    with pytest.raises(ValueError, match=rf'option {option}=.*is invalid; expected'):
+        rj.create_model('resnet20', num_classes=10, **{option: value})
+
+
+@pytest.mark.parametrize('num_classes', [0, -1, 2.5, '10', True])
+def test_invalid_num_classes(num_classes):
+    with pytest.raises(ValueError, match='num_classes must be a positive int'):
+        rj.create_model('resnet20', num_classes=num_classes)
+
+
+def test_plain_nets_reject_shortcut_and_zero_init():
+    no_shortcut = "plain20 is a plain net and has no shortcut; got shortcut='B'"
+    with pytest.raises(ValueError, match=no_shortcut):
+        rj.create_model('plain20', num_classes=10, shortcut='B')
+    with pytest.raises(ValueError, match='plain34 is a plain net: zero_init_residual'):
+        rj.create_model('plain34', num_classes=10, zero_init_residual=True)
+
+
+@pytest.mark.parametrize(
+    'images,message',
+    [
+        (np.zeros((32, 32, 3), np.float32), r'rank 4 .* got shape \(32, 32, 3\)'),
+        (np.zeros((2, 32, 32, 1), np.float32), r'3 channels .* got shape \(2, 32, 32, 1\)'),
+        (np.zeros((2, 3, 32, 32), np.float32), r'3 channels .* got shape \(2, 3, 32, 32\)'),
+        (np.zeros((2, 32, 32, 3), np.uint8), 'floating point .* got dtype uint8'),
+        ([[1.0]], 'images must be an array, got list'),
+    ],
+)
+def test_bad_images_raise_a_clear_error(images, message):
+    model = rj.create_model('resnet20', num_classes=10)
+    variables = rj.init_variables(model, jax.random.key(0), CIFAR_SHAPE)
+    with pytest.raises(ValueError, match=message):
+        rj.apply_model(model, variables, images, train=False)
+    with pytest.raises(ValueError, match=message):
+        jax.jit(lambda v, x: rj.apply_model(model, v, x, train=True))(variables, images)
+
+
+def test_input_channels_option():
+    model = rj.create_model('resnet20', num_classes=10, input_channels=1)
+    variables = rj.init_variables(model, jax.random.key(0), (28, 28, 1))
+    logits, _ = rj.apply_model(model, variables, jnp.ones((2, 28, 28, 1)), train=False)
+    assert logits.shape == (2, 10)
+
+
+@pytest.mark.parametrize('shape', [(32, 32), (32, 32, 3, 1), (0, 32, 3), (32.0, 32, 3)])
+def test_bad_image_shape(shape):
+    model = rj.create_model('resnet20', num_classes=10)
+    with pytest.raises(ValueError, match=r'image_shape must be \(height, width, channels\)'):
+        rj.init_variables(model, jax.random.key(0), shape)
+    with pytest.raises(ValueError, match=r'image_shape must be \(height, width, channels\)'):
+        rj.count_flops(model, shape)
+
+
+def test_count_params_counts_scalars():
+    assert rj.count_params({'a': np.zeros((2, 3)), 'b': {'c': np.zeros(4)}}) == 10
+    assert rj.count_params({}) == 0
