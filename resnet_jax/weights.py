@@ -135,14 +135,27 @@ def _convert(
         _set(variables, path, value)
     problems = []
     if missing:
-        problems.append(f'missing {len(set(missing))}: {", ".join(sorted(set(missing)))}')
+        problems.append(f'missing {len(set(missing))}: {_some(_natural_sort(set(missing)))}')
     if mismatched:
-        problems.append(f'shape mismatches: {"; ".join(mismatched)}')
+        problems.append(f'shape mismatches: {_some(mismatched, "; ")}')
     if problems:
         raise ValueError(f'{what} does not fit the model: ' + ' | '.join(problems))
     if model.scan_blocks:
         variables = to_scanned(variables)
     return variables, used
+
+
+def _natural_sort(names: set[str]) -> list[str]:
+    """block2 before block10."""
+    return sorted(
+        names, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', n)]
+    )
+
+
+def _some(names: list[str], sep: str = ', ', limit: int = 12) -> str:
+    """The first `limit` names, and how many more: enough to see the pattern."""
+    more = f'{sep}... and {len(names) - limit} more' if len(names) > limit else ''
+    return sep.join(names[:limit]) + more
 
 
 def _require(condition: bool, message: str) -> None:
@@ -229,11 +242,11 @@ def from_torchvision(state_dict: Mapping[str, Any], model: ResNet) -> Variables:
     # num_batches_tracked only drives PyTorch's momentum=None averaging; it has no counterpart.
     names = {k for k in state_dict if not k.endswith('num_batches_tracked')}
     variables, used = _convert(model, source, names, 'torchvision state_dict')
-    unexpected = sorted(names - used)
+    unexpected = _natural_sort(names - used)
     _require(
         not unexpected,
         f'torchvision state_dict has {len(unexpected)} unexpected entries for this model: '
-        f'{", ".join(unexpected)}',
+        f'{_some(unexpected)}',
     )
     return variables
 
@@ -357,10 +370,9 @@ def from_keras(keras_model: Any, model: ResNet) -> Variables:
         return layer, lambda: weights[layer][_KERAS_BN_INDEX['mean']] - conv_bias
 
     variables, used = _convert(model, source, set(weights), 'Keras model')
-    unexpected = sorted(set(weights) - used)
+    unexpected = _natural_sort(set(weights) - used)
     _require(
         not unexpected,
-        f'Keras model has {len(unexpected)} unexpected layers for this model: '
-        f'{", ".join(unexpected)}',
+        f'Keras model has {len(unexpected)} unexpected layers for this model: {_some(unexpected)}',
     )
     return variables
