@@ -87,7 +87,10 @@ def test_model_names_are_the_papers():
     assert set(rj.IMAGENET_MODELS) | set(rj.CIFAR_MODELS) == set(rj.MODEL_NAMES)
 
 
-@pytest.mark.parametrize('name', rj.MODEL_NAMES)
+@pytest.mark.parametrize(
+    'name',
+    [pytest.param(n, marks=pytest.mark.slow) if n == 'resnet1202' else n for n in rj.MODEL_NAMES],
+)
 def test_output_shape_for_every_name(name):
     model = rj.create_model(name, num_classes=7)
     variables = jax.eval_shape(lambda: rj.init_variables(model, jax.random.key(0), _shape(name)))
@@ -100,7 +103,10 @@ def test_output_shape_for_every_name(name):
     assert jax.tree.structure(stats) == jax.tree.structure(variables['batch_stats'])
 
 
-@pytest.mark.parametrize('name,options', [('resnet20', {}), ('plain20', {}), ('resnet50', {})])
+@pytest.mark.parametrize(
+    'name,options',
+    [('resnet20', {}), ('plain20', {}), pytest.param('resnet50', {}, marks=pytest.mark.slow)],
+)
 def test_forward_backward_runs_and_is_finite(name, options):
     model = rj.create_model(name, num_classes=5, **options)
     shape = CIFAR_SHAPE if name in rj.CIFAR_MODELS else SMALL_IMAGENET_SHAPE
@@ -436,7 +442,9 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
         ('resnet20', {}, CIFAR_SHAPE),
         ('plain20', {}, CIFAR_SHAPE),
         ('resnet20', {'shortcut': 'C', 'zero_init_residual': False}, CIFAR_SHAPE),
-        ('resnet50', {'stride_on': '3x3'}, SMALL_IMAGENET_SHAPE),
+        pytest.param(
+            'resnet50', {'stride_on': '3x3'}, SMALL_IMAGENET_SHAPE, marks=pytest.mark.slow
+        ),
     ],
 )
 def test_scanned_and_unrolled_nets_agree(name, options, shape):

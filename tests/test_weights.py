@@ -1,121 +1,30 @@
 """Weight conversion: logit parity with torchvision and Keras, file loading, and every error.
 
 The references are independent implementations (torchvision's ResNet in PyTorch, Keras's
-ResNet in keras.applications) initialised at random. Their BatchNorm layers get random affine
-parameters and running statistics measured on a calibration batch, so that eval mode uses
-non-trivial statistics and the logits are of order 1.
+ResNet in keras.applications); scripts/weight_parity.py builds them with random weights and
+non-trivial BatchNorm statistics.
 """
 
 import pickle
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torchvision
 
 import resnet_jax as rj
+import weight_parity  # scripts/, on pytest's pythonpath
 from resnet_jax import weights
 
 TOLERANCE = 1e-4  # max abs difference of float32 logits of order 1
 
 
-def _torchvision_reference(name: str, image_size: int, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    ref = getattr(torchvision.models, name)()
-    for module in ref.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
-            torch.nn.init.normal_(module.bias, 0.0, 0.1)
-            module.momentum = None  # cumulative average: running stats = calibration batch's
-            module.reset_running_stats()
-    # Trained ResNets have small scales on the last BN of each branch. With scales near 1 a
-    # random 152-layer net amplifies float32 rounding to ~1e-3 in torch and JAX alike (each
-    # measured against torch in float64), which would hide real mismatches.
-    for module in ref.modules():
-        if isinstance(module, torchvision.models.resnet.Bottleneck):
-            torch.nn.init.uniform_(module.bn3.weight, 0.1, 0.4)
-        elif isinstance(module, torchvision.models.resnet.BasicBlock):
-            torch.nn.init.uniform_(module.bn2.weight, 0.1, 0.4)
-    ref.train()
-    with torch.no_grad():
-        ref(torch.randn(4, 3, image_size, image_size))
-    ref.eval()
-    return ref
-
-
-def _scale_head_to_unit_logits(logits_fn, head_weight, head_bias, images):
-    """Rescales the head in place so the reference's logits have unit standard deviation."""
-    std = float(np.std(logits_fn(images)))
-    head_weight[...] = head_weight / std
-    head_bias[...] = head_bias / std
-
-
-@pytest.mark.parametrize(
-    'name,image_size,scan_blocks',
-    [('resnet18', 224, False), ('resnet50', 224, False), ('resnet152', 128, True)],
-)
-def test_torchvision_logits_match(name, image_size, scan_blocks):
-    ref = _torchvision_reference(name, image_size)
-    images = np.random.RandomState(1).randn(2, image_size, image_size, 3).astype(np.float32)
-
-    def ref_logits(x):
-        with torch.no_grad():
-            return ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-
-    with torch.no_grad():
-        _scale_head_to_unit_logits(ref_logits, ref.fc.weight.numpy(), ref.fc.bias.numpy(), images)
-    want = ref_logits(images)
-    assert 0.5 < np.std(want) < 2.0
-
-    model = rj.create_model(name, num_classes=1000, stride_on='3x3', scan_blocks=scan_blocks)
-    variables = weights.from_torchvision(ref.state_dict(), model)
-    got, _ = rj.apply_model(model, variables, jnp.asarray(images), train=False)
-    assert np.abs(np.asarray(got) - want).max() < TOLERANCE
-
-
-def _keras_reference(cls_name: str, image_size: int, seed: int = 0):
-    import keras
-
-    ref = getattr(keras.applications, cls_name)(
-        weights=None, classifier_activation=None, input_shape=(image_size, image_size, 3)
-    )
-    rng = np.random.RandomState(seed)
-    for layer in ref.layers:
-        kind = type(layer).__name__
-        if kind == 'BatchNormalization':
-            gamma, beta, mean, var = layer.get_weights()
-            low, high = (0.1, 0.4) if layer.name.endswith('_3_bn') else (0.5, 1.5)
-            layer.set_weights(
-                [rng.uniform(low, high, gamma.shape), rng.normal(0, 0.1, beta.shape), mean, var]
-            )
-            layer.momentum = 0.0  # the next training-mode call sets running stats = batch stats
-        elif kind == 'Conv2D':
-            kernel, bias = layer.get_weights()
-            # Non-zero biases, so that folding them into the BN means is really exercised.
-            layer.set_weights([kernel, rng.normal(0, 0.1, bias.shape)])
-    ref(rng.randn(4, image_size, image_size, 3).astype(np.float32), training=True)
-    return ref
-
-
-@pytest.mark.parametrize('name,cls_name', [('resnet50', 'ResNet50'), ('resnet101', 'ResNet101')])
-def test_keras_logits_match(name, cls_name):
-    image_size = 128
-    ref = _keras_reference(cls_name, image_size)
-    images = np.random.RandomState(1).randn(2, image_size, image_size, 3).astype(np.float32)
-    head = ref.get_layer('predictions')
-    kernel, bias = head.get_weights()
-    _scale_head_to_unit_logits(lambda x: np.asarray(ref(x, training=False)), kernel, bias, images)
-    head.set_weights([kernel, bias])
-    want = np.asarray(ref(images, training=False))
-    assert 0.5 < np.std(want) < 2.0
-
-    model = rj.create_model(
-        name, num_classes=1000, bn_epsilon=weights.KERAS_BN_EPSILON, scan_blocks=name == 'resnet101'
-    )
-    variables = weights.from_keras(ref, model)
-    got, _ = rj.apply_model(model, variables, jnp.asarray(images), train=False)
-    assert np.abs(np.asarray(got) - want).max() < TOLERANCE
+@pytest.mark.slow
+@pytest.mark.parametrize('name,reference,image_size,scan_blocks', weight_parity.CASES)
+def test_logits_match_the_reference(name, reference, image_size, scan_blocks):
+    result = weight_parity.parity(name, reference, image_size, scan_blocks)
+    assert 0.5 < result['logit_std'] < 2.0  # logits of order 1, so the tolerance means something
+    assert result['max_abs_diff'] < TOLERANCE
 
 
 # --- Files -----------------------------------------------------------------------------------
