@@ -564,3 +564,22 @@ def test_bad_image_shape(shape):
 def test_count_params_counts_scalars():
     assert rj.count_params({'a': np.zeros((2, 3)), 'b': {'c': np.zeros(4)}}) == 10
     assert rj.count_params({}) == 0
+
+
+def test_batchnorm_over_a_sharded_batch_uses_global_statistics():
+    # Under jit with the batch split over 8 devices, BN reduces over the global batch (SyncBN)
+    # with no pmean: the sharded step equals the single-device one.
+    assert jax.device_count() == 8  # tests/conftest.py simulates 8 CPU devices
+    model = rj.create_model('resnet20', num_classes=10)
+    variables = rj.init_variables(model, jax.random.key(0), CIFAR_SHAPE)
+    images = _images(CIFAR_SHAPE, batch=8) * 2 + 0.5
+    mesh = jax.make_mesh((8,), ('data',))
+    sharded = jax.device_put(images, jax.NamedSharding(mesh, jax.P('data')))
+    apply = jax.jit(lambda v, x: rj.apply_model(model, v, x, train=True))
+    logits_1, stats_1 = apply(variables, images)
+    logits_8, stats_8 = apply(variables, sharded)
+    assert len(logits_8.sharding.device_set) == 8
+    np.testing.assert_allclose(logits_8, logits_1, rtol=1e-5, atol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats_8, stats_1
+    )
