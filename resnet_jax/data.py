@@ -1,0 +1,479 @@
+"""Datasets: TFDS sources read through Grain, per-process shards, resumable order, exact eval.
+
+* `open_split(name, split, data_dir)` returns a random-access source over a prepared TFDS
+  dataset (ArrayRecord, read with `tfds.data_source`: TensorFlow is never imported), with the
+  paper's CIFAR holdout splits `train_45k` / `val_5k` on top of any TFDS split string.
+* `train_dataset(...)` is an endless, shuffled, augmented, batched Grain `IterDataset` of this
+  process's shard. Its order depends only on the seed (never on the number of worker
+  processes), each epoch reshuffles with seed + epoch, and `get_state()` / `set_state()` on
+  its iterator resume at exactly the next batch.
+* `eval_dataset(...)` visits every example of the split exactly once over all processes: the
+  last batches are padded and carry `mask`, so metrics are masked sums over real examples.
+* `load_arrays` + `in_memory_train_batch` are the fast path for small datasets: decode once,
+  keep uint8 arrays on the accelerator, and augment inside jit from (key, step).
+
+Batches are dicts of numpy arrays: `image` float32 (N, H, W, 3), `label` int32 (N,), and for
+eval `mask` bool (N,). `resnet_jax.sharding.global_batch` turns them into global jax.Arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_jax import augment
+
+Batch = dict[str, np.ndarray]
+Record = dict[str, Any]
+
+# Registered TFDS datasets this project knows how to train on, and how to prepare them.
+PREPARE_HINTS = {
+    'cifar10': '',
+    'cifar100': '',
+    'imagenet2012': (
+        ' after downloading ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from '
+        'image-net.org into {data_dir}/downloads/manual'
+    ),
+}
+
+# The paper's CIFAR model-selection holdout (section 4.2: "45k/5k train/val split"): a fixed
+# permutation of the 50,000 training images; its last 5,000 are the validation set.
+HOLDOUT_SPLITS = ('train_45k', 'val_5k')
+HOLDOUT_VAL_SIZE = 5000
+HOLDOUT_SEED = 20151210  # the paper's arXiv date; never change it, or the split changes
+
+AUGMENTATIONS = ('paper', 'inception', 'none')
+NORMALIZATIONS = ('pixel_mean', 'channel')
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the pipeline needs to know about a prepared dataset."""
+
+    name: str
+    num_classes: int
+    image_shape: tuple[int, ...] | None  # None when images vary in size (ImageNet)
+    splits: dict[str, int]  # base split name -> number of examples
+
+    @property
+    def family(self) -> str:
+        """'cifar' for fixed 32x32 images (section 4.2 recipe), else 'imagenet'."""
+        fixed_32 = self.image_shape is not None and tuple(self.image_shape[:2]) == (32, 32)
+        return 'cifar' if fixed_32 else 'imagenet'
+
+    @property
+    def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        if self.name.startswith('cifar100'):
+            return augment.CIFAR100_MEAN, augment.CIFAR100_STD
+        if self.family == 'cifar':
+            return augment.CIFAR10_MEAN, augment.CIFAR10_STD
+        return augment.IMAGENET_MEAN, augment.IMAGENET_STD
+
+
+def _check_data_dir(data_dir: str) -> str:
+    data_dir = os.path.expanduser(os.fspath(data_dir))
+    if not os.path.exists(data_dir):
+        raise ValueError(f'data_dir {data_dir!r} does not exist; expected a TFDS data directory')
+    if not os.path.isdir(data_dir):
+        raise ValueError(f'data_dir {data_dir!r} is not a directory')
+    if not os.access(data_dir, os.R_OK | os.X_OK):
+        raise ValueError(f'data_dir {data_dir!r} is not readable')
+    return data_dir
+
+
+def _prepare_command(name: str, data_dir: str) -> str:
+    hint = PREPARE_HINTS.get(name, '').format(data_dir=data_dir)
+    return (
+        f"pip install '.[tf]' && tfds build {name} --file_format=array_record "
+        f'--data_dir={data_dir}{hint}'
+    )
+
+
+def dataset_info(name: str, data_dir: str, *, download: bool = False) -> DatasetInfo:
+    """Reads a prepared dataset's metadata; prepares it first if allowed.
+
+    Raises:
+      ValueError: with the missing dataset, the directory, and the command that prepares it.
+    """
+    import tensorflow_datasets as tfds
+
+    data_dir = _check_data_dir(data_dir)
+    if not isinstance(name, str) or not re.fullmatch(r'[a-z0-9_]+(:[0-9.]+)?', name):
+        raise ValueError(f'dataset name must be a TFDS name such as cifar10, got {name!r}')
+    base_name = name.split(':')[0]
+    if not os.path.isdir(os.path.join(data_dir, base_name)):
+        if base_name not in PREPARE_HINTS:
+            found = sorted(d for d in os.listdir(data_dir) if not d.startswith('.'))
+            raise ValueError(
+                f'unknown dataset {name!r}: expected one of {", ".join(PREPARE_HINTS)} or a '
+                f'prepared TFDS directory in {data_dir} (found: {", ".join(found) or "none"})'
+            )
+        if not download:
+            raise ValueError(
+                f'dataset {name!r} is not prepared in {data_dir}; prepare it with: '
+                f'{_prepare_command(base_name, data_dir)}'
+            )
+        _download_and_prepare(name, data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        features = builder.info.features
+        num_classes = int(features['label'].num_classes)
+        shape = features['image'].shape
+    except Exception as e:  # tfds raises many types for a damaged directory
+        raise ValueError(
+            f'cannot read dataset {name!r} in {data_dir} ({type(e).__name__}: {e}); expected a '
+            f'TFDS directory with image and label features, as made by '
+            f'{_prepare_command(base_name, data_dir)}'
+        ) from None
+    image_shape = tuple(shape) if shape is not None and None not in shape else None
+    splits = {split: info.num_examples for split, info in builder.info.splits.items()}
+    if not splits:
+        raise ValueError(
+            f'dataset {name!r} in {data_dir} has no prepared splits (an interrupted build?); '
+            f'prepare it with: {_prepare_command(base_name, data_dir)}'
+        )
+    return DatasetInfo(base_name, num_classes, image_shape, splits)
+
+
+def _download_and_prepare(name: str, data_dir: str) -> None:
+    import tensorflow_datasets as tfds
+
+    try:
+        tfds.builder(name, data_dir=data_dir).download_and_prepare(file_format='array_record')
+    except Exception as e:  # offline, no TensorFlow, no manual files, ...
+        raise ValueError(
+            f'could not prepare dataset {name!r} in {data_dir} ({type(e).__name__}: {e}); '
+            f'prepare it by hand with: {_prepare_command(name.split(":")[0], data_dir)}'
+        ) from None
+
+
+class _Subset(Sequence):
+    """A random-access view of `source` at `indices` (for the holdout splits)."""
+
+    def __init__(self, source: Sequence, indices: np.ndarray):
+        self._source = source
+        self._indices = indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> Record:
+        return self._source[int(self._indices[index])]
+
+
+def holdout_indices(num_train: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices into the train split of the 45k/5k holdout: (train_45k, val_5k), disjoint."""
+    permutation = np.random.default_rng(HOLDOUT_SEED).permutation(num_train)
+    return np.sort(permutation[:-HOLDOUT_VAL_SIZE]), np.sort(permutation[-HOLDOUT_VAL_SIZE:])
+
+
+def open_split(
+    name: str, split: str, data_dir: str, *, download: bool = False
+) -> tuple[Sequence[Record], DatasetInfo]:
+    """A random-access source over one split, and the dataset's info.
+
+    Args:
+      name: a prepared TFDS dataset in `data_dir` (cifar10, cifar100, imagenet2012,
+        cifar10_jpeg, ...).
+      split: any TFDS split string ('train', 'test[:1000]', 'train[:10%]+test', ...), or
+        'train_45k' / 'val_5k', the paper's CIFAR holdout drawn from 'train'.
+      data_dir: the TFDS data directory.
+      download: prepare a registered dataset that is missing (needs internet and TensorFlow).
+    """
+    import tensorflow_datasets as tfds
+
+    info = dataset_info(name, data_dir, download=download)
+    data_dir = _check_data_dir(data_dir)
+    valid = [*info.splits, *HOLDOUT_SPLITS]
+    if not isinstance(split, str):
+        raise ValueError(f'split must be a string such as train, got {split!r}')
+    if split in HOLDOUT_SPLITS:
+        if info.splits.get('train', 0) <= HOLDOUT_VAL_SIZE:
+            raise ValueError(
+                f'split {split!r} holds {HOLDOUT_VAL_SIZE} of the train examples out, but '
+                f'{name} has {info.splits.get("train", 0)} train examples'
+            )
+        train = tfds.data_source(name, split='train', data_dir=data_dir)
+        indices = holdout_indices(len(train))[HOLDOUT_SPLITS.index(split)]
+        return _Subset(train, indices), info
+    for part in split.split('+'):
+        base = re.split(r'[\[(]', part, maxsplit=1)[0].strip()
+        if base not in info.splits:
+            raise ValueError(
+                f'dataset {name!r} has no split {base!r} (asked for {split!r}); expected one of '
+                f'{", ".join(valid)}'
+            )
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir), info
+    except Exception as e:  # a malformed slice such as 'train[:x]'
+        raise ValueError(f'cannot read split {split!r} of {name!r}: {e}') from None
+
+
+# --- Preprocessing ---------------------------------------------------------------------------
+
+
+def _check_record(record: Record, info: DatasetInfo) -> tuple[np.ndarray, int]:
+    """The image and label of a record; ValueError naming the record if they are malformed."""
+    image = np.asarray(record['image'])
+    label = record['label']
+    where = f'record {record.get("id", "?")!r} of {info.name}'
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(
+            f'{where}: image has shape {image.shape} and dtype {image.dtype}; expected uint8 '
+            '(height, width, 3)'
+        )
+    if info.image_shape is not None and image.shape != tuple(info.image_shape):
+        raise ValueError(f'{where}: image has shape {image.shape}, expected {info.image_shape}')
+    if not 0 <= int(label) < info.num_classes:
+        raise ValueError(f'{where}: label {label} is outside [0, {info.num_classes})')
+    return image, int(label)
+
+
+@functools.cache
+def pixel_mean(name: str, data_dir: str) -> np.ndarray:
+    """The per-pixel mean image of the train split (the paper's CIFAR normalisation)."""
+    source, _ = open_split(name, 'train', data_dir)
+    total = np.zeros(np.asarray(source[0]['image']).shape, np.float64)
+    for start in range(0, len(source), 2000):
+        chunk = _read_many(source, range(start, min(start + 2000, len(source))))
+        total += np.sum([r['image'] for r in chunk], axis=0, dtype=np.float64)
+    return (total / len(source)).astype(np.float32)
+
+
+def _read_many(source: Sequence, indices: Sequence[int]) -> list[Record]:
+    getitems = getattr(source, '__getitems__', None)
+    return getitems(list(indices)) if getitems else [source[i] for i in indices]
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """Turns one record into {'image': float32, 'label': int32}, augmented when training.
+
+    A plain picklable object (not a closure), so Grain can send it to worker processes.
+    """
+
+    info: DatasetInfo
+    train: bool
+    augmentation: str = 'paper'  # 'paper', 'inception' (ImageNet only) or 'none'
+    mean: Any = None  # float32 (3,) or (H, W, 3) on the 0..255 scale
+    std: Any = None  # float32 (3,) or None (mean subtraction only, as the paper)
+
+    def __post_init__(self):
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(
+                f'augmentation {self.augmentation!r} is invalid; expected one of {AUGMENTATIONS}'
+            )
+        if self.augmentation == 'inception' and self.info.family == 'cifar':
+            raise ValueError("augmentation 'inception' is for ImageNet-sized images, not CIFAR")
+
+    def __call__(self, record: Record, rng: np.random.Generator | None = None) -> Record:
+        image, label = _check_record(record, self.info)
+        cifar = self.info.family == 'cifar'
+        if not self.train or self.augmentation == 'none':
+            image = image if cifar else augment.resize_center_crop(image)
+        elif cifar:
+            image = augment.pad_crop_flip(image, rng)
+        elif self.augmentation == 'paper':
+            image = augment.scale_augment(image, rng)
+        else:
+            image = augment.random_resized_crop(image, rng)
+        image = augment.normalize(image, self.mean, self.std)
+        return {'image': image, 'label': np.int32(label)}
+
+
+def make_preprocess(
+    info: DatasetInfo,
+    *,
+    train: bool,
+    data_dir: str | None = None,
+    augmentation: str = 'paper',
+    normalization: str = 'pixel_mean',
+) -> Preprocess:
+    """The preprocessing of the paper (default) or of modern practice.
+
+    normalization 'pixel_mean': subtract the per-pixel mean of the train split (CIFAR; needs
+    `data_dir`) or the per-channel ImageNet mean (ImageNet crops have no fixed pixel grid);
+    'channel': per-channel (x - mean) / std with the dataset's named constants.
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f'normalization {normalization!r} is invalid; expected one of {NORMALIZATIONS}'
+        )
+    mean, std = (np.asarray(s, np.float32) for s in info.channel_stats)
+    if normalization == 'pixel_mean':
+        std = None
+        if info.family == 'cifar':
+            if data_dir is None:
+                raise ValueError("normalization 'pixel_mean' on CIFAR needs data_dir")
+            mean = pixel_mean(info.name, _check_data_dir(data_dir))
+    return Preprocess(info, train, augmentation, mean, std)
+
+
+# --- Grain pipelines -------------------------------------------------------------------------
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise ValueError(f'process_index {index} is outside [0, {count})')
+    return index, count
+
+
+def _check_batch(batch_size: int, what: str = 'batch_size') -> None:
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f'{what} must be a positive int, got {batch_size!r}')
+
+
+def train_dataset(
+    source: Sequence[Record],
+    preprocess: Callable[[Record, np.random.Generator], Record],
+    *,
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """Endless shuffled, augmented batches of this process's shard.
+
+    Args:
+      source: from `open_split`.
+      preprocess: from `make_preprocess(..., train=True)`.
+      batch_size: this process's batch (the global batch / the number of processes; see
+        `resnet_jax.sharding.local_batch_size`).
+      seed: the shuffle and augmentation seed; epoch e shuffles with seed + e.
+      num_workers: Grain worker processes (0: in this process). The batches are identical
+        for any value.
+      process_index, process_count: this process's shard (default: JAX's).
+    """
+    _check_batch(batch_size)
+    index, count = _process(process_index, process_count)
+    shard = grain.MapDataset.source(source)[index::count]
+    if len(shard) < batch_size:
+        raise ValueError(
+            f'batch_size {batch_size} exceeds the {len(shard)} examples of process {index}'
+        )
+    dataset = (
+        shard.seed(seed)
+        .shuffle()
+        .repeat()
+        .random_map(preprocess)
+        .batch(batch_size, drop_remainder=True)
+        .to_iter_dataset()
+    )
+    return _prefetch(dataset, num_workers)
+
+
+def _prefetch(dataset: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+    if not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
+        raise ValueError(f'num_workers must be an int >= 0, got {num_workers!r}')
+    if not num_workers:
+        return dataset
+    from absl import flags
+
+    # Grain reads absl flags; outside an absl app nobody has parsed them: take the defaults.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+
+
+@dataclasses.dataclass(frozen=True)
+class _PadOrRead:
+    """Eval element i: a real example while i < len(shard), else a masked-out copy of one."""
+
+    shard: Any
+    preprocess: Callable
+
+    def __call__(self, i: int) -> Record:
+        real = i < len(self.shard)
+        example = self.preprocess(self.shard[i if real else 0])
+        if not real:
+            example = {k: np.zeros_like(v) for k, v in example.items()}
+        return {**example, 'mask': np.bool_(real)}
+
+
+def eval_dataset(
+    source: Sequence[Record],
+    preprocess: Callable[[Record], Record],
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """Every example of the split exactly once over all processes, in padded, masked batches.
+
+    Every process yields the same number of batches (a jitted eval step is collective), so
+    shards shorter than the longest are padded too.
+    """
+    _check_batch(batch_size)
+    index, count = _process(process_index, process_count)
+    shard = grain.MapDataset.source(source)[index::count]
+    longest_shard = math.ceil(len(source) / count)
+    num_batches = math.ceil(longest_shard / batch_size)
+    dataset = (
+        grain.MapDataset.range(num_batches * batch_size)
+        .map(_PadOrRead(shard, preprocess))
+        .batch(batch_size)
+        .to_iter_dataset()
+    )
+    return _prefetch(dataset, num_workers)
+
+
+# --- In-memory fast path ---------------------------------------------------------------------
+
+
+def load_arrays(source: Sequence[Record], info: DatasetInfo) -> tuple[np.ndarray, np.ndarray]:
+    """Decodes a whole split once into uint8 images (N, H, W, 3) and int32 labels (N,)."""
+    if info.image_shape is None:
+        raise ValueError(
+            f'{info.name} has images of varied sizes; the in-memory path needs a fixed shape'
+        )
+    images = np.empty((len(source), *info.image_shape), np.uint8)
+    labels = np.empty((len(source),), np.int32)
+    for start in range(0, len(source), 2000):
+        indices = range(start, min(start + 2000, len(source)))
+        for i, record in zip(indices, _read_many(source, indices), strict=True):
+            images[i], labels[i] = _check_record(record, info)
+    return images, labels
+
+
+@functools.partial(jax.jit, static_argnames=('batch_size',))
+def in_memory_train_batch(
+    images: jax.Array,
+    labels: jax.Array,
+    mean: jax.Array,
+    std: jax.Array,
+    key: jax.Array,
+    step: jax.Array,
+    *,
+    batch_size: int,
+) -> dict[str, jax.Array]:
+    """Global batch `step` of the in-memory train stream: shuffled, augmented, normalised.
+
+    A pure function of (key, step): resuming needs only the step. Epoch e is a permutation
+    drawn from fold_in(key, e), dropping the last partial batch as the host path does; the
+    augmentation is `augment.pad_crop_flip_batch` with the same distribution as the host's.
+    Pass std = 1 for mean subtraction only.
+    """
+    n = images.shape[0]
+    steps_per_epoch = n // batch_size
+    if steps_per_epoch == 0:  # shapes are static: this runs once, at trace time
+        raise ValueError(f'batch_size {batch_size} exceeds the {n} examples in memory')
+    epoch, position = jnp.divmod(step, steps_per_epoch)
+    permutation = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+    indices = jax.lax.dynamic_slice(permutation, (position * batch_size,), (batch_size,))
+    augment_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
+    batch = augment.pad_crop_flip_batch(images[indices], augment_key)
+    return {'image': (batch.astype(jnp.float32) - mean) / std, 'label': labels[indices]}

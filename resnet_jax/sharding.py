@@ -1,0 +1,59 @@
+"""Device mesh and batch placement.
+
+One `Mesh` over every device of every process, with the batch axis named `data`. Each process
+feeds only its own rows of the global batch; `global_batch` stitches them into global
+`jax.Array`s sharded over `data`, identically on one process or many.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = 'data'
+
+
+def data_mesh(devices: list | None = None) -> Mesh:
+    """A 1-D mesh over `devices` (default: all devices of all processes) with axis `data`."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over `data`, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def local_batch_size(global_batch_size: int, mesh: Mesh | None = None) -> int:
+    """This process's share of the global batch; raises ValueError unless it divides evenly.
+
+    The global batch must split evenly over the processes and over the devices, or some
+    device would get a ragged shard.
+    """
+    mesh = data_mesh() if mesh is None else mesh
+    processes = jax.process_count()
+    devices = mesh.devices.size
+    if not isinstance(global_batch_size, int) or global_batch_size < 1:
+        raise ValueError(f'batch_size must be a positive int, got {global_batch_size!r}')
+    if global_batch_size % devices:
+        raise ValueError(
+            f'batch_size {global_batch_size} is not divisible by the {devices} devices of the '
+            f'mesh; expected a multiple of {devices}'
+        )
+    if global_batch_size % processes:
+        raise ValueError(
+            f'batch_size {global_batch_size} is not divisible by the {processes} processes; '
+            f'expected a multiple of {processes}'
+        )
+    return global_batch_size // processes
+
+
+def global_batch(local_batch: Any, mesh: Mesh) -> Any:
+    """Assembles each process's rows into global arrays sharded over the `data` axis."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    )
