@@ -1,0 +1,85 @@
+"""One process of a 2-process data test (run by tests/test_data_multiprocess.py).
+
+    python data_worker.py PORT PROCESS_ID NUM_PROCESSES
+
+Joins a JAX cluster on 127.0.0.1 with gloo CPU collectives and 2 CPU devices per process,
+reads its shard of a synthetic dataset whose images encode their index, assembles global
+batches, and prints one JSON line with what every device of every process saw.
+"""
+
+import json
+import os
+import sys
+
+os.environ['JAX_NUM_CPU_DEVICES'] = '2'
+os.environ['JAX_PLATFORMS'] = 'cpu'
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from resnet_jax import data, sharding
+
+
+def synthetic_source(n):
+    records = []
+    for i in range(n):
+        image = np.zeros((32, 32, 3), np.uint8)
+        image[..., 0], image[..., 1] = i % 256, i // 256
+        records.append({'image': image, 'label': i % 10, 'id': f'ex{i}'})
+    return records
+
+
+def indices(images):
+    return images[:, 5, 5, 0].astype(np.int32) + 256 * images[:, 5, 5, 1].astype(np.int32)
+
+
+def main():
+    port, process_id, num_processes = (int(a) for a in sys.argv[1:4])
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(
+        coordinator_address=f'127.0.0.1:{port}',
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=60,
+        heartbeat_timeout_seconds=10,
+    )
+    info = data.DatasetInfo('synthetic', 10, (32, 32, 3), {'train': 0})
+    preprocess = data.Preprocess(info, train=False, augmentation='none', mean=np.zeros(3))
+    mesh = sharding.data_mesh()
+    source = synthetic_source(64)
+    local = sharding.local_batch_size(16, mesh)
+    train = data.train_dataset(source, preprocess, batch_size=local, seed=0)
+    iterator = iter(train)
+    seen_train = []
+    for _ in range(4):  # one epoch: 4 global batches of 16
+        batch = sharding.global_batch(next(iterator), mesh)
+        gathered = multihost_utils.process_allgather(batch['image'], tiled=True)
+        seen_train.append(indices(np.asarray(gathered)).tolist())
+    real_eval = 0
+    seen_eval = []
+    for local_batch in data.eval_dataset(synthetic_source(37), preprocess, batch_size=4):
+        batch = sharding.global_batch(local_batch, mesh)
+        mask = np.asarray(multihost_utils.process_allgather(batch['mask'], tiled=True))
+        images = np.asarray(multihost_utils.process_allgather(batch['image'], tiled=True))
+        real_eval += int(mask.sum())
+        seen_eval += indices(images)[mask].tolist()
+    print(
+        json.dumps(
+            {
+                'process': jax.process_index(),
+                'devices': jax.device_count(),
+                'local_devices': jax.local_device_count(),
+                'local_batch': local,
+                'train': seen_train,
+                'eval_count': real_eval,
+                'eval': sorted(seen_eval),
+            }
+        ),
+        flush=True,
+    )
+    jax.distributed.shutdown()
+
+
+if __name__ == '__main__':
+    main()
