@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from synthetic_data import example_indices, synthetic_source
 
 from resnet_jax import augment, data, sharding
 
@@ -44,22 +45,12 @@ def _take(dataset, n):
 SYNTHETIC_INFO = data.DatasetInfo('synthetic', 10, (32, 32, 3), {'train': 0})
 
 
-def _synthetic_source(n):
-    records = []
-    for i in range(n):
-        image = np.zeros((32, 32, 3), np.uint8)
-        image[..., 0], image[..., 1] = i % 256, i // 256
-        records.append({'image': image, 'label': i % 10, 'id': f'ex{i}'})
-    return records
-
-
 def _identity(train=False):
     return data.Preprocess(SYNTHETIC_INFO, train=train, augmentation='none', mean=np.zeros(3))
 
 
 def _indices(batch, mask=None):
-    image = batch['image']
-    index = image[:, 5, 5, 0].astype(int) + 256 * image[:, 5, 5, 1].astype(int)
+    index = example_indices(batch['image'])
     return list(index if mask is None else index[batch['mask']])
 
 
@@ -156,7 +147,7 @@ def test_iterator_state_resumes_at_the_next_batch(cifar):
 
 
 def test_process_shards_are_disjoint_and_cover_the_split():
-    source = _synthetic_source(64)
+    source = synthetic_source(64)
     seen = []
     for process in range(2):
         dataset = data.train_dataset(
@@ -170,7 +161,7 @@ def test_process_shards_are_disjoint_and_cover_the_split():
 
 
 def test_epochs_reshuffle_and_the_seed_decides_the_order():
-    source = _synthetic_source(32)
+    source = synthetic_source(32)
     batches = _take(data.train_dataset(source, _identity(), batch_size=8, seed=0), 8)
     epoch0 = [i for b in batches[:4] for i in _indices(b)]
     epoch1 = [i for b in batches[4:] for i in _indices(b)]
@@ -187,7 +178,7 @@ def test_epochs_reshuffle_and_the_seed_decides_the_order():
 
 @pytest.mark.parametrize('processes,batch_size', [(1, 64), (2, 64), (3, 7)])
 def test_eval_visits_every_example_exactly_once(processes, batch_size):
-    source = _synthetic_source(203)
+    source = synthetic_source(203)
     seen = []
     num_batches = set()
     for process in range(processes):
@@ -280,7 +271,7 @@ def test_device_cifar_augmentation_matches_the_host_statistics():
 
 def test_in_memory_batches_cover_each_epoch_and_depend_only_on_key_and_step():
     n, batch_size = 64, 16
-    images = jnp.asarray(np.stack([r['image'] for r in _synthetic_source(n)]))
+    images = jnp.asarray(np.stack([r['image'] for r in synthetic_source(n)]))
     labels = jnp.arange(n, dtype=jnp.int32)
     mean, std = jnp.zeros(3), jnp.ones(3)
     key = jax.random.key(0)
@@ -429,12 +420,12 @@ def test_batch_size_must_divide_over_devices_and_processes():
     with pytest.raises(ValueError, match='batch_size must be a positive int, got 0'):
         sharding.local_batch_size(0, mesh)
     with pytest.raises(ValueError, match='batch_size must be a positive int'):
-        data.train_dataset(_synthetic_source(8), _identity(), batch_size=0, seed=0)
+        data.train_dataset(synthetic_source(8), _identity(), batch_size=0, seed=0)
     with pytest.raises(ValueError, match='batch_size 16 exceeds the 8 examples of process 0'):
-        data.train_dataset(_synthetic_source(8), _identity(), batch_size=16, seed=0)
+        data.train_dataset(synthetic_source(8), _identity(), batch_size=16, seed=0)
     with pytest.raises(ValueError, match=r'process_index 2 is outside \[0, 2\)'):
         data.eval_dataset(
-            _synthetic_source(8), _identity(), batch_size=4, process_index=2, process_count=2
+            synthetic_source(8), _identity(), batch_size=4, process_index=2, process_count=2
         )
 
 
@@ -464,4 +455,4 @@ def test_bad_options():
             SYNTHETIC_INFO, train=True, augmentation='inception', normalization='channel'
         )
     with pytest.raises(ValueError, match='num_workers must be an int >= 0'):
-        data.train_dataset(_synthetic_source(8), _identity(), batch_size=4, seed=0, num_workers=-1)
+        data.train_dataset(synthetic_source(8), _identity(), batch_size=4, seed=0, num_workers=-1)

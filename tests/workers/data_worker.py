@@ -9,29 +9,19 @@ batches, and prints one JSON line with what every device of every process saw.
 
 import json
 import os
+import pathlib
 import sys
 
 os.environ['JAX_NUM_CPU_DEVICES'] = '2'
 os.environ['JAX_PLATFORMS'] = 'cpu'
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from synthetic_data import example_indices, synthetic_source
 
 from resnet_jax import data, sharding
-
-
-def synthetic_source(n):
-    records = []
-    for i in range(n):
-        image = np.zeros((32, 32, 3), np.uint8)
-        image[..., 0], image[..., 1] = i % 256, i // 256
-        records.append({'image': image, 'label': i % 10, 'id': f'ex{i}'})
-    return records
-
-
-def indices(images):
-    return images[:, 5, 5, 0].astype(np.int32) + 256 * images[:, 5, 5, 1].astype(np.int32)
 
 
 def main():
@@ -55,7 +45,7 @@ def main():
     for _ in range(4):  # one epoch: 4 global batches of 16
         batch = sharding.global_batch(next(iterator), mesh)
         gathered = multihost_utils.process_allgather(batch['image'], tiled=True)
-        seen_train.append(indices(np.asarray(gathered)).tolist())
+        seen_train.append(example_indices(np.asarray(gathered)).tolist())
     real_eval = 0
     seen_eval = []
     for local_batch in data.eval_dataset(synthetic_source(37), preprocess, batch_size=4):
@@ -63,7 +53,7 @@ def main():
         mask = np.asarray(multihost_utils.process_allgather(batch['mask'], tiled=True))
         images = np.asarray(multihost_utils.process_allgather(batch['image'], tiled=True))
         real_eval += int(mask.sum())
-        seen_eval += indices(images)[mask].tolist()
+        seen_eval += example_indices(images)[mask].tolist()
     print(
         json.dumps(
             {
