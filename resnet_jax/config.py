@@ -1,0 +1,154 @@
+"""The experiment config: defaults every experiment shares, and one `validate` at the start.
+
+`configs/*.py::get_config(arg)` start from `base_config()` and set what differs. `validate`
+runs before anything touches the workdir and raises one ValueError naming the bad value and
+what was expected. Derived values are formulas in the configs, not magic numbers here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+
+from resnet_jax import data, models, optim
+
+DTYPES = ('float32', 'bfloat16')
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field an experiment has, with the paper's CIFAR-10 values where one applies."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.dtype = 'float32'
+    c.batch_size = 128  # global, over all devices and processes
+    c.eval_batch_size = 500
+    c.total_steps = 64_000
+    c.log_every_steps = 100
+    c.eval_every_steps = 2_000
+    c.checkpoint_every_steps = 2_000
+    c.keep_checkpoints = 3
+    c.label_smoothing = 0.0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = 'resnet20'
+    c.model.shortcut = ''  # '' = the family's default (A on CIFAR, B on ImageNet)
+    c.model.stride_on = '1x1'
+    c.model.zero_init_residual = False
+    c.model.scan_blocks = False
+    c.model.bn_momentum = 0.9
+    c.model.bn_epsilon = 1e-5
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = 'cifar10_jpeg'
+    c.dataset.data_dir = os.path.expanduser('~/.cache/resnet_jax/tfds')
+    c.dataset.train_split = 'train_45k'
+    c.dataset.eval_split = 'val_5k'
+    c.dataset.test_split = 'test'
+    c.dataset.augmentation = 'paper'
+    c.dataset.normalization = 'pixel_mean'
+    c.dataset.num_workers = 0
+    c.dataset.download = False
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = 'momentum'
+    c.optimizer.kwargs = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 0.1
+    c.optimizer.momentum = 0.9
+    c.optimizer.weight_decay = 1e-4
+    c.optimizer.weight_decay_mode = 'coupled'
+    c.optimizer.decay_bn_and_bias = True
+    c.optimizer.grad_clip_norm = 0.0
+    c.optimizer.schedule = 'piecewise'
+    c.optimizer.boundaries = [32_000, 48_000]
+    c.optimizer.boundaries_epochs = ml_collections.FieldReference([], field_type=list)
+    c.optimizer.decay_factor = 0.1
+    c.optimizer.warmup_steps = 0
+    c.optimizer.warmup_mode = 'constant'
+    c.optimizer.warmup_learning_rate = 0.01
+    return c
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f'invalid config: {message}')
+
+
+def _one_of(value: Any, allowed: tuple, field: str) -> None:
+    _check(value in allowed, f'{field}={value!r}; expected one of {", ".join(map(str, allowed))}')
+
+
+def _positive_int(value: Any, field: str, zero_ok: bool = False) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= (0 if zero_ok else 1)
+    _check(ok, f'{field}={value!r}; expected a {"non-negative" if zero_ok else "positive"} int')
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int, process_count: int) -> None:
+    """Rejects unknown or inconsistent values with one clear message. Touches no files."""
+    for field in (
+        'batch_size',
+        'eval_batch_size',
+        'total_steps',
+        'log_every_steps',
+        'eval_every_steps',
+        'checkpoint_every_steps',
+        'keep_checkpoints',
+    ):
+        _positive_int(config[field], field)
+    _positive_int(config.seed, 'seed', zero_ok=True)
+    for field in ('batch_size', 'eval_batch_size'):
+        for count, what in ((device_count, 'devices'), (process_count, 'processes')):
+            _check(
+                config[field] % count == 0,
+                f'{field}={config[field]} is not divisible by the {count} {what}; expected a '
+                f'multiple of {count}',
+            )
+    _one_of(config.dtype, DTYPES, 'dtype')
+    _check(0.0 <= config.label_smoothing < 1.0, f'label_smoothing={config.label_smoothing}')
+    _one_of(config.model.name, models.MODEL_NAMES, 'model.name')
+    _one_of(config.model.shortcut, ('', *models.SHORTCUTS), 'model.shortcut')
+    _one_of(config.model.stride_on, models.STRIDE_ON, 'model.stride_on')
+    _one_of(config.dataset.augmentation, data.AUGMENTATIONS, 'dataset.augmentation')
+    _one_of(config.dataset.normalization, data.NORMALIZATIONS, 'dataset.normalization')
+    _positive_int(config.dataset.num_workers, 'dataset.num_workers', zero_ok=True)
+    opt = config.optimizer
+    _check(
+        opt.name in optim.NAMED_OPTIMIZERS
+        or callable(getattr(__import__('optax'), opt.name, None)),
+        f'optimizer.name={opt.name!r}; expected one of {", ".join(optim.NAMED_OPTIMIZERS)} or an '
+        'optax optimizer such as adam',
+    )
+    _one_of(opt.schedule, optim.SCHEDULES, 'optimizer.schedule')
+    _one_of(opt.weight_decay_mode, optim.WEIGHT_DECAY_MODES, 'optimizer.weight_decay_mode')
+    _one_of(opt.warmup_mode, optim.WARMUP_MODES, 'optimizer.warmup_mode')
+    _check(opt.learning_rate > 0, f'optimizer.learning_rate={opt.learning_rate}; expected > 0')
+    _check(opt.weight_decay >= 0, f'optimizer.weight_decay={opt.weight_decay}; expected >= 0')
+    _check(opt.grad_clip_norm >= 0, f'optimizer.grad_clip_norm={opt.grad_clip_norm}')
+    _positive_int(opt.warmup_steps, 'optimizer.warmup_steps', zero_ok=True)
+    _check(
+        opt.warmup_steps < config.total_steps,
+        f'optimizer.warmup_steps={opt.warmup_steps} must be below total_steps={config.total_steps}',
+    )
+    for boundary in opt.boundaries:
+        _check(
+            isinstance(boundary, int) and opt.warmup_steps <= boundary,
+            f'optimizer.boundaries has {boundary!r}; expected ints >= warmup_steps',
+        )
+    # The model options are checked by create_model itself, with the same kind of message.
+    create_model_from_config(config, num_classes=10)
+
+
+def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int):
+    m = config.model
+    options = {
+        'stride_on': m.stride_on,
+        'zero_init_residual': m.zero_init_residual,
+        'scan_blocks': m.scan_blocks,
+        'bn_momentum': m.bn_momentum,
+        'bn_epsilon': m.bn_epsilon,
+        'dtype': config.dtype,
+    }
+    if m.shortcut:
+        options['shortcut'] = m.shortcut
+    return models.create_model(m.name, num_classes=num_classes, **options)

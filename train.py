@@ -1,0 +1,48 @@
+"""Train a ResNet: flags -> resnet_jax.trainer.train_and_evaluate.
+
+    python train.py --config=configs/cifar10.py:resnet20 --workdir=DIR [--config.x=y ...]
+
+Multi-process (GPU clusters without auto-detection): --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I. On a Cloud TPU pod or under SLURM, pass none: JAX detects them.
+Bad input exits non-zero with one error line and leaves the workdir untouched.
+"""
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file[:arg].', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go; reruns resume from it.')
+flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 (multi-process).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')
+flags.DEFINE_integer('process_id', None, 'This process (multi-process).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    import jax
+
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+    logging.getLogger('absl').setLevel(logging.WARNING)
+    if FLAGS.coordinator_address or FLAGS.num_processes:
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
+    from resnet_jax import trainer
+
+    try:
+        trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (ValueError, FloatingPointError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    app.run(main)
