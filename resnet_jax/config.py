@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.dtype = 'float32'
     c.batch_size = 128  # global, over all devices and processes
-    c.eval_batch_size = 500
+    c.eval_batch_size = 512
     c.total_steps = 64_000
     c.log_every_steps = 100
     c.eval_every_steps = 2_000

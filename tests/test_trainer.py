@@ -1,0 +1,361 @@
+"""Tests of the trainer: steps, optimizer and schedules by config, checkpoints, configs, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+from synthetic_data import synthetic_source
+
+import resnet_jax as rj
+from configs import cifar10, smoke
+from resnet_jax import checkpoint, data, optim, sharding, steps, trainer
+from resnet_jax import config as config_lib
+from resnet_jax.train_state import create_train_state
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_SHAPE = (8, 8, 3)
+
+
+def _tiny_setup(optimizer_name='momentum', learning_rate=0.1):
+    config = smoke.get_config()
+    model = rj.create_model('resnet20', num_classes=10)
+    with config.unlocked():
+        config.optimizer.name = optimizer_name
+        config.optimizer.learning_rate = learning_rate
+    params = jax.eval_shape(lambda: rj.init_variables(model, jax.random.key(0), TINY_SHAPE))
+    tx, schedule = optim.create_optimizer(
+        config.optimizer, params['params'], total_steps=100, steps_per_epoch=10
+    )
+    state = create_train_state(model, tx, 0, TINY_SHAPE)
+    return model, tx, schedule, state
+
+
+def _tiny_batch(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        'image': jnp.asarray(rng.normal(size=(n, *TINY_SHAPE)), jnp.float32),
+        'label': jnp.asarray(rng.integers(0, 10, n), jnp.int32),
+    }
+
+
+# --- Steps -----------------------------------------------------------------------------------
+
+
+def test_train_step_does_not_retrace():
+    model, tx, schedule, state = _tiny_setup()
+    step = jax.jit(steps.make_train_step(model, tx, schedule), donate_argnums=0)
+    state, _ = step(state, _tiny_batch(seed=0))
+    state, metrics = step(state, _tiny_batch(seed=1))
+    assert step._cache_size() == 1
+    assert int(state.step) == 2
+    assert set(metrics) == {'loss', 'top1_acc', 'top5_acc', 'learning_rate', 'grad_norm'}
+
+
+def test_a_tiny_net_overfits_one_batch():
+    model, tx, schedule, state = _tiny_setup('adam', 0.01)
+    step = jax.jit(steps.make_train_step(model, tx, schedule))
+    batch = _tiny_batch()
+    losses = []
+    for _ in range(40):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics['loss']))
+    assert losses[-1] < losses[0] / 2, losses
+
+
+def test_sharded_step_equals_the_single_device_step():
+    model, tx, schedule, state = _tiny_setup()
+    train_step = steps.make_train_step(model, tx, schedule)
+    batch = _tiny_batch(16)
+    one_state, one_metrics = jax.jit(train_step)(state, batch)
+
+    mesh = sharding.data_mesh()
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state_shardings = jax.tree.map(lambda _: replicated, state)
+    sharded = jax.jit(
+        train_step,
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, replicated),
+    )
+    eight_state, eight_metrics = sharded(state, sharding.global_batch(jax.device_get(batch), mesh))
+    assert len(eight_state.params['head']['kernel'].sharding.device_set) == 8
+    for a, b in zip(jax.tree.leaves(eight_state), jax.tree.leaves(one_state), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(eight_metrics['loss'], one_metrics['loss'], rtol=1e-5)
+
+
+def test_eval_step_sums_only_real_examples():
+    model, _, _, state = _tiny_setup()
+    batch = {**_tiny_batch(8), 'mask': jnp.array([True] * 5 + [False] * 3)}
+    sums = jax.jit(steps.make_eval_step(model))(state, batch)
+    assert float(sums['num_examples']) == 5
+    logits, _ = rj.apply_model(model, state.variables(), batch['image'][:5], train=False)
+    expected = np.sum(np.argmax(logits, -1) == np.asarray(batch['label'][:5]))
+    assert float(sums['top1_correct']) == expected
+
+
+# --- Optimizers and schedules ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize('name', [*optim.NAMED_OPTIMIZERS, 'adam', 'rmsprop', 'adagrad'])
+@pytest.mark.parametrize('mode', optim.WEIGHT_DECAY_MODES)
+def test_every_named_optimizer_is_one_config_change(name, mode):
+    cfg = smoke.get_config().optimizer
+    with cfg.unlocked():
+        cfg.name = name
+        cfg.weight_decay_mode = mode
+        cfg.learning_rate = 0.05
+        if mode == 'decoupled' and name not in (
+            'sgd',
+            'momentum',
+            'nesterov',
+            'adamw',
+            'lamb',
+            'lars',
+        ):
+            cfg.weight_decay = 0.0  # generic optax optimizers take decay through kwargs
+    params = {'w': {'kernel': jnp.ones((3, 3))}, 'bn': {'scale': jnp.ones(3)}}
+    tx, _ = optim.create_optimizer(cfg, params, total_steps=10, steps_per_epoch=1)
+    loss = lambda p: jnp.sum(p['w']['kernel'] ** 2) + jnp.sum((p['bn']['scale'] - 2) ** 2)
+    state = tx.init(params)
+    start = loss(params)
+    for _ in range(5):
+        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        params = optax.apply_updates(params, updates)
+    assert loss(params) < start
+
+
+def test_unknown_optimizer_and_bad_kwargs():
+    cfg = smoke.get_config().optimizer
+    with cfg.unlocked():
+        cfg.name = 'adamm'
+    with pytest.raises(ValueError, match=r"optimizer.name 'adamm' is not an optax optimizer"):
+        optim.create_optimizer(cfg, {}, total_steps=10, steps_per_epoch=1)
+    with cfg.unlocked():
+        cfg.name = 'adam'
+        cfg.weight_decay = 0.0
+        cfg.kwargs = {'beta_one': 0.9}
+    with pytest.raises(ValueError, match=r"optimizer 'adam' rejected optimizer.kwargs"):
+        optim.create_optimizer(cfg, {}, total_steps=10, steps_per_epoch=1)
+
+
+def test_weight_decay_mask_excludes_bn_and_biases_when_asked():
+    model = rj.create_model('resnet20', num_classes=10, scan_blocks=True)
+    params = jax.eval_shape(lambda: rj.init_variables(model, jax.random.key(0), TINY_SHAPE))
+    mask = optim.weight_decay_mask(params['params'], decay_bn_and_bias=False)
+    flat = {
+        '/'.join(k.key for k in path): v for path, v in jax.tree_util.tree_leaves_with_path(mask)
+    }
+    assert flat['stem_conv/kernel'] and flat['head/kernel']
+    assert flat['stage2/repeated/block/conv1/kernel']
+    assert not flat['head/bias'] and not flat['stem_bn/scale'] and not flat['stem_bn/bias']
+    assert not flat['stage2/repeated/block/bn1/scale']  # 2-D when scanned: decided by name
+    everything = optim.weight_decay_mask(params['params'], decay_bn_and_bias=True)
+    assert all(jax.tree.leaves(everything))
+
+    # Coupled decay with the mask leaves BN scales alone: only their gradient moves them.
+    cfg = smoke.get_config().optimizer
+    with cfg.unlocked():
+        cfg.name, cfg.decay_bn_and_bias, cfg.weight_decay = 'sgd', False, 0.5
+    tx, _ = optim.create_optimizer(
+        cfg, {'kernel': jnp.ones(2), 'scale': jnp.ones(2)}, total_steps=10, steps_per_epoch=1
+    )
+    p = {'kernel': jnp.ones(2), 'scale': jnp.ones(2)}
+    zero_grads = jax.tree.map(jnp.zeros_like, p)
+    updates, _ = tx.update(zero_grads, tx.init(p), p)
+    np.testing.assert_allclose(updates['kernel'], -0.1 * 0.5)
+    np.testing.assert_allclose(updates['scale'], 0.0)
+
+
+def test_the_papers_schedules():
+    c = cifar10.get_config('resnet20')
+    schedule = optim.learning_rate_schedule(c.optimizer, c.total_steps, 351)
+    assert [float(schedule(s)) for s in (0, 31_999, 32_000, 47_999, 48_000)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001]
+    )
+    deep = cifar10.get_config('resnet110')
+    schedule = optim.learning_rate_schedule(deep.optimizer, deep.total_steps, 351)
+    assert [float(schedule(s)) for s in (0, 399, 400, 31_999, 32_000, 48_000)] == pytest.approx(
+        [0.01, 0.01, 0.1, 0.1, 0.01, 0.001]
+    )
+    with deep.unlocked():
+        deep.optimizer.schedule = 'cosine'
+        deep.optimizer.warmup_mode = 'linear'
+        deep.optimizer.warmup_learning_rate = 0.0
+    schedule = optim.learning_rate_schedule(deep.optimizer, 1000, 351)
+    assert float(schedule(0)) == 0.0 and float(schedule(400)) == pytest.approx(0.1)
+    assert float(schedule(1000)) < 1e-6
+    with c.unlocked():
+        c.optimizer.boundaries = []
+        c.optimizer.boundaries_epochs = [2]
+    schedule = optim.learning_rate_schedule(c.optimizer, c.total_steps, 351)
+    assert float(schedule(701)) == pytest.approx(0.1) and float(schedule(702)) == pytest.approx(
+        0.01
+    )
+
+
+# --- Configs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('name', rj.CIFAR_MODELS)
+def test_every_cifar_config_validates(name):
+    config_lib.validate(cifar10.get_config(name), device_count=8, process_count=1)
+
+
+@pytest.mark.parametrize(
+    'field,value,message',
+    [
+        ('batch_size', 12, 'batch_size=12 is not divisible by the 8 devices'),
+        ('batch_size', 0, 'batch_size=0; expected a positive int'),
+        ('total_steps', -5, 'total_steps=-5; expected a positive int'),
+        ('dtype', 'float16', "dtype='float16'; expected one of float32, bfloat16"),
+        ('model.name', 'resnet19', "model.name='resnet19'; expected one of resnet18"),
+        ('model.shortcut', 'D', "model.shortcut='D'"),
+        ('optimizer.name', 'adamm', "optimizer.name='adamm'; expected one of sgd"),
+        ('optimizer.schedule', 'step', "optimizer.schedule='step'"),
+        ('optimizer.learning_rate', -0.1, 'optimizer.learning_rate=-0.1; expected > 0'),
+        ('optimizer.warmup_steps', 70_000, 'warmup_steps=70000 must be below total_steps'),
+        ('dataset.augmentation', 'autoaugment', "dataset.augmentation='autoaugment'"),
+    ],
+)
+def test_validate_names_the_bad_value(field, value, message):
+    config = cifar10.get_config('resnet20')
+    with config.unlocked():
+        node = config
+        *parents, leaf = field.split('.')
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(config, device_count=8, process_count=1)
+
+
+def test_cifar10_config_rejects_an_imagenet_model():
+    with pytest.raises(ValueError, match="unknown model 'resnet50'"):
+        cifar10.get_config('resnet50')
+
+
+# --- Checkpoints -----------------------------------------------------------------------------
+
+
+def test_checkpoint_restores_onto_fewer_devices(tmp_path):
+    *_, state = _tiny_setup()
+    mesh8 = sharding.data_mesh()
+    replicated8 = NamedSharding(mesh8, PartitionSpec())
+    state8 = jax.device_put(state, replicated8)
+    source = synthetic_source(32)
+    preprocess = data.Preprocess(
+        data.DatasetInfo('synthetic', 10, (32, 32, 3), {}),
+        train=False,
+        augmentation='none',
+        mean=np.zeros(3),
+    )
+    dataset = data.train_dataset(source, preprocess, batch_size=4, seed=0)
+    iterator = iter(dataset)
+    next(iterator), next(iterator)
+    manager = checkpoint.create_manager(str(tmp_path), save_every_steps=1, keep=2)
+    checkpoint.save(manager, 7, state8, iterator, force=True)
+    manager.wait_until_finished()
+    expected_next = next(iterator)
+
+    mesh1 = sharding.data_mesh(jax.devices()[:1])
+    replicated1 = NamedSharding(mesh1, PartitionSpec())
+    target = checkpoint.abstract_with_shardings(
+        jax.eval_shape(lambda: state), jax.tree.map(lambda _: replicated1, state)
+    )
+    fresh = iter(dataset)
+    restored = checkpoint.restore(manager, manager.latest_step(), target, fresh)
+    manager.close()
+    assert restored.params['head']['kernel'].sharding.device_set == {jax.devices()[0]}
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(next(fresh)['image'], expected_next['image'])
+
+
+# --- End to end ------------------------------------------------------------------------------
+
+
+def _smoke(data_dir, **overrides):
+    config = smoke.get_config()
+    with config.unlocked():
+        config.dataset.data_dir = str(data_dir)
+        for key, value in overrides.items():
+            node = config
+            *parents, leaf = key.split('.')
+            for parent in parents:
+                node = node[parent]
+            node[leaf] = value
+    return config
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_smoke_run_then_resume_equals_an_uninterrupted_run(cifar10_data_dir, tmp_path):
+    interrupted, straight = tmp_path / 'interrupted', tmp_path / 'straight'
+    first = trainer.train_and_evaluate(_smoke(cifar10_data_dir, total_steps=4), str(interrupted))
+    assert first['eval/num_examples'] == 72  # 72 = 4.5 eval batches: padded, counted exactly
+    assert sorted(os.listdir(interrupted / 'checkpoints')) == ['3', '4']
+    resumed = trainer.train_and_evaluate(_smoke(cifar10_data_dir), str(interrupted))
+    uninterrupted = trainer.train_and_evaluate(_smoke(cifar10_data_dir), str(straight))
+    assert resumed == uninterrupted
+
+    def losses(workdir, after):
+        return {
+            r['step']: r['train/loss']
+            for r in _records(workdir)
+            if 'train/loss' in r and r['step'] > after
+        }
+
+    assert losses(interrupted, 4) == losses(straight, 4)
+    keys = set().union(*_records(straight))
+    assert {
+        'step',
+        'train/loss',
+        'train/top1_acc',
+        'train/images_per_sec',
+        'eval/loss',
+        'eval/top1_acc',
+        'eval/top5_acc',
+        'eval/num_examples',
+    } <= keys
+    assert os.listdir(straight / 'tensorboard')
+
+
+@pytest.mark.slow
+def test_cli_rejects_bad_input_without_touching_the_workdir(tmp_path):
+    workdir = tmp_path / 'run'
+    cases = [
+        (['--config.batch_size=12'], 'batch_size=12 is not divisible by the 8 devices'),
+        (['--config.no_such_key=1'], 'no_such_key'),
+        (['--config.total_steps=ten'], 'total_steps'),
+        (['--config.dataset.name=cifar11'], "unknown dataset 'cifar11'"),
+    ]
+    env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+    for flags, message in cases:
+        result = subprocess.run(
+            [
+                sys.executable,
+                'train.py',
+                '--config=configs/smoke.py',
+                f'--workdir={workdir}',
+                *flags,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert result.returncode != 0
+        assert message in result.stderr, result.stderr[-2000:]
+        assert not workdir.exists()
