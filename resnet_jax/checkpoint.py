@@ -94,3 +94,11 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
+
+
+def restore_state_only(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
+    """The train state at `step` without the data iterator (for evaluation)."""
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    )
+    return restored.state

@@ -74,6 +74,26 @@ def _mean(records: list[dict[str, Any]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
 
 
+def build_training(
+    config: ml_collections.ConfigDict, info: data.DatasetInfo, num_train_examples: int
+) -> tuple[Any, optax.GradientTransformation, optax.Schedule, Any]:
+    """The model, optimizer, schedule and the state's init function of a config."""
+    steps_per_epoch = max(1, num_train_examples // config.batch_size)
+    image_shape = info.image_shape or (224, 224, 3)
+    model = config_lib.create_model_from_config(config, info.num_classes)
+    abstract_params = jax.eval_shape(
+        lambda: create_train_state(model, optax.identity(), config.seed, image_shape).params
+    )
+    tx, schedule = optim.create_optimizer(
+        config.optimizer,
+        abstract_params,
+        total_steps=config.total_steps,
+        steps_per_epoch=steps_per_epoch,
+    )
+    init = functools.partial(create_train_state, model, tx, config.seed, image_shape)
+    return model, tx, schedule, init
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains and evaluates as `config` says; resumes from `workdir` if it holds a checkpoint.
 
@@ -97,19 +117,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f'batch_size {config.batch_size} exceeds the {len(train_source)} examples of '
             f'{ds.train_split!r}'
         )
-    steps_per_epoch = len(train_source) // config.batch_size
-    image_shape = info.image_shape or (224, 224, 3)
-    model = config_lib.create_model_from_config(config, info.num_classes)
-    abstract_params = jax.eval_shape(
-        lambda: create_train_state(model, optax.identity(), config.seed, image_shape).params
-    )
-    tx, schedule = optim.create_optimizer(
-        config.optimizer,
-        abstract_params,
-        total_steps=config.total_steps,
-        steps_per_epoch=steps_per_epoch,
-    )
-    init = functools.partial(create_train_state, model, tx, config.seed, image_shape)
+    model, tx, schedule, init = build_training(config, info, len(train_source))
     abstract_state = jax.eval_shape(init)
     replicated = NamedSharding(mesh, PartitionSpec())
     state_shardings = jax.tree.map(lambda _: replicated, abstract_state)

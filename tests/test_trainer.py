@@ -359,3 +359,62 @@ def test_cli_rejects_bad_input_without_touching_the_workdir(tmp_path):
         assert result.returncode != 0
         assert message in result.stderr, result.stderr[-2000:]
         assert not workdir.exists()
+
+
+@pytest.mark.parametrize('arg', ['resnet18', 'resnet50', 'resnet152,modern', 'plain34,modern'])
+def test_imagenet_configs_validate(arg):
+    from configs import imagenet
+
+    config = imagenet.get_config(arg)
+    config_lib.validate(config, device_count=8, process_count=1)
+    if arg.endswith('modern'):
+        assert config.dtype == 'bfloat16' and config.label_smoothing == 0.1
+        assert config.model.zero_init_residual == arg.startswith('resnet')
+
+
+def test_cifar100_config_builds_on_cifar10():
+    from configs import cifar100
+
+    config = cifar100.get_config('resnet56')
+    assert config.dataset.name == 'cifar100' and config.total_steps == 64_000
+
+
+@pytest.mark.slow
+def test_evaluate_restores_prints_errors_and_exports(cifar10_data_dir, tmp_path):
+    from resnet_jax import evaluate
+
+    workdir = tmp_path / 'run'
+    trainer.train_and_evaluate(_smoke(cifar10_data_dir, total_steps=3), str(workdir))
+    model, state, step, _ = evaluate.restore_state(_smoke(cifar10_data_dir), str(workdir))
+    assert step == 3 and int(state.step) == 3
+    path = tmp_path / 'weights.msgpack'
+    evaluate.export(state, str(path))
+    variables = evaluate.load_exported(str(path))
+    images = jnp.zeros((2, 32, 32, 3))
+    exported_logits, _ = rj.apply_model(model, variables, images, train=False)
+    logits, _ = rj.apply_model(model, state.variables(), images, train=False)
+    np.testing.assert_array_equal(exported_logits, logits)
+    result = subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'resnet_jax.evaluate',
+            '--config=configs/smoke.py',
+            f'--config.dataset.data_dir={cifar10_data_dir}',
+            f'--workdir={workdir}',
+            '--split=test[:100]',
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'step 3: test[:100] top-1 error' in result.stdout and 'on 100 images' in result.stdout
+    with pytest.raises(ValueError, match='checkpoint step 99 not in'):
+        evaluate.restore_state(_smoke(cifar10_data_dir), str(workdir), step=99)
+    with pytest.raises(ValueError, match='no checkpoints in'):
+        evaluate.restore_state(_smoke(cifar10_data_dir), str(tmp_path / 'empty'))
+    wrong_model = _smoke(cifar10_data_dir, **{'model.name': 'resnet32'})
+    with pytest.raises(ValueError, match="does not fit config model 'resnet32'"):
+        evaluate.restore_state(wrong_model, str(workdir))
