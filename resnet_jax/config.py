@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 0
     c.optimizer.warmup_mode = 'constant'
     c.optimizer.warmup_learning_rate = 0.01
+    c.optimizer.ema_decay = 0.0  # e.g. 0.9999; evaluation then uses the averaged parameters
     return c
 
 
@@ -126,6 +127,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
     _check(opt.weight_decay >= 0, f'optimizer.weight_decay={opt.weight_decay}; expected >= 0')
     _check(opt.grad_clip_norm >= 0, f'optimizer.grad_clip_norm={opt.grad_clip_norm}')
     _positive_int(opt.warmup_steps, 'optimizer.warmup_steps', zero_ok=True)
+    _check(0.0 <= opt.ema_decay < 1.0, f'optimizer.ema_decay={opt.ema_decay}; expected [0, 1)')
     _check(
         opt.warmup_steps < config.total_steps,
         f'optimizer.warmup_steps={opt.warmup_steps} must be below total_steps={config.total_steps}',

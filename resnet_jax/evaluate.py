@@ -82,7 +82,8 @@ def main(argv: list[str]) -> None:
         )
         mesh = sharding.data_mesh()
         replicated = NamedSharding(mesh, PartitionSpec())
-        eval_step = jax.jit(steps.make_eval_step(model), out_shardings=replicated)
+        use_ema = bool(FLAGS.config.optimizer.ema_decay)
+        eval_step = jax.jit(steps.make_eval_step(model, use_ema=use_ema), out_shardings=replicated)
         result = trainer.evaluate_split(
             eval_step,
             state,

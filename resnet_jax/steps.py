@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from resnet_jax import metrics, models
+from resnet_jax import metrics, models, optim
 from resnet_jax.train_state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -58,12 +58,18 @@ def make_train_step(
 
 
 def make_eval_step(
-    model: models.ResNet,
+    model: models.ResNet, *, use_ema: bool = False
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
-    """eval_step(state, batch): masked sums, so padded examples count for nothing."""
+    """eval_step(state, batch): masked sums, so padded examples count for nothing.
+
+    With `use_ema`, the parameters are the moving average kept in the optimizer state.
+    """
 
     def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-        logits, _ = models.apply_model(model, state.variables(), batch['image'], train=False)
+        variables = state.variables()
+        if use_ema:
+            variables['params'] = optim.ema_of(state.opt_state)
+        logits, _ = models.apply_model(model, variables, batch['image'], train=False)
         mask = batch['mask'].astype(jnp.float32)
         return {
             'loss': jnp.sum(metrics.cross_entropy(logits, batch['label']) * mask),

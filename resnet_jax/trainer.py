@@ -164,7 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         donate_argnums=0,
     )
     eval_step = jax.jit(
-        steps.make_eval_step(model),
+        steps.make_eval_step(model, use_ema=bool(config.optimizer.ema_decay)),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=replicated,
     )

@@ -418,3 +418,37 @@ def test_evaluate_restores_prints_errors_and_exports(cifar10_data_dir, tmp_path)
     wrong_model = _smoke(cifar10_data_dir, **{'model.name': 'resnet32'})
     with pytest.raises(ValueError, match="does not fit config model 'resnet32'"):
         evaluate.restore_state(wrong_model, str(workdir))
+
+
+def test_parameter_ema_is_tracked_in_the_optimizer_state_and_used_for_eval():
+    cfg = smoke.get_config().optimizer
+    with cfg.unlocked():
+        cfg.name, cfg.weight_decay, cfg.ema_decay = 'sgd', 0.0, 0.5
+    params = {'kernel': jnp.array([1.0, 2.0])}
+    tx, _ = optim.create_optimizer(cfg, params, total_steps=10, steps_per_epoch=1)
+    state = tx.init(params)
+    np.testing.assert_array_equal(optim.ema_of(state)['kernel'], [1.0, 2.0])
+    grads = {'kernel': jnp.array([1.0, 1.0])}
+    updates, state = tx.update(grads, state, params)
+    new = optax.apply_updates(params, updates)  # lr 0.1: [0.9, 1.9]
+    np.testing.assert_allclose(
+        optim.ema_of(state)['kernel'], 0.5 * params['kernel'] + 0.5 * new['kernel']
+    )
+    assert optim.ema_of(tx.init(params)) is not None
+    no_ema, _ = optim.create_optimizer(
+        smoke.get_config().optimizer, params, total_steps=10, steps_per_epoch=1
+    )
+    assert optim.ema_of(no_ema.init(params)) is None
+
+    model, _, _, train_state = _tiny_setup()
+    with cfg.unlocked():
+        cfg.name = 'momentum'
+    tx, schedule = optim.create_optimizer(
+        cfg, train_state.params, total_steps=10, steps_per_epoch=1
+    )
+    train_state = create_train_state(model, tx, 0, TINY_SHAPE)
+    train_state, _ = jax.jit(steps.make_train_step(model, tx, schedule))(train_state, _tiny_batch())
+    batch = {**_tiny_batch(), 'mask': jnp.ones(8, bool)}
+    with_ema = steps.make_eval_step(model, use_ema=True)(train_state, batch)
+    without = steps.make_eval_step(model)(train_state, batch)
+    assert float(with_ema['loss']) != float(without['loss'])
