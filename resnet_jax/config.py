@@ -30,6 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 2_000
     c.keep_checkpoints = 3
     c.label_smoothing = 0.0
+    c.fsdp = False  # shard large parameters and optimizer state over `data` (ZeRO-3 style)
+    c.fsdp_min_size = 2**18  # elements; smaller arrays stay replicated
 
     c.model = ml_collections.ConfigDict()
     c.model.name = 'resnet20'
@@ -98,6 +100,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
     ):
         _positive_int(config[field], field)
     _positive_int(config.seed, 'seed', zero_ok=True)
+    _positive_int(config.fsdp_min_size, 'fsdp_min_size')
     for field in ('batch_size', 'eval_batch_size'):
         for count, what in ((device_count, 'devices'), (process_count, 'processes')):
             _check(

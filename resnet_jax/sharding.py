@@ -1,8 +1,12 @@
-"""Device mesh and batch placement.
+"""Device mesh, partition rules for the train state, and batch placement.
 
 One `Mesh` over every device of every process, with the batch axis named `data`. Each process
 feeds only its own rows of the global batch; `global_batch` stitches them into global
 `jax.Array`s sharded over `data`, identically on one process or many.
+
+The train state is replicated by default (data parallelism). With the `fsdp` rule, every
+array of at least `fsdp_min_size` elements is split over `data` along its largest evenly
+divisible axis, as in ZeRO-3 / FSDP: XLA inserts the all-gathers and reduce-scatters.
 """
 
 from __future__ import annotations
@@ -25,6 +29,26 @@ def data_mesh(devices: list | None = None) -> Mesh:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over `data`, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def state_shardings(
+    abstract_state: Any, mesh: Mesh, *, fsdp: bool = False, fsdp_min_size: int = 2**18
+) -> Any:
+    """A NamedSharding for every leaf of the (abstract) train state."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    n = mesh.shape[DATA_AXIS]
+
+    def rule(leaf):
+        if not fsdp or leaf.size < fsdp_min_size:
+            return replicated
+        for axis in sorted(range(leaf.ndim), key=lambda a: -leaf.shape[a]):
+            if leaf.shape[axis] % n == 0:
+                spec = [None] * leaf.ndim
+                spec[axis] = DATA_AXIS
+                return NamedSharding(mesh, PartitionSpec(*spec))
+        return replicated
+
+    return jax.tree.map(rule, abstract_state)
 
 
 def local_batch_size(global_batch_size: int, mesh: Mesh | None = None) -> int:

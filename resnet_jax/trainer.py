@@ -120,7 +120,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model, tx, schedule, init = build_training(config, info, len(train_source))
     abstract_state = jax.eval_shape(init)
     replicated = NamedSharding(mesh, PartitionSpec())
-    state_shardings = jax.tree.map(lambda _: replicated, abstract_state)
+    state_shardings = sharding.state_shardings(
+        abstract_state, mesh, fsdp=config.fsdp, fsdp_min_size=config.fsdp_min_size
+    )
 
     train_preprocess = data.make_preprocess(
         info,

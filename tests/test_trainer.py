@@ -452,3 +452,34 @@ def test_parameter_ema_is_tracked_in_the_optimizer_state_and_used_for_eval():
     with_ema = steps.make_eval_step(model, use_ema=True)(train_state, batch)
     without = steps.make_eval_step(model)(train_state, batch)
     assert float(with_ema['loss']) != float(without['loss'])
+
+
+def test_fsdp_rule_shards_large_arrays_and_gives_the_same_step():
+    model, tx, schedule, state = _tiny_setup()
+    mesh = sharding.data_mesh()
+    fsdp = sharding.state_shardings(state, mesh, fsdp=True, fsdp_min_size=1024)
+    specs = {
+        '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path): s.spec
+        for path, s in jax.tree_util.tree_leaves_with_path(fsdp)
+    }
+    # 3x3x64x64 kernels (36,864 elements) split over the 8 devices along their largest axis.
+    assert specs['params/stage3/block2/conv1/kernel'] == PartitionSpec(None, None, 'data', None)
+    assert specs['params/stem_bn/scale'] == PartitionSpec()  # small: replicated
+    replicated = sharding.state_shardings(state, mesh)
+    assert all(s.spec == PartitionSpec() for s in jax.tree.leaves(replicated))
+
+    train_step = steps.make_train_step(model, tx, schedule)
+    batch = sharding.global_batch(jax.device_get(_tiny_batch(16)), mesh)
+    results = []
+    for shardings in (replicated, fsdp):
+        out = NamedSharding(mesh, PartitionSpec())
+        step = jax.jit(
+            train_step,
+            in_shardings=(shardings, sharding.batch_sharding(mesh)),
+            out_shardings=(shardings, out),
+        )
+        results.append(step(jax.device_put(state, shardings), batch))
+    (a, _), (b, _) = results
+    assert b.params['stage3']['block2']['conv1']['kernel'].sharding.spec[2] == 'data'
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
