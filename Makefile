@@ -31,8 +31,11 @@ $(CIFAR10):
 
 data: $(CIFAR10)
 
+WORKDIR ?= workdirs/demo
+
+# configs/demo.py: resnet20 on the real CIFAR-10 for a few minutes; rerunning resumes.
 train: $(VENV)/.installed-base $(CIFAR10)
-	$(PY) scripts/demo_step.py --data_dir=$(DATA_DIR)
+	$(PY) train.py --config=configs/demo.py --workdir=$(WORKDIR) --config.dataset.data_dir=$(DATA_DIR)
 
 test: $(VENV)/.installed-dev $(CIFAR10)
 	$(PY) -m ruff check .
