@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 2_000
     c.keep_checkpoints = 3
     c.label_smoothing = 0.0
+    c.bn_group_size = 0  # 0: BN statistics of the global batch; N: of each group of N examples
     c.fsdp = False  # shard large parameters and optimizer state over `data` (ZeRO-3 style)
     c.fsdp_min_size = 2**18  # elements; smaller arrays stay replicated
 
@@ -101,6 +102,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
         _positive_int(config[field], field)
     _positive_int(config.seed, 'seed', zero_ok=True)
     _positive_int(config.fsdp_min_size, 'fsdp_min_size')
+    _positive_int(config.bn_group_size, 'bn_group_size', zero_ok=True)
+    _check(
+        not config.bn_group_size or config.batch_size % config.bn_group_size == 0,
+        f'bn_group_size={config.bn_group_size} does not divide batch_size={config.batch_size}',
+    )
     for field in ('batch_size', 'eval_batch_size'):
         for count, what in ((device_count, 'devices'), (process_count, 'processes')):
             _check(

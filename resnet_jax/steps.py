@@ -27,11 +27,31 @@ def make_train_step(
     schedule: optax.Schedule,
     *,
     label_smoothing: float = 0.0,
+    bn_group_size: int = 0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The train step of `model` under `tx`.
+
+    Args:
+      bn_group_size: 0 normalises with the statistics of the whole global batch (SyncBN, the
+        default under jit). N > 0 splits the batch into consecutive groups of N examples, each
+        normalised with its own statistics (the paper's per-GPU BN when N is the per-device
+        batch; "ghost" BN for large batches); running statistics are averaged over groups.
+        Groups never straddle devices when the per-device batch is a multiple of N.
+    """
+
+    def forward(variables, images):
+        if not bn_group_size:
+            return models.apply_model(model, variables, images, train=True)
+        groups = images.reshape(-1, bn_group_size, *images.shape[1:])
+        logits, stats = jax.vmap(lambda x: models.apply_model(model, variables, x, train=True))(
+            groups
+        )
+        return logits.reshape(-1, logits.shape[-1]), jax.tree.map(lambda x: x.mean(0), stats)
+
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         def loss_fn(params):
             variables = {'params': params, 'batch_stats': state.batch_stats}
-            logits, batch_stats = models.apply_model(model, variables, batch['image'], train=True)
+            logits, batch_stats = forward(variables, batch['image'])
             loss = metrics.cross_entropy(logits, batch['label'], label_smoothing).mean()
             return loss, (logits, batch_stats)
 

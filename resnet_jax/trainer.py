@@ -160,7 +160,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     batch_sharding = sharding.batch_sharding(mesh)
     train_step = jax.jit(
-        steps.make_train_step(model, tx, schedule, label_smoothing=config.label_smoothing),
+        steps.make_train_step(
+            model,
+            tx,
+            schedule,
+            label_smoothing=config.label_smoothing,
+            bn_group_size=config.bn_group_size,
+        ),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,

@@ -483,3 +483,45 @@ def test_fsdp_rule_shards_large_arrays_and_gives_the_same_step():
     assert b.params['stage3']['block2']['conv1']['kernel'].sharding.spec[2] == 'data'
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
+
+
+def test_bn_group_size_normalises_each_group_with_its_own_statistics():
+    model, tx, schedule, state = _tiny_setup()
+    batch = _tiny_batch(16)
+    batch = {
+        **batch,
+        'image': batch['image'] * jnp.repeat(jnp.arange(1.0, 9.0), 2)[:, None, None, None],
+    }
+    # Per-device statistics on 8 devices: groups of 2, sharded so each stays on its device.
+    mesh = sharding.data_mesh()
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = jax.tree.map(lambda _: replicated, state)
+    grouped = jax.jit(
+        steps.make_train_step(model, tx, schedule, bn_group_size=2),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(shardings, replicated),
+    )
+    new_state, metrics = grouped(state, sharding.global_batch(jax.device_get(batch), mesh))
+    # Reference: each group of 2 run on its own.
+    losses, stats = [], []
+    for g in range(8):
+        images, labels = batch['image'][2 * g : 2 * g + 2], batch['label'][2 * g : 2 * g + 2]
+        logits, s = rj.apply_model(model, state.variables(), images, train=True)
+        losses.append(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
+        stats.append(s)
+    np.testing.assert_allclose(metrics['loss'], np.mean(losses), rtol=1e-5)
+    expected_stats = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *stats)
+    for a, b in zip(
+        jax.tree.leaves(new_state.batch_stats), jax.tree.leaves(expected_stats), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # One group of the whole batch is the default (global statistics).
+    whole, _ = jax.jit(steps.make_train_step(model, tx, schedule, bn_group_size=16))(state, batch)
+    default, _ = jax.jit(steps.make_train_step(model, tx, schedule))(state, batch)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(default), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    config = smoke.get_config()
+    with config.unlocked():
+        config.bn_group_size = 5
+    with pytest.raises(ValueError, match='bn_group_size=5 does not divide batch_size=16'):
+        config_lib.validate(config, device_count=8, process_count=1)
