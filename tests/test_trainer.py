@@ -23,6 +23,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SHAPE = (8, 8, 3)
 
 
+def _with(config, **dotted):
+    """`config` with fields set by dotted name ('optimizer.name'), as --config.x=y does."""
+    with config.unlocked():
+        for key, value in dotted.items():
+            node = config
+            *parents, leaf = key.split('.')
+            for parent in parents:
+                node = node[parent]
+            node[leaf] = value
+    return config
+
+
 def _tiny_setup(optimizer_name='momentum', learning_rate=0.1):
     config = smoke.get_config()
     model = rj.create_model('resnet20', num_classes=10)
@@ -225,13 +237,7 @@ def test_every_cifar_config_validates(name):
     ],
 )
 def test_validate_names_the_bad_value(field, value, message):
-    config = cifar10.get_config('resnet20')
-    with config.unlocked():
-        node = config
-        *parents, leaf = field.split('.')
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
+    config = _with(cifar10.get_config('resnet20'), **{field: value})
     with pytest.raises(ValueError, match=message):
         config_lib.validate(config, device_count=8, process_count=1)
 
@@ -282,16 +288,7 @@ def test_checkpoint_restores_onto_fewer_devices(tmp_path):
 
 
 def _smoke(data_dir, **overrides):
-    config = smoke.get_config()
-    with config.unlocked():
-        config.dataset.data_dir = str(data_dir)
-        for key, value in overrides.items():
-            node = config
-            *parents, leaf = key.split('.')
-            for parent in parents:
-                node = node[parent]
-            node[leaf] = value
-    return config
+    return _with(smoke.get_config(), **{'dataset.data_dir': str(data_dir), **overrides})
 
 
 def _records(workdir):
