@@ -106,9 +106,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_source, info = data.open_split(ds.name, ds.train_split, ds.data_dir, download=ds.download)
     eval_source, _ = data.open_split(ds.name, ds.eval_split, ds.data_dir)
     test_source = data.open_split(ds.name, ds.test_split, ds.data_dir)[0] if ds.test_split else None
-    workdir = _check_workdir(workdir)
-
-    # 2. Mesh, model, optimizer, abstract state and its shardings.
     mesh = sharding.data_mesh()
     local_batch = sharding.local_batch_size(config.batch_size, mesh)
     local_eval_batch = sharding.local_batch_size(config.eval_batch_size, mesh)
@@ -117,6 +114,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f'batch_size {config.batch_size} exceeds the {len(train_source)} examples of '
             f'{ds.train_split!r}'
         )
+    workdir = _check_workdir(workdir)
+
+    # 2. Model, optimizer, abstract state and its shardings.
     model, tx, schedule, init = build_training(config, info, len(train_source))
     abstract_state = jax.eval_shape(init)
     replicated = NamedSharding(mesh, PartitionSpec())
