@@ -8,6 +8,7 @@ Bad input exits non-zero with one error line and leaves the workdir untouched.
 """
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -20,6 +21,12 @@ flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 (multi-
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')
 flags.DEFINE_integer('process_id', None, 'This process (multi-process).')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _in_a_cluster(env) -> bool:
+    """True on a multi-host Cloud TPU slice or in a multi-task SLURM job."""
+    tpu_hosts = env.get('TPU_WORKER_HOSTNAMES', '')
+    return ',' in tpu_hosts or int(env.get('SLURM_NTASKS', '1')) > 1
 
 
 def main(argv):
@@ -35,6 +42,8 @@ def main(argv):
             num_processes=FLAGS.num_processes,
             process_id=FLAGS.process_id,
         )
+    elif _in_a_cluster(os.environ):
+        jax.distributed.initialize()  # JAX reads the TPU pod / SLURM environment itself
     from resnet_jax import trainer
 
     try:

@@ -522,3 +522,12 @@ def test_bn_group_size_normalises_each_group_with_its_own_statistics():
         config.bn_group_size = 5
     with pytest.raises(ValueError, match='bn_group_size=5 does not divide batch_size=16'):
         config_lib.validate(config, device_count=8, process_count=1)
+
+
+def test_train_py_joins_a_cluster_only_when_there_is_one():
+    import train  # the repo root is on pytest's pythonpath
+
+    assert not train._in_a_cluster({})
+    assert not train._in_a_cluster({'SLURM_NTASKS': '1', 'TPU_WORKER_HOSTNAMES': 'localhost'})
+    assert train._in_a_cluster({'SLURM_NTASKS': '4'})
+    assert train._in_a_cluster({'TPU_WORKER_HOSTNAMES': 't1-w-0,t1-w-1'})
