@@ -531,3 +531,36 @@ def test_train_py_joins_a_cluster_only_when_there_is_one():
     assert not train._in_a_cluster({'SLURM_NTASKS': '1', 'TPU_WORKER_HOSTNAMES': 'localhost'})
     assert train._in_a_cluster({'SLURM_NTASKS': '4'})
     assert train._in_a_cluster({'TPU_WORKER_HOSTNAMES': 't1-w-0,t1-w-1'})
+
+
+def test_gradient_clipping_bounds_the_update():
+    cfg = _with(
+        smoke.get_config(),
+        **{
+            'optimizer.name': 'sgd',
+            'optimizer.weight_decay': 0.0,
+            'optimizer.grad_clip_norm': 1.0,
+        },
+    ).optimizer
+    params = {'kernel': jnp.zeros(4)}
+    tx, _ = optim.create_optimizer(cfg, params, total_steps=10, steps_per_epoch=1)
+    updates, _ = tx.update({'kernel': jnp.full(4, 100.0)}, tx.init(params), params)
+    np.testing.assert_allclose(optax.global_norm(updates), 0.1 * 1.0, rtol=1e-6)  # lr x max norm
+
+
+def test_bfloat16_train_step_keeps_float32_state():
+    config = _with(smoke.get_config(), dtype='bfloat16')
+    model = config_lib.create_model_from_config(config, num_classes=10)
+    params = jax.eval_shape(lambda: rj.init_variables(model, jax.random.key(0), TINY_SHAPE))
+    tx, schedule = optim.create_optimizer(
+        config.optimizer, params['params'], total_steps=10, steps_per_epoch=1
+    )
+    state = create_train_state(model, tx, 0, TINY_SHAPE)
+    state, metrics = jax.jit(steps.make_train_step(model, tx, schedule))(state, _tiny_batch())
+    floats = [
+        x
+        for x in jax.tree.leaves((state.params, state.batch_stats, state.opt_state))
+        if jnp.issubdtype(x.dtype, jnp.floating)
+    ]
+    assert floats and all(x.dtype == jnp.float32 for x in floats)
+    assert np.isfinite(float(metrics['loss']))
