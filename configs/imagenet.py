@@ -14,8 +14,9 @@ smoothing 0.1, Inception crops, per-channel normalisation, bfloat16 compute, str
 (v1.5), zero-init residual, no weight decay on BN and biases; about 76.5-77% top-1 for ResNet-50.
 Hardware: a TPU pod slice or 8 GPUs; the global batch is the only thing to change for more
 (the learning rate follows it). Wall time: not measured yet (no accelerator and no ImageNet on
-the machines this was written on); BENCHMARKS.md will carry the per-step time. Prepare the data once with `tfds build imagenet2012
---file_format=array_record --data_dir=TFDS_DIR` after placing the manual-download tars.
+the machines this was written on); BENCHMARKS.md will carry the per-step time. Prepare the
+data once with `tfds build imagenet2012 --file_format=array_record --data_dir=TFDS_DIR` after
+placing the manual-download tars.
 """
 
 import ml_collections
