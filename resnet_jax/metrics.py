@@ -27,10 +27,13 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 
 
 def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """1.0 where the label is among the k highest logits, per example."""
-    k = min(k, logits.shape[-1])
-    _, top = jax.lax.top_k(logits, k)
-    return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+    """1.0 where the label is among the k highest logits, per example.
+
+    Counts the logits above the label's instead of sorting (lax.top_k): the same answer
+    except for exact ties, which count in the label's favour, at a fraction of the cost.
+    """
+    label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+    return (jnp.sum(logits > label_logit, axis=-1) < k).astype(jnp.float32)
 
 
 class MetricWriter:

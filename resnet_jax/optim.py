@@ -20,6 +20,7 @@ config change:
 
 from __future__ import annotations
 
+import types
 from typing import Any, NamedTuple
 
 import jax
@@ -29,6 +30,28 @@ NAMED_OPTIMIZERS = ('sgd', 'momentum', 'nesterov', 'adamw', 'lamb', 'lars')
 SCHEDULES = ('piecewise', 'cosine', 'constant')
 WEIGHT_DECAY_MODES = ('coupled', 'decoupled')
 WARMUP_MODES = ('linear', 'constant')
+
+# The paper's CIFAR optimizer as a plain object, for tools that run without the config system
+# (benchmarks on machines that lack ml_collections or the data stack). Same values as
+# resnet_jax.config.base_config().optimizer; tests/test_trainer.py checks that they agree.
+PAPER_CIFAR_SGD = types.SimpleNamespace(
+    name='momentum',
+    kwargs={},
+    learning_rate=0.1,
+    momentum=0.9,
+    weight_decay=1e-4,
+    weight_decay_mode='coupled',
+    decay_bn_and_bias=True,
+    grad_clip_norm=0.0,
+    schedule='piecewise',
+    boundaries=[32_000, 48_000],
+    boundaries_epochs=[],
+    decay_factor=0.1,
+    warmup_steps=0,
+    warmup_mode='constant',
+    warmup_learning_rate=0.01,
+    ema_decay=0.0,
+)
 
 
 def weight_decay_mask(params: Any, decay_bn_and_bias: bool) -> Any:

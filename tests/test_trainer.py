@@ -564,3 +564,8 @@ def test_bfloat16_train_step_keeps_float32_state():
     ]
     assert floats and all(x.dtype == jnp.float32 for x in floats)
     assert np.isfinite(float(metrics['loss']))
+
+
+def test_the_plain_paper_optimizer_matches_the_base_config():
+    base = config_lib.base_config().optimizer.to_dict()
+    assert vars(optim.PAPER_CIFAR_SGD) == {**base, 'kwargs': {}}

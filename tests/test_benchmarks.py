@@ -1,0 +1,57 @@
+"""The benchmark scripts run and print their JSON record (tiny settings; figures not checked)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *flags):
+    env = {**os.environ, 'XLA_FLAGS': ''}  # one CPU device, as a user's plain run has
+    result = subprocess.run(
+        [sys.executable, os.path.join('benchmarks', script), *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_compares_ours_with_both_peers():
+    out, record = _run(
+        'train_step.py', '--model=resnet20', '--batch_size=8', '--steps=2', '--peers=flax,torch'
+    )
+    assert set(record['runs']) == {'ours', 'flax', 'torch'}
+    assert set(record['ratios']) == {'ours/flax', 'ours/torch'}
+    for run in record['runs'].values():
+        assert run['step_s'] > 0 and run['images_per_s'] > 0
+    assert record['ours_tflops_per_s'] > 0
+    assert 'ours/flax' in out
+
+
+@pytest.mark.slow
+def test_compile_time_benchmark():
+    _, record = _run('compile_time.py', '--models=resnet20')
+    times = record['models']['resnet20']
+    assert times['unrolled_s'] > 0 and times['scanned_s'] > 0
+
+
+def test_benchmarks_reject_bad_flags():
+    result = subprocess.run(
+        [sys.executable, 'benchmarks/train_step.py', '--devices=3', '--batch_size=8'],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, 'XLA_FLAGS': ''},
+    )
+    assert result.returncode == 2
+    assert '--devices 3 exceeds the 1 devices here' in result.stderr
