@@ -3,6 +3,7 @@
 The public surface, re-exported on purpose. Everything else is an implementation detail.
 """
 
+from resnet_jax import weights
 from resnet_jax.models import (
     CIFAR_MODELS,
     IMAGENET_MODELS,
@@ -27,4 +28,5 @@ __all__ = [
     'count_params',
     'create_model',
     'init_variables',
+    'weights',
 ]

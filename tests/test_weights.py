@@ -220,3 +220,8 @@ def test_converters_fill_scanned_models(resnet18_state_dict):
     b = weights.from_torchvision(resnet18_state_dict, scanned)
     assert b['params']['stage1']['repeated']['block']['conv1']['kernel'].shape == (1, 3, 3, 64, 64)
     _assert_same_variables(weights.to_unrolled(b), a)
+
+
+def test_converters_are_reachable_from_the_package():
+    assert rj.weights.from_torchvision is weights.from_torchvision
+    assert rj.weights.from_keras is weights.from_keras
