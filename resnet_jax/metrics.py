@@ -7,7 +7,6 @@ branch on the process index.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from typing import Any
 
@@ -66,6 +65,3 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
     """All records of a metrics.jsonl file."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-logger = logging.getLogger('resnet_jax')

@@ -70,7 +70,7 @@ def make_train_step(
             'top1_acc': metrics.top_k_correct(logits, batch['label'], 1).mean(),
             'top5_acc': metrics.top_k_correct(logits, batch['label'], 5).mean(),
             'learning_rate': schedule(state.step),
-            'grad_norm': optax.global_norm(grads),
+            'grad_norm': optax.tree.norm(grads),
         }
         return new_state, step_metrics
 
