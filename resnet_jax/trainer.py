@@ -245,6 +245,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 logger.warning('preempted: saved step %d; rerun the same command to resume', step)
                 break
         # 5. Final metrics and summary.
+        if not eval_metrics and not preempted:
+            # Rerun of a finished workdir: nothing to train, report the checkpoint's metrics.
+            eval_metrics = run_eval(state, eval_source, eval_preprocess, prefix='eval')
         final = dict(eval_metrics)
         if test_source is not None and not preempted:
             final.update(run_eval(state, test_source, eval_preprocess, prefix='test'))

@@ -304,6 +304,10 @@ def test_smoke_run_then_resume_equals_an_uninterrupted_run(cifar10_data_dir, tmp
     resumed = trainer.train_and_evaluate(_smoke(cifar10_data_dir), str(interrupted))
     uninterrupted = trainer.train_and_evaluate(_smoke(cifar10_data_dir), str(straight))
     assert resumed == uninterrupted
+    # Rerunning a finished run trains nothing and reports the same metrics.
+    records = len(_records(straight))
+    assert trainer.train_and_evaluate(_smoke(cifar10_data_dir), str(straight)) == uninterrupted
+    assert len(_records(straight)) == records
 
     def losses(workdir, after):
         return {
