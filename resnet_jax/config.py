@@ -124,8 +124,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
     _positive_int(config.dataset.num_workers, 'dataset.num_workers', zero_ok=True)
     opt = config.optimizer
     _check(
-        opt.name in optim.NAMED_OPTIMIZERS
-        or callable(getattr(__import__('optax'), opt.name, None)),
+        optim.is_known_optimizer(opt.name),
         f'optimizer.name={opt.name!r}; expected one of {", ".join(optim.NAMED_OPTIMIZERS)} or an '
         'optax optimizer such as adam',
     )

@@ -54,6 +54,11 @@ PAPER_CIFAR_SGD = types.SimpleNamespace(
 )
 
 
+def is_known_optimizer(name: str) -> bool:
+    """A name from NAMED_OPTIMIZERS or of an optimizer factory in optax (adam, rmsprop...)."""
+    return name in NAMED_OPTIMIZERS or callable(getattr(optax, name, None))
+
+
 def weight_decay_mask(params: Any, decay_bn_and_bias: bool) -> Any:
     """True where weight decay applies: everything, or only convolution and dense kernels.
 
@@ -151,8 +156,7 @@ def create_optimizer(
             **kwargs,
         )
     else:
-        factory = getattr(optax, name, None)
-        if not callable(factory):
+        if not is_known_optimizer(name):
             raise ValueError(
                 f'optimizer.name {name!r} is not an optax optimizer; expected one of '
                 f'{", ".join(NAMED_OPTIMIZERS)} or a function of optax such as adam, rmsprop'
@@ -163,7 +167,7 @@ def create_optimizer(
                 "'coupled' or pass its own option through optimizer.kwargs"
             )
         try:
-            tx = factory(schedule, **kwargs)
+            tx = getattr(optax, name)(schedule, **kwargs)
         except TypeError as e:
             raise ValueError(
                 f'optimizer {name!r} rejected optimizer.kwargs {kwargs}: {e}'
