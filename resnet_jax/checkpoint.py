@@ -102,3 +102,23 @@ def restore_state_only(manager: ocp.CheckpointManager, step: int, abstract_state
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
     )
     return restored.state
+
+
+def committed_steps(directory: str) -> list[int]:
+    """The steps under `directory` whose save finished (their commit marker exists), ascending.
+
+    Reads only: unlike a CheckpointManager it never deletes the unfinished ones.
+    """
+    if not os.path.isdir(directory):
+        return []
+    return sorted(
+        step
+        for step in ocp.step.checkpoint_steps(directory)
+        if os.path.exists(os.path.join(directory, str(step), atomicity.COMMIT_SUCCESS_FILE))
+    )
+
+
+def latest_step(directory: str) -> int | None:
+    """The newest committed step under `directory`, or None."""
+    steps = committed_steps(directory)
+    return steps[-1] if steps else None

@@ -7,6 +7,7 @@ what was expected. Derived values are formulas in the configs, not magic numbers
 
 from __future__ import annotations
 
+import ast
 import os
 from typing import Any
 
@@ -162,3 +163,46 @@ def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int
     if m.shortcut:
         options['shortcut'] = m.shortcut
     return models.create_model(m.name, num_classes=num_classes, **options)
+
+
+def _parse_value(text: str, current: Any) -> Any:
+    """A command-line value as the type of the field it replaces ('0.1', '[1, 2]', 'adamw')."""
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(current, bool) and text.lower() in ('true', 'false'):
+        value = text.lower() == 'true'
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, (list, tuple)) and isinstance(value, (list, tuple)):
+        value = type(current)(value)
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
+    """Sets dotted keys ('optimizer.learning_rate') in place; strings parse as the field's type.
+
+    Raises:
+      ValueError: for a key the config does not have or a value of the wrong type, naming both.
+    """
+    for key, raw in overrides.items():
+        *parents, leaf = key.split('.')
+        node = config
+        for i, part in enumerate(parents):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise ValueError(f'unknown config key {".".join(parents[: i + 1])!r} (in {key!r})')
+            node = node[part]
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise ValueError(f'unknown config key {key!r}')
+        current = node[leaf]
+        value = _parse_value(raw, current) if isinstance(raw, str) else raw
+        try:
+            with node.unlocked():
+                node[leaf] = value
+        except TypeError:
+            raise ValueError(
+                f'config {key}={raw!r}: expected {type(current).__name__}, like {current!r}'
+            ) from None

@@ -1,0 +1,238 @@
+"""Train a grid of runs one after another; rerunning the command resumes it.
+
+    python -m resnet_jax.sweep --config=configs/cifar10.py \
+        --models=plain20,plain56,resnet20,resnet56 --workdir=DIR [--grid=NAME] [--config.x=y ...]
+
+A run is (model, variant): `--models` crossed with the variants of `--grid`. Each run's config is
+`get_config(model)` of the config file (so configs/cifar10.py:resnet110 keeps its warm-up), then
+the variant's overrides, then the `--config.x=y` overrides of the command line, which win.
+
+Every run trains in DIR/RUN (RUN = model, or model-variant) through the trainer, so an
+interrupted run resumes from its checkpoint. A finished run leaves DIR/RUN/run.json (its config,
+parameter count and final metrics) and is skipped by later invocations. A run directory that was
+started with a different config is an error, never silently reused. All configs are validated
+before the first run trains, so a typo in the last run does not cost the hours before it.
+
+`python -m resnet_jax.report --workdir=DIR` turns DIR into the paper's table and figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+
+from resnet_jax import checkpoint, models
+from resnet_jax import config as config_lib
+
+logger = logging.getLogger('resnet_jax')
+
+RUN_FILE = 'run.json'
+
+# Named grids: variant name -> config overrides, crossed with --models. The optimizers' learning
+# rates are for batch 128 (the paper's); they are starting points, not tuned values.
+GRIDS: dict[str, dict[str, dict[str, Any]]] = {
+    'models': {'': {}},
+    'shortcuts': {
+        'A': {'model.shortcut': 'A'},
+        'B': {'model.shortcut': 'B'},
+        'C': {'model.shortcut': 'C'},
+    },
+    'optimizers': {
+        'momentum': {'optimizer.name': 'momentum', 'optimizer.learning_rate': 0.1},
+        'nesterov': {'optimizer.name': 'nesterov', 'optimizer.learning_rate': 0.1},
+        'adamw': {
+            'optimizer.name': 'adamw',
+            'optimizer.learning_rate': 2e-3,
+            'optimizer.weight_decay': 0.05,
+            'optimizer.weight_decay_mode': 'decoupled',
+            'optimizer.decay_bn_and_bias': False,
+        },
+        'lars': {
+            'optimizer.name': 'lars',
+            'optimizer.learning_rate': 1.0,
+            'optimizer.weight_decay': 1e-4,
+            'optimizer.weight_decay_mode': 'decoupled',
+            'optimizer.decay_bn_and_bias': False,
+        },
+    },
+}
+# The paper's degradation experiment (Figure 6) as model lists for --models.
+DEGRADATION_MODELS = ('plain20', 'plain32', 'plain44', 'plain56', 'resnet20', 'resnet32')
+DEGRADATION_MODELS += ('resnet44', 'resnet56')
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str  # also the run's directory under the sweep's workdir
+    config: ml_collections.ConfigDict
+
+
+def load_config_module(path: str) -> Any:
+    """The module of a config file (a path, as train.py's --config takes it, without ':arg')."""
+    if not os.path.isfile(path):
+        raise ValueError(f'config file {path!r} does not exist; expected e.g. configs/cifar10.py')
+    spec = importlib.util.spec_from_file_location(f'_sweep_config_{abs(hash(path))}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, 'get_config', None)):
+        raise ValueError(f'config file {path!r} has no get_config(arg) function')
+    return module
+
+
+def plan_runs(
+    config_module: Any,
+    model_names: Sequence[str],
+    grid: str,
+    overrides: dict[str, str],
+) -> list[Run]:
+    """The runs of a sweep, in order, each with its complete config. Touches no files."""
+    if grid not in GRIDS:
+        raise ValueError(f'grid {grid!r}; expected one of {", ".join(GRIDS)}')
+    if not model_names:
+        raise ValueError('--models is empty; expected a comma-separated list such as resnet20')
+    for name in model_names:
+        if name not in models.MODEL_NAMES:
+            raise ValueError(f'model {name!r}; expected one of {", ".join(models.MODEL_NAMES)}')
+    runs = []
+    for model_name in model_names:
+        for variant, variant_overrides in GRIDS[grid].items():
+            config = config_module.get_config(model_name)
+            config_lib.apply_overrides(config, {'model.name': model_name, **variant_overrides})
+            config_lib.apply_overrides(config, overrides)
+            name = f'{model_name}-{variant}' if variant else model_name
+            runs.append(Run(name, config))
+    return runs
+
+
+def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def _run_state(run_dir: str, config: ml_collections.ConfigDict) -> str:
+    """'new', 'started' or 'finished'; ValueError if the directory holds another config's run."""
+    record_path = os.path.join(run_dir, RUN_FILE)
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+        if record['config'] != config_json(config):
+            raise ValueError(
+                f'{run_dir} holds a run of a different config; use another --workdir or delete it'
+            )
+        return record['status']
+    return 'started' if os.path.isdir(os.path.join(run_dir, 'checkpoints')) else 'new'
+
+
+def _write_record(run_dir: str, record: dict[str, Any]) -> None:
+    if jax.process_index() != 0:
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    tmp = os.path.join(run_dir, RUN_FILE + '.tmp')
+    with open(tmp, 'w') as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(run_dir, RUN_FILE))  # atomic: never a half-written record
+
+
+def parameter_count(config: ml_collections.ConfigDict, num_classes: int) -> int:
+    model = config_lib.create_model_from_config(config, num_classes)
+    shape = (32, 32, 3) if config.model.name in models.CIFAR_MODELS else (224, 224, 3)
+    variables = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), shape))
+    return models.count_params(variables['params'])
+
+
+def run_sweep(runs: Sequence[Run], workdir: str) -> dict[str, dict[str, float]]:
+    """Trains every run not yet finished; returns each run's final metrics."""
+    from resnet_jax import data, trainer
+
+    for run in runs:  # every config is checked before anything trains
+        config_lib.validate(run.config, jax.device_count(), jax.process_count())
+        _run_state(os.path.join(workdir, run.name), run.config)
+    results = {}
+    for i, run in enumerate(runs, 1):
+        run_dir = os.path.join(workdir, run.name)
+        state = _run_state(run_dir, run.config)
+        if state == 'finished':
+            logger.info('[%d/%d] %s: finished earlier, skipped', i, len(runs), run.name)
+            with open(os.path.join(run_dir, RUN_FILE)) as f:
+                results[run.name] = json.load(f)['final']
+            continue
+        logger.info(
+            '[%d/%d] %s: %s',
+            i,
+            len(runs),
+            run.name,
+            'resuming' if state == 'started' else 'starting',
+        )
+        ds = run.config.dataset
+        info = data.dataset_info(ds.name, ds.data_dir)
+        record = {
+            'name': run.name,
+            'model': run.config.model.name,
+            'params': parameter_count(run.config, info.num_classes),
+            'config': config_json(run.config),
+            'status': 'started',
+        }
+        _write_record(run_dir, record)
+        final = trainer.train_and_evaluate(run.config, run_dir)
+        if checkpoint.latest_step(os.path.join(run_dir, 'checkpoints')) != run.config.total_steps:
+            logger.warning('%s was preempted; rerun the same command to resume the sweep', run.name)
+            break
+        _write_record(run_dir, {**record, 'status': 'finished', 'final': final})
+        results[run.name] = final
+    return results
+
+
+def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, str]]:
+    parser = argparse.ArgumentParser(
+        prog='python -m resnet_jax.sweep',
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument('--config', required=True, help='config file, e.g. configs/cifar10.py')
+    parser.add_argument('--models', required=True, help='comma-separated model names')
+    parser.add_argument('--workdir', required=True, help='one subdirectory per run goes here')
+    parser.add_argument('--grid', default='models', help=f'one of {", ".join(GRIDS)}')
+    args, rest = parser.parse_known_args(argv)
+    overrides = {}
+    for item in rest:
+        if not item.startswith('--config.') or '=' not in item:
+            parser.error(f'unexpected argument {item!r}; expected --config.KEY=VALUE')
+        key, value = item[len('--config.') :].split('=', 1)
+        overrides[key] = value
+    return args, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, overrides = _parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s', force=True
+    )
+    logging.getLogger('absl').setLevel(logging.WARNING)
+    try:
+        module = load_config_module(args.config.split(':')[0])
+        names = [m for m in args.models.split(',') if m]
+        runs = plan_runs(module, names, args.grid, overrides)
+        results = run_sweep(runs, os.path.abspath(args.workdir))
+    except (ValueError, FloatingPointError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    logger.info(
+        'sweep done: %d runs in %s; report: python -m resnet_jax.report --workdir=%s',
+        len(results),
+        args.workdir,
+        args.workdir,
+    )
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

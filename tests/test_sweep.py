@@ -1,0 +1,210 @@
+"""Tests of the sweep runner, the report, and command-line config overrides."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from configs import cifar10, smoke
+from resnet_jax import config as config_lib
+from resnet_jax import report, sweep
+from resnet_jax.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(REPO, 'configs', 'smoke.py')
+
+
+# --- Overrides -------------------------------------------------------------------------------
+
+
+def test_overrides_parse_each_value_as_its_fields_type():
+    config = config_lib.base_config()
+    config.lock()
+    config_lib.apply_overrides(
+        config,
+        {
+            'batch_size': '64',
+            'optimizer.learning_rate': '1',  # an int where a float lives becomes a float
+            'optimizer.boundaries': '[600, 900]',
+            'model.scan_blocks': 'true',
+            'dataset.test_split': '',
+            'dataset.eval_split': 'test[:2000]',
+        },
+    )
+    assert config.batch_size == 64
+    assert config.optimizer.learning_rate == 1.0
+    assert isinstance(config.optimizer.learning_rate, float)
+    assert config.optimizer.boundaries == [600, 900]
+    assert config.model.scan_blocks is True
+    assert config.dataset.test_split == ''
+    assert config.dataset.eval_split == 'test[:2000]'
+
+
+@pytest.mark.parametrize(
+    'overrides, message',
+    [
+        ({'nope': '1'}, "unknown config key 'nope'"),
+        ({'optimizer.nope': '1'}, "unknown config key 'optimizer.nope'"),
+        ({'model.name.deeper': '1'}, "unknown config key 'model.name.deeper'"),
+        ({'batch_size': '1.5'}, "config batch_size='1.5': expected int, like 128"),
+        ({'model.scan_blocks': 'maybe'}, "model.scan_blocks='maybe': expected bool"),
+    ],
+)
+def test_overrides_reject_unknown_keys_and_wrong_types(overrides, message):
+    config = config_lib.base_config()
+    config.lock()
+    with pytest.raises(ValueError) as e:
+        config_lib.apply_overrides(config, overrides)
+    assert message in str(e.value)
+    assert config.batch_size == 128  # nothing half-applied before the error
+
+
+# --- Planning ----------------------------------------------------------------------------------
+
+
+def test_plan_crosses_models_with_the_grid_and_command_line_wins():
+    runs = sweep.plan_runs(
+        cifar10, ['resnet20', 'resnet110'], 'optimizers', {'total_steps': '1000'}
+    )
+    assert [r.name for r in runs] == [
+        f'{m}-{o}' for m in ('resnet20', 'resnet110') for o in sweep.GRIDS['optimizers']
+    ]
+    by_name = {r.name: r.config for r in runs}
+    assert by_name['resnet20-adamw'].optimizer.name == 'adamw'
+    assert by_name['resnet20-adamw'].optimizer.weight_decay_mode == 'decoupled'
+    assert by_name['resnet20-lars'].optimizer.name == 'lars'
+    assert all(c.total_steps == 1000 for c in by_name.values())
+    # get_config(model) of the config file still applies: ResNet-110 warms up, as in the paper.
+    assert by_name['resnet110-momentum'].optimizer.warmup_steps == 400
+    assert by_name['resnet20-momentum'].optimizer.warmup_steps == 0
+    for run in runs:
+        config_lib.validate(run.config, device_count=1, process_count=1)
+
+
+def test_plan_of_the_shortcut_grid_and_of_a_config_that_ignores_its_argument():
+    runs = sweep.plan_runs(smoke, ['plain20', 'resnet32'], 'shortcuts', {})
+    assert [(r.config.model.name, r.config.model.shortcut) for r in runs] == [
+        (m, s) for m in ('plain20', 'resnet32') for s in 'ABC'
+    ]
+
+
+@pytest.mark.parametrize(
+    'models, grid, overrides, message',
+    [
+        (['resnet21'], 'models', {}, "model 'resnet21'; expected one of"),
+        ([], 'models', {}, '--models is empty'),
+        (['resnet20'], 'depths', {}, "grid 'depths'; expected one of models, shortcuts"),
+        (['resnet20'], 'models', {'optimizer.lr': '0.1'}, "unknown config key 'optimizer.lr'"),
+    ],
+)
+def test_plan_rejects_bad_input(models, grid, overrides, message):
+    with pytest.raises(ValueError, match=message.replace('(', r'\(').replace('[', r'\[')):
+        sweep.plan_runs(cifar10, models, grid, overrides)
+
+
+# --- A tiny sweep end to end, on the real CIFAR-10 -------------------------------------------
+
+
+def _tiny_sweep(workdir, data_dir, *extra):
+    return sweep.main(
+        [
+            f'--config={SMOKE}',
+            '--models=plain20,resnet20',
+            f'--workdir={workdir}',
+            f'--config.dataset.data_dir={data_dir}',
+            '--config.total_steps=4',
+            '--config.checkpoint_every_steps=2',
+            '--config.eval_every_steps=2',
+            *extra,
+        ]
+    )
+
+
+def test_sweep_trains_each_run_once_resumes_unfinished_and_reports(tmp_path, cifar10_data_dir):
+    workdir = tmp_path / 'sweep'
+    assert _tiny_sweep(workdir, cifar10_data_dir) == 0
+    for name in ('plain20', 'resnet20'):
+        record = json.loads((workdir / name / 'run.json').read_text())
+        assert record['status'] == 'finished'
+        assert record['model'] == name
+        assert record['params'] == 269_722  # 0.27M, as in the paper; plain nets have the same
+        assert record['config']['total_steps'] == 4
+        assert set(record['final']) >= {'eval/top1_acc', 'eval/loss'}
+
+    # Finished runs are never rerun: their logs do not grow.
+    lines = {n: len(read_metrics(workdir / n / 'metrics.jsonl')) for n in ('plain20', 'resnet20')}
+    assert _tiny_sweep(workdir, cifar10_data_dir) == 0
+    assert lines == {n: len(read_metrics(workdir / n / 'metrics.jsonl')) for n in lines}
+
+    # An unfinished run (as a kill after step 2 leaves it) resumes from its checkpoint.
+    run_dir = workdir / 'resnet20'
+    record = json.loads((run_dir / 'run.json').read_text())
+    (run_dir / 'run.json').write_text(json.dumps({**record, 'status': 'started'}))
+    shutil.rmtree(run_dir / 'checkpoints' / '4')
+    assert _tiny_sweep(workdir, cifar10_data_dir) == 0
+    steps_logged = [r['step'] for r in read_metrics(run_dir / 'metrics.jsonl') if 'train/loss' in r]
+    assert steps_logged == [2, 4, 4]  # the first run's 2 and 4, then only step 4 again
+    assert json.loads((run_dir / 'run.json').read_text())['status'] == 'finished'
+
+    # The report: the paper's table and Figure 6.
+    out = tmp_path / 'report'
+    assert report.main([f'--workdir={workdir}', f'--out={out}']) == 0
+    table = (out / 'table.md').read_text()
+    assert '| plain20 | 0.27M | 4 |' in table
+    assert '| resnet20 | 0.27M | 4 |' in table and '| 8.75 |' in table
+    png = (out / 'figure6.png').read_bytes()
+    assert png.startswith(b'\x89PNG') and len(png) > 10_000
+
+    # The same workdir with another config is refused, and nothing in it changes.
+    before = (run_dir / 'run.json').read_text()
+    assert _tiny_sweep(workdir, cifar10_data_dir, '--config.seed=1') == 1
+    assert (run_dir / 'run.json').read_text() == before
+
+
+def test_report_reads_curves_as_errors(tmp_path):
+    run = tmp_path / 'sweep' / 'plain56'
+    run.mkdir(parents=True)
+    lines = [
+        {'step': 50, 'train/loss': 2.0, 'train/top1_acc': 0.25},
+        {'step': 100, 'train/loss': 1.5, 'train/top1_acc': 0.5},
+        {'step': 100, 'eval/top1_acc': 0.4, 'eval/loss': 1.6},
+        {'step': 100, 'test/top1_acc': 0.375, 'test/loss': 1.7},
+    ]
+    (run / 'metrics.jsonl').write_text(''.join(json.dumps(x) + '\n' for x in lines))
+    (log,) = report.find_runs(str(tmp_path / 'sweep'))
+    assert (log.model, log.plain, log.depth, log.iterations) == ('plain56', True, 56, 100)
+    assert log.train == [(50, 75.0), (100, 50.0)]
+    assert log.test == [(100, 60.0)]
+    assert log.final_test == 62.5
+    assert '| plain56 | — | 100 | 50.00 | 62.50 | — |' in report.markdown_table([log])
+
+
+def test_sweep_and_report_command_lines_fail_with_one_clear_line(tmp_path):
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, '-m', *args], cwd=REPO, capture_output=True, text=True, timeout=300
+        )
+
+    bad_config = run(
+        'resnet_jax.sweep', '--config=configs/nope.py', '--models=resnet20', f'--workdir={tmp_path}'
+    )
+    assert bad_config.returncode == 1
+    assert "error: config file 'configs/nope.py' does not exist" in bad_config.stderr
+
+    bad_key = run(
+        'resnet_jax.sweep',
+        '--config=configs/cifar10.py',
+        '--models=resnet20',
+        f'--workdir={tmp_path / "w"}',
+        '--config.optimizer.lr=1',
+    )
+    assert bad_key.returncode == 1
+    assert "error: unknown config key 'optimizer.lr'" in bad_key.stderr
+    assert not (tmp_path / 'w').exists()
+
+    no_runs = run('resnet_jax.report', f'--workdir={tmp_path}')
+    assert no_runs.returncode == 1
+    assert 'error: no metrics.jsonl in' in no_runs.stderr
