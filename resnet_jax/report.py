@@ -6,7 +6,9 @@ Reads DIR/*/metrics.jsonl (and DIR/*/run.json, written by resnet_jax.sweep, for 
 count and config) and writes to --out (default: DIR):
   table.md    model, parameters, iterations, training and test error, the paper's test error;
   figure6.png training error (dashed) and test error (bold) against iterations, plain nets on
-              the left and residual nets on the right, as in the paper's Figure 6.
+              the left and residual nets on the right, as in the paper's Figure 6;
+  runs/       when --out is elsewhere, a copy of each run's metrics.jsonl and run.json, so the
+              report can be redrawn from --out alone (`--workdir=OUT/runs`).
 Errors, not accuracies, as in the paper: error = 1 - top-1 accuracy, in percent.
 """
 
@@ -17,6 +19,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -160,8 +163,19 @@ def plot_figure6(runs: Sequence[RunLog], path: str) -> None:
     plt.close(fig)
 
 
+def _copy_logs(workdir: str, runs: Sequence[RunLog], out: str) -> None:
+    for r in runs:
+        source = os.path.join(workdir, r.name) if r.name != os.path.basename(workdir) else workdir
+        target = os.path.join(out, 'runs', r.name)
+        os.makedirs(target, exist_ok=True)
+        for name in ('metrics.jsonl', 'run.json'):
+            if os.path.exists(os.path.join(source, name)):
+                shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
+
+
 def write_report(workdir: str, out: str) -> tuple[str, str]:
-    """Writes table.md and figure6.png into `out`; returns their paths."""
+    """Writes table.md and figure6.png (and, out of `workdir`, runs/) into `out`."""
+    workdir, out = os.path.abspath(workdir), os.path.abspath(out)
     runs = find_runs(workdir)
     try:
         os.makedirs(out, exist_ok=True)
@@ -178,6 +192,8 @@ def write_report(workdir: str, out: str) -> tuple[str, str]:
         f.write(markdown_table(runs))
         f.write(f'\nTest error: {"; ".join(splits)}. Paper: Table 6, 64k iterations.\n')
     plot_figure6(runs, figure_path)
+    if os.path.commonpath([workdir, out]) != workdir:
+        _copy_logs(workdir, runs, out)
     return table_path, figure_path
 
 

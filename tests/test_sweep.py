@@ -157,6 +157,12 @@ def test_sweep_trains_each_run_once_resumes_unfinished_and_reports(tmp_path, cif
     assert '| resnet20 | 0.27M | 4 |' in table and '| 8.75 |' in table
     png = (out / 'figure6.png').read_bytes()
     assert png.startswith(b'\x89PNG') and len(png) > 10_000
+    # The logs travel with the report, which redraws from them alone.
+    assert (out / 'runs' / 'plain20' / 'run.json').read_text() == (
+        workdir / 'plain20' / 'run.json'
+    ).read_text()
+    assert report.main([f'--workdir={out / "runs"}', f'--out={tmp_path / "again"}']) == 0
+    assert (tmp_path / 'again' / 'table.md').read_text() == table
 
     # The same workdir with another config is refused, and nothing in it changes.
     before = (run_dir / 'run.json').read_text()
