@@ -335,6 +335,44 @@ def _check_batch(batch_size: int, what: str = 'batch_size') -> None:
         raise ValueError(f'{what} must be a positive int, got {batch_size!r}')
 
 
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The order in which epoch `epoch` visits the examples: a permutation from (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReadSliceOfGlobalBatch:
+    """Global batch b of the shuffled stream: this process's slice of it, read and augmented.
+
+    A pure function of b (plus the seed): epoch e = b // batches_per_epoch visits the examples in
+    `epoch_order(seed, e)`, global batch b takes the next `global_batch_size` of them (the last
+    partial batch of an epoch is dropped), and the example at position j of the global batch is
+    augmented with the generator (seed, b, j). Nothing depends on how many processes or devices
+    share the batch, so the batches and the losses are the same on any topology, and a checkpoint
+    (which holds b) resumes on another one at exactly the next batch.
+    """
+
+    source: Any
+    preprocess: Callable[[Record, np.random.Generator], Record]
+    seed: int
+    global_batch_size: int
+    start: int  # position of this process's first example in each global batch
+    size: int  # examples per process
+
+    def __call__(self, b: int, _) -> Record:
+        n = len(self.source)
+        epoch, position = divmod(b, n // self.global_batch_size)
+        first = position * self.global_batch_size + self.start
+        indices = epoch_order(self.seed, epoch, n)[first : first + self.size]
+        records = _read_many(self.source, indices.tolist())
+        examples = [
+            self.preprocess(record, np.random.default_rng([self.seed, b, self.start + j]))
+            for j, record in enumerate(records)
+        ]
+        return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+
+
 def train_dataset(
     source: Sequence[Record],
     preprocess: Callable[[Record, np.random.Generator], Record],
@@ -345,34 +383,38 @@ def train_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.IterDataset:
-    """Endless shuffled, augmented batches of this process's shard.
+    """Endless shuffled, augmented batches: this process's slice of each global batch.
+
+    The global batches (batch_size x process_count examples) are the same whatever the number
+    of processes: process i reads examples [i * batch_size, (i + 1) * batch_size) of each, so
+    the processes read disjoint examples and together exactly the global batch. Element b of
+    the dataset is global batch b; its position is all a checkpoint of the iterator stores.
 
     Args:
       source: from `open_split`.
       preprocess: from `make_preprocess(..., train=True)`.
       batch_size: this process's batch (the global batch / the number of processes; see
         `resnet_jax.sharding.local_batch_size`).
-      seed: the shuffle and augmentation seed; epoch e shuffles with seed + e.
+      seed: the shuffle and augmentation seed (a non-negative int).
       num_workers: Grain worker processes (0: in this process). The batches are identical
         for any value.
-      process_index, process_count: this process's shard (default: JAX's).
+      process_index, process_count: this process's slice (default: JAX's).
     """
     _check_batch(batch_size)
     index, count = _process(process_index, process_count)
-    shard = grain.MapDataset.source(source)[index::count]
-    if len(shard) < batch_size:
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f'seed must be an int >= 0, got {seed!r}')
+    global_batch_size = batch_size * count
+    if len(source) < global_batch_size:
         raise ValueError(
-            f'batch_size {batch_size} exceeds the {len(shard)} examples of process {index}'
+            f'the global batch of {global_batch_size} ({count} processes x {batch_size}) exceeds '
+            f'the {len(source)} examples of the split'
         )
-    dataset = (
-        shard.seed(seed)
-        .shuffle()
-        .repeat()
-        .random_map(preprocess)
-        .batch(batch_size, drop_remainder=True)
-        .to_iter_dataset()
+    read = _ReadSliceOfGlobalBatch(
+        source, preprocess, int(seed), global_batch_size, index * batch_size, batch_size
     )
-    return _prefetch(dataset, num_workers)
+    endless = grain.MapDataset.range(2**62)  # global batch numbers; never exhausted
+    return _prefetch(endless.map_with_index(read).to_iter_dataset(), num_workers)
 
 
 def _prefetch(dataset: grain.IterDataset, num_workers: int) -> grain.IterDataset:

@@ -160,6 +160,31 @@ def test_process_shards_are_disjoint_and_cover_the_split():
     assert seen[0] | seen[1] == set(range(64))
 
 
+def test_global_batches_and_their_augmentation_do_not_depend_on_the_topology():
+    source = synthetic_source(64)
+    preprocess = data.Preprocess(SYNTHETIC_INFO, train=True, augmentation='paper', mean=np.zeros(3))
+    one = _take(data.train_dataset(source, preprocess, batch_size=16, seed=3), 6)  # 1.5 epochs
+    for count in (2, 4):
+        slices = [
+            _take(
+                data.train_dataset(
+                    source,
+                    preprocess,
+                    batch_size=16 // count,
+                    seed=3,
+                    process_index=i,
+                    process_count=count,
+                ),
+                6,
+            )
+            for i in range(count)
+        ]
+        for step, whole in enumerate(one):
+            for key in ('image', 'label'):
+                joined = np.concatenate([s[step][key] for s in slices])
+                np.testing.assert_array_equal(joined, whole[key])  # augmentation included
+
+
 def test_epochs_reshuffle_and_the_seed_decides_the_order():
     source = synthetic_source(32)
     batches = _take(data.train_dataset(source, _identity(), batch_size=8, seed=0), 8)
@@ -421,7 +446,7 @@ def test_batch_size_must_divide_over_devices_and_processes():
         sharding.local_batch_size(0, mesh)
     with pytest.raises(ValueError, match='batch_size must be a positive int'):
         data.train_dataset(synthetic_source(8), _identity(), batch_size=0, seed=0)
-    with pytest.raises(ValueError, match='batch_size 16 exceeds the 8 examples of process 0'):
+    with pytest.raises(ValueError, match=r'global batch of 16 \(1 processes x 16\) exceeds the 8'):
         data.train_dataset(synthetic_source(8), _identity(), batch_size=16, seed=0)
     with pytest.raises(ValueError, match=r'process_index 2 is outside \[0, 2\)'):
         data.eval_dataset(

@@ -5,8 +5,15 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import portpicker
 import pytest
+from synthetic_data import example_indices, synthetic_source
+
+from resnet_jax import data
+
+_INFO = data.DatasetInfo('synthetic', 10, (32, 32, 3), {'train': 0})
+_PREPROCESS = data.Preprocess(_INFO, train=False, augmentation='none', mean=np.zeros(3))
 
 WORKER = pathlib.Path(__file__).parent / 'workers' / 'data_worker.py'
 
@@ -35,13 +42,18 @@ def test_two_processes_share_the_global_batch_and_the_eval_split():
             proc.kill()
     a, b = sorted(outputs, key=lambda o: o['process'])
     assert (a['devices'], a['local_devices'], a['local_batch']) == (4, 2, 8)
-    # Both processes see the same global batches; each half comes from one process's shard.
+    # Both processes see the same global batches, those of one process reading it all; each
+    # process read only its half of each.
     assert a['train'] == b['train']
+    alone = data.train_dataset(
+        synthetic_source(64), _PREPROCESS, batch_size=16, seed=0, process_index=0, process_count=1
+    )
+    iterator = iter(alone)
+    assert a['train'] == [example_indices(next(iterator)['image']).tolist() for _ in range(4)]
     epoch = [i for batch in a['train'] for i in batch]
     assert sorted(epoch) == list(range(64))
-    for batch in a['train']:
-        first, second = set(batch[:8]), set(batch[8:])
-        assert all(i % 2 == 0 for i in first) and all(i % 2 == 1 for i in second)
+    for batch, first, second in zip(a['train'], a['local'], b['local'], strict=True):
+        assert (batch[:8], batch[8:]) == (first, second)
     # Eval: 37 examples over 2 processes, each counted exactly once.
     assert a['eval_count'] == b['eval_count'] == 37
     assert a['eval'] == list(range(37))

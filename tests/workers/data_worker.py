@@ -41,9 +41,11 @@ def main():
     local = sharding.local_batch_size(16, mesh)
     train = data.train_dataset(source, preprocess, batch_size=local, seed=0)
     iterator = iter(train)
-    seen_train = []
+    seen_train, seen_local = [], []
     for _ in range(4):  # one epoch: 4 global batches of 16
-        batch = sharding.global_batch(next(iterator), mesh)
+        local_batch = next(iterator)
+        seen_local.append(example_indices(local_batch['image']).tolist())
+        batch = sharding.global_batch(local_batch, mesh)
         gathered = multihost_utils.process_allgather(batch['image'], tiled=True)
         seen_train.append(example_indices(np.asarray(gathered)).tolist())
     real_eval = 0
@@ -62,6 +64,7 @@ def main():
                 'local_devices': jax.local_device_count(),
                 'local_batch': local,
                 'train': seen_train,
+                'local': seen_local,
                 'eval_count': real_eval,
                 'eval': sorted(seen_eval),
             }
