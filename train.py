@@ -36,21 +36,28 @@ def main(argv):
 
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
     logging.getLogger('absl').setLevel(logging.WARNING)
+    timeouts = {
+        'initialization_timeout': FLAGS.config.distributed.initialization_timeout_seconds,
+        'heartbeat_timeout_seconds': FLAGS.config.distributed.heartbeat_timeout_seconds,
+    }
     if FLAGS.coordinator_address or FLAGS.num_processes:
         jax.distributed.initialize(
             coordinator_address=FLAGS.coordinator_address,
             num_processes=FLAGS.num_processes,
             process_id=FLAGS.process_id,
+            **timeouts,
         )
     elif _in_a_cluster(os.environ):
-        jax.distributed.initialize()  # JAX reads the TPU pod / SLURM environment itself
-    from resnet_jax import trainer
+        jax.distributed.initialize(**timeouts)  # JAX reads the TPU pod / SLURM environment
+    from resnet_jax import checkpoint, trainer
 
     try:
-        trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ValueError, FloatingPointError) as e:
+        result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (ValueError, FloatingPointError, checkpoint.SaveError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)
+    if 'preempted_at_step' in result:
+        print(f'preempted: saved step {int(result["preempted_at_step"])}; rerun to resume')
 
 
 if __name__ == '__main__':

@@ -1,17 +1,25 @@
 """Orbax checkpoints of the train state together with the Grain data-iterator state.
 
 One `CheckpointManager` per workdir (`workdir/checkpoints`):
-* saves asynchronously every `checkpoint_every_steps`, at preemption sync points and at the end;
+* saves asynchronously every `checkpoint_every_steps` (the trainer forces saves at preemption
+  sync points and at the end);
 * keeps the last `keep` steps and the best one by validation top-1 accuracy;
 * writes each step to a temporary folder and commits it with a marker file, so a step cut short
   by a crash is never taken for the latest one (leftovers are cleaned at start);
 * restores the state onto whatever shardings the caller asks for, so a run saved on 8 devices
-  resumes on 1, and the data iterator at exactly the next batch.
+  resumes on 1, and the data iterator at exactly the next batch;
+* stores a content fingerprint (SHA-256 of every file) beside each committed step, so a step
+  that was silently corrupted afterwards is recognised, set aside and never restored.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import grain
@@ -20,17 +28,17 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.path import atomicity
 
 BEST_METRIC = 'eval/top1_acc'
+FINGERPRINT_FILE = 'fingerprint.json'
+QUARANTINE_DIR = 'bad_checkpoints'  # beside the checkpoint directory; never read back
+
+logger = logging.getLogger('resnet_jax')
 
 
 def create_manager(directory: str, *, save_every_steps: int, keep: int) -> ocp.CheckpointManager:
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        save_decision_policy=policies.AnySavePolicy(
-            [
-                policies.FixedIntervalPolicy(save_every_steps),
-                policies.PreemptionCheckpointingPolicy(),
-            ]
-        ),
+        # Preemption saves are forced by the trainer, which owns the preemption check.
+        save_decision_policy=policies.FixedIntervalPolicy(save_every_steps),
         preservation_policy=policies.AnyPreservationPolicy(
             [
                 policies.LatestN(keep),
@@ -44,6 +52,10 @@ def create_manager(directory: str, *, save_every_steps: int, keep: int) -> ocp.C
         temporary_path_class=atomicity.CommitFileTemporaryPath,
         cleanup_tmp_directories=True,
         enable_async_checkpointing=True,
+        # Runs once a save is committed, on a background thread: fingerprint it.
+        async_options=ocp.AsyncOptions(
+            post_finalization_callback=lambda: fingerprint_new_steps(directory)
+        ),
     )
     return ocp.CheckpointManager(
         os.path.abspath(directory),
@@ -53,6 +65,19 @@ def create_manager(directory: str, *, save_every_steps: int, keep: int) -> ocp.C
             'data_iter': grain.checkpoint.CheckpointHandler(),
         },
     )
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); earlier ones are intact."""
+
+    def __init__(self, step: int, directory: str, error: OSError):
+        committed = committed_steps(directory)
+        last = f'step {committed[-1]}' if committed else 'none'
+        super().__init__(
+            f'could not save checkpoint step {step} to {directory}: '
+            f'{error.strerror or error}; the last complete checkpoint is {last}, and nothing '
+            'was overwritten (free space, or point --workdir elsewhere, and rerun to resume)'
+        )
 
 
 def save(
@@ -122,3 +147,72 @@ def latest_step(directory: str) -> int | None:
     """The newest committed step under `directory`, or None."""
     steps = committed_steps(directory)
     return steps[-1] if steps else None
+
+
+# --- Content fingerprints -------------------------------------------------------------------
+
+
+def content_digest(step_dir: str) -> str:
+    """SHA-256 over every file of a step (relative path and bytes), the fingerprint excluded."""
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(step_dir):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, step_dir)
+            if relative == FINGERPRINT_FILE:
+                continue
+            digest.update(relative.encode() + b'\0')
+            with open(path, 'rb') as f:
+                for chunk in iter(lambda: f.read(1 << 20), b''):
+                    digest.update(chunk)
+            digest.update(b'\0')
+    return digest.hexdigest()
+
+
+def fingerprint_new_steps(directory: str) -> None:
+    """Writes the fingerprint of each committed step that has none (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    for step in committed_steps(directory):
+        step_dir = os.path.join(directory, str(step))
+        target = os.path.join(step_dir, FINGERPRINT_FILE)
+        if os.path.exists(target):
+            continue
+        try:
+            record = {'sha256': content_digest(step_dir), 'step': step, 'time': time.time()}
+            tmp = target + '.tmp'
+            with open(tmp, 'w') as f:
+                json.dump(record, f)
+            os.replace(tmp, target)  # atomic: a fingerprint is whole or absent
+        except OSError as e:  # e.g. the step was just deleted by the preservation policy
+            logger.warning('could not fingerprint checkpoint step %d: %s', step, e)
+
+
+def verify(directory: str, step: int) -> str | None:
+    """None if step's files match its fingerprint (or it has none yet), else what is wrong."""
+    step_dir = os.path.join(directory, str(step))
+    path = os.path.join(step_dir, FINGERPRINT_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            expected = json.load(f)['sha256']
+    except (OSError, ValueError, KeyError) as e:
+        return f'its fingerprint file is unreadable ({e})'
+    if content_digest(step_dir) != expected:
+        return 'its files do not match the fingerprint written when it was saved'
+    return None
+
+
+def has_fingerprint(directory: str, step: int) -> bool:
+    return os.path.exists(os.path.join(directory, str(step), FINGERPRINT_FILE))
+
+
+def quarantine(directory: str, step: int) -> str:
+    """Moves a bad step out of the manager's sight (never deletes it); returns where to."""
+    target_root = os.path.join(os.path.dirname(os.path.abspath(directory)), QUARANTINE_DIR)
+    os.makedirs(target_root, exist_ok=True)
+    target = os.path.join(target_root, f'{step}-{int(time.time())}')
+    shutil.move(os.path.join(directory, str(step)), target)
+    return target

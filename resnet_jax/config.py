@@ -16,6 +16,7 @@ import ml_collections
 from resnet_jax import data, models, optim
 
 DTYPES = ('float32', 'bfloat16')
+NONFINITE_POLICIES = ('stop', 'skip')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -34,6 +35,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.bn_group_size = 0  # 0: BN statistics of the global batch; N: of each group of N examples
     c.fsdp = False  # shard large parameters and optimizer state over `data` (ZeRO-3 style)
     c.fsdp_min_size = 2**18  # elements; smaller arrays stay replicated
+    # A NaN or Inf in the loss or gradients: 'stop' (naming the step and the last checkpoint)
+    # or 'skip' the update and count it. A non-finite state is never saved either way.
+    c.nonfinite = 'stop'
+    c.max_skipped_steps = 100  # 'skip' still stops after this many skips in one run
+
+    # Multi-process runs (train.py passes these to jax.distributed.initialize).
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.initialization_timeout_seconds = 300  # all processes must join within this
+    c.distributed.heartbeat_timeout_seconds = 60  # a silent peer fails the others after this
 
     c.model = ml_collections.ConfigDict()
     c.model.name = 'resnet20'
@@ -116,6 +126,15 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
                 f'multiple of {count}',
             )
     _one_of(config.dtype, DTYPES, 'dtype')
+    _one_of(config.nonfinite, NONFINITE_POLICIES, 'nonfinite')
+    _positive_int(config.max_skipped_steps, 'max_skipped_steps', zero_ok=True)
+    _positive_int(
+        config.distributed.initialization_timeout_seconds,
+        'distributed.initialization_timeout_seconds',
+    )
+    _positive_int(
+        config.distributed.heartbeat_timeout_seconds, 'distributed.heartbeat_timeout_seconds'
+    )
     _check(0.0 <= config.label_smoothing < 1.0, f'label_smoothing={config.label_smoothing}')
     _one_of(config.model.name, models.MODEL_NAMES, 'model.name')
     _one_of(config.model.shortcut, ('', *models.SHORTCUTS), 'model.shortcut')

@@ -28,8 +28,12 @@ def make_train_step(
     *,
     label_smoothing: float = 0.0,
     bn_group_size: int = 0,
+    skip_nonfinite: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The train step of `model` under `tx`.
+
+    Its metrics always include `nonfinite`: 1.0 where the loss or the gradients hold a NaN or
+    an Inf (the trainer stops there, or counts the skip), else 0.0.
 
     Args:
       bn_group_size: 0 normalises with the statistics of the whole global batch (SyncBN, the
@@ -37,6 +41,10 @@ def make_train_step(
         normalised with its own statistics (the paper's per-GPU BN when N is the per-device
         batch; "ghost" BN for large batches); running statistics are averaged over groups.
         Groups never straddle devices when the per-device batch is a multiple of N.
+      skip_nonfinite: on a non-finite loss or gradient, keep the parameters, BatchNorm
+        statistics and optimizer state as they were (the step counter still advances, so the
+        data and the schedule stay aligned). Otherwise the update is applied, and the caller
+        must not save what follows.
     """
 
     def forward(variables, images):
@@ -59,18 +67,28 @@ def make_train_step(
             state.params
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # the norm is NaN if any is
         new_state = state.replace(
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),
             batch_stats=batch_stats,
             opt_state=opt_state,
         )
+        if skip_nonfinite:
+            keep = lambda new, old: jnp.where(finite, new, old)
+            new_state = new_state.replace(
+                params=jax.tree.map(keep, new_state.params, state.params),
+                batch_stats=jax.tree.map(keep, new_state.batch_stats, state.batch_stats),
+                opt_state=jax.tree.map(keep, new_state.opt_state, state.opt_state),
+            )
         step_metrics = {
             'loss': loss,
             'top1_acc': metrics.top_k_correct(logits, batch['label'], 1).mean(),
             'top5_acc': metrics.top_k_correct(logits, batch['label'], 5).mean(),
             'learning_rate': schedule(state.step),
-            'grad_norm': optax.tree.norm(grads),
+            'grad_norm': grad_norm,
+            'nonfinite': 1.0 - finite.astype(jnp.float32),
         }
         return new_state, step_metrics
 

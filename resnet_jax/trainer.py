@@ -12,8 +12,11 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -40,6 +43,123 @@ def _check_workdir(workdir: str) -> str:
     if not os.access(workdir, os.W_OK):
         raise ValueError(f'workdir {workdir!r} is not writable')
     return workdir
+
+
+# Fields that decide the shapes of the state: a checkpoint cannot continue under other values.
+STATE_DEFINING_FIELDS = (
+    'model.name',
+    'model.shortcut',
+    'model.scan_blocks',
+    'dataset.name',
+    'optimizer.name',
+    'optimizer.ema_decay',
+)
+RUN_CONFIG_FILE = 'config.json'
+
+
+def _field(config: Any, dotted: str) -> Any:
+    for part in dotted.split('.'):
+        config = config[part]
+    return config
+
+
+def _check_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses a workdir whose run has another model or optimizer; records the config if new.
+
+    The values that shape the state are compared before anything is restored, so a mistyped
+    --workdir or --config gets one clear line instead of a shape error from deep in Orbax.
+    """
+    path = os.path.join(workdir, RUN_CONFIG_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        for field in STATE_DEFINING_FIELDS:
+            try:
+                before = _field(previous, field)
+            except KeyError:
+                continue
+            now = _field(config, field)
+            if bool(before) != bool(now) if field == 'optimizer.ema_decay' else before != now:
+                raise ValueError(
+                    f'workdir {workdir!r} holds a run with {field}={before!r} ({path}); this '
+                    f'config has {field}={now!r}. Use another workdir, or the same config.'
+                )
+    elif jax.process_index() == 0:
+        tmp = path + '.tmp'
+        with open(tmp, 'w') as f:
+            f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+
+def _restore_latest_good(
+    manager: Any, abstract_state: Any, train_iter: Any
+) -> tuple[TrainState | None, list[str]]:
+    """The newest checkpoint that verifies and restores; bad ones are set aside, never reused.
+
+    Returns:
+      (state or None if there is no checkpoint, a message per checkpoint set aside).
+    Raises:
+      ValueError: checkpoints exist but none is usable, or the newest one whose fingerprint
+        matches does not fit this config's state (a different model, not corruption).
+    """
+    directory = os.fspath(manager.directory)
+    set_aside = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        problem = checkpoint.verify(directory, step)
+        if problem is None:
+            try:
+                return checkpoint.restore(manager, step, abstract_state, train_iter), set_aside
+            except Exception as e:  # Orbax raises many kinds for bad files
+                if checkpoint.has_fingerprint(directory, step):
+                    raise ValueError(
+                        f'checkpoint step {step} in {directory!r} is intact but does not fit '
+                        f'this config ({type(e).__name__}: {str(e)[:300]}); expected a '
+                        'checkpoint of the same model and optimizer'
+                    ) from None
+                problem = f'it cannot be read ({type(e).__name__}: {str(e)[:200]})'
+        moved = checkpoint.quarantine(directory, step) if jax.process_index() == 0 else '?'
+        set_aside.append(f'checkpoint step {step} is bad: {problem}; moved to {moved}')
+        logger.warning('%s; falling back to the previous checkpoint', set_aside[-1])
+        manager.reload()
+    if set_aside:
+        raise ValueError(f'no usable checkpoint in {directory!r}: ' + '; '.join(set_aside))
+    return None, set_aside
+
+
+class _PreemptionWatch:
+    """Has a preemption notice (SIGTERM) arrived? Every process gets the same answer per step.
+
+    Multi-process: JAX's preemption sync manager (started by jax.distributed.initialize)
+    catches SIGTERM and picks a step every process reaches; Orbax asks it. One process: a
+    SIGTERM handler sets a flag, checked between steps.
+    """
+
+    def __init__(self, manager: Any):
+        self._manager = manager
+        self._signalled = False
+        self._previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        del signum, frame
+        self._signalled = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self._signalled
+        return self._manager.reached_preemption(step)
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+def _close(iterator: Any) -> None:
+    close = getattr(iterator, 'close', None)  # Grain's multiprocess iterators hold workers
+    if close:
+        close()
 
 
 def evaluate_split(
@@ -115,6 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f'{ds.train_split!r}'
         )
     workdir = _check_workdir(workdir)
+    _check_run_config(workdir, config)
 
     # 2. Model, optimizer, abstract state and its shardings.
     model, tx, schedule, init = build_training(config, info, len(train_source))
@@ -144,19 +265,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
     )
 
-    # 3. Resume or initialise (directly on the devices, never on one and moved).
+    # 3. Resume from the newest good checkpoint, or initialise directly on the devices.
+    checkpoint_dir = os.path.join(workdir, 'checkpoints')
     manager = checkpoint.create_manager(
-        os.path.join(workdir, 'checkpoints'),
+        checkpoint_dir,
         save_every_steps=config.checkpoint_every_steps,
         keep=config.keep_checkpoints,
     )
-    latest = manager.latest_step()
-    if latest is not None:
-        target = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
-        state = checkpoint.restore(manager, latest, target, train_iter)
-        logger.info('resumed from %s at step %d', manager.directory, latest)
-    else:
+    target = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
+    try:
+        state, _ = _restore_latest_good(manager, target, train_iter)
+    except BaseException:
+        manager.close()
+        _close(train_iter)
+        raise
+    if state is None:
         state = jax.jit(init, out_shardings=state_shardings)()
+    else:
+        logger.info('resumed from %s at step %d', checkpoint_dir, int(jax.device_get(state.step)))
 
     batch_sharding = sharding.batch_sharding(mesh)
     train_step = jax.jit(
@@ -166,6 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             schedule,
             label_smoothing=config.label_smoothing,
             bn_group_size=config.bn_group_size,
+            skip_nonfinite=config.nonfinite == 'skip',
         ),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
@@ -186,6 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # 4. Train.
     writer = metrics.MetricWriter(workdir)
+    preemption = _PreemptionWatch(manager)
     step = int(jax.device_get(state.step))
     first_step = step
     progress = tqdm.tqdm(
@@ -195,71 +323,108 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         unit='step',
         dynamic_ncols=True,
     )
-    pending: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []  # metrics of the steps since the last log, on device
+    unchecked: list[tuple[int, Any]] = []  # (step, nonfinite flag) not yet fetched
+    skipped = 0
     interval_start = time.perf_counter()
-    interval_steps = 0
     eval_metrics: dict[str, float] = {}
     preempted = False
+    final: dict[str, float] = {}
+
+    def check_finite() -> None:
+        """Fetches the non-finite flags of the steps since the last check; stops or counts."""
+        nonlocal skipped, unchecked
+        flags = jax.device_get([flag for _, flag in unchecked])
+        bad = [s for (s, _), flag in zip(unchecked, flags, strict=True) if flag]
+        unchecked = []
+        if bad and config.nonfinite == 'stop':
+            raise FloatingPointError(
+                f'the loss or the gradients are not finite at step {bad[0]}; stopped without '
+                f'saving it. The last checkpoint is step {manager.latest_step()} in '
+                f'{checkpoint_dir}. Lower the learning rate, or set nonfinite=skip.'
+            )
+        skipped += len(bad)
+        if bad and skipped > config.max_skipped_steps:
+            raise FloatingPointError(
+                f'{skipped} updates skipped for non-finite values (the last at step {bad[-1]}), '
+                f'more than max_skipped_steps={config.max_skipped_steps}. The last checkpoint '
+                f'is step {manager.latest_step()} in {checkpoint_dir}.'
+            )
+
     try:
         while step < config.total_steps:
             batch = sharding.global_batch(next(train_iter), mesh)
             state, step_metrics = train_step(state, batch)
             step += 1
-            interval_steps += 1
             pending.append(step_metrics)
+            unchecked.append((step, step_metrics['nonfinite']))
             last = step == config.total_steps
+            preempted = preemption.reached(step)
+            evaluated = step % config.eval_every_steps == 0 or last
+            saving = last or preempted or manager.should_save(step)
+            if step % config.log_every_steps == 0 or last or saving:
+                check_finite()  # the one sync point of the interval; nothing non-finite is saved
             if step % config.log_every_steps == 0 or last:
-                train = _mean(jax.device_get(pending))  # the one sync point of the interval
-                if not np.isfinite(train['loss']):
-                    raise FloatingPointError(
-                        f'train/loss is not finite at step {step}; the last checkpoint is '
-                        f'{manager.latest_step()}'
-                    )
-                elapsed = time.perf_counter() - interval_start
-                record = {f'train/{k}': v for k, v in train.items()}
+                records = [r for r in jax.device_get(pending) if not r.pop('nonfinite')]
+                record = {f'train/{k}': v for k, v in _mean(records).items()} if records else {}
+                record['train/skipped_steps'] = float(len(pending) - len(records))
                 # The first interval after a (re)start includes compilation.
-                record['train/images_per_sec'] = interval_steps * config.batch_size / elapsed
+                elapsed = time.perf_counter() - interval_start
+                record['train/images_per_sec'] = len(pending) * config.batch_size / elapsed
                 writer.write(step, record)
                 progress.set_postfix(
-                    loss=f'{train["loss"]:.3f}',
-                    acc=f'{train["top1_acc"]:.3f}',
+                    loss=f'{record.get("train/loss", float("nan")):.3f}',
+                    acc=f'{record.get("train/top1_acc", float("nan")):.3f}',
                     img_s=f'{record["train/images_per_sec"]:.0f}',
                 )
-                pending, interval_steps = [], 0
+                pending = []
                 interval_start = time.perf_counter()
-            evaluated = step % config.eval_every_steps == 0 or last
             if evaluated:
                 eval_metrics = run_eval(state, eval_source, eval_preprocess, prefix='eval')
                 writer.write(step, eval_metrics)
-            preempted = manager.reached_preemption(step)
-            checkpoint.save(
-                manager,
-                step,
-                state,
-                train_iter,
-                metrics=eval_metrics if evaluated else None,
-                force=last or preempted,
-            )
+            try:
+                checkpoint.save(
+                    manager,
+                    step,
+                    state,
+                    train_iter,
+                    metrics=eval_metrics if evaluated else None,
+                    force=last or preempted,
+                )
+                if preempted or last:
+                    manager.wait_until_finished()
+            except OSError as e:
+                raise checkpoint.SaveError(step, checkpoint_dir, e) from None
             progress.update(1)
             if preempted:
-                logger.warning('preempted: saved step %d; rerun the same command to resume', step)
+                logger.warning(
+                    'preempted: saved step %d in %s; rerun the same command to resume',
+                    step,
+                    checkpoint_dir,
+                )
                 break
         # 5. Final metrics and summary.
-        if not eval_metrics and not preempted:
-            # Rerun of a finished workdir: nothing to train, report the checkpoint's metrics.
-            eval_metrics = run_eval(state, eval_source, eval_preprocess, prefix='eval')
-        final = dict(eval_metrics)
-        if test_source is not None and not preempted:
-            final.update(run_eval(state, test_source, eval_preprocess, prefix='test'))
-            writer.write(step, {k: v for k, v in final.items() if k.startswith('test/')})
+        if not preempted:
+            if not eval_metrics:
+                # Rerun of a finished workdir: nothing to train; report the checkpoint's metrics.
+                eval_metrics = run_eval(state, eval_source, eval_preprocess, prefix='eval')
+            final = dict(eval_metrics)
+            if test_source is not None:
+                final.update(run_eval(state, test_source, eval_preprocess, prefix='test'))
+                writer.write(step, {k: v for k, v in final.items() if k.startswith('test/')})
     finally:
+        preemption.close()
         progress.close()
-        manager.wait_until_finished()
+        try:
+            manager.wait_until_finished()
+            checkpoint.fingerprint_new_steps(checkpoint_dir)  # the last save's, if still due
+        except OSError as e:
+            logger.error('the last checkpoint save failed: %s', e)
         manager.close()
         writer.close()
-        close = getattr(train_iter, 'close', None)
-        if close:
-            close()
+        _close(train_iter)
+    if preempted:
+        return {'preempted_at_step': float(step)}
     summary = ', '.join(f'{k} {v:.4f}' for k, v in sorted(final.items()) if 'num_examples' not in k)
     logger.info(
         'done at step %d (%d this run): %s; wrote %s and %s',

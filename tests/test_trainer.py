@@ -67,7 +67,14 @@ def test_train_step_does_not_retrace():
     state, metrics = step(state, _tiny_batch(seed=1))
     assert step._cache_size() == 1
     assert int(state.step) == 2
-    assert set(metrics) == {'loss', 'top1_acc', 'top5_acc', 'learning_rate', 'grad_norm'}
+    assert set(metrics) == {
+        'loss',
+        'top1_acc',
+        'top5_acc',
+        'learning_rate',
+        'grad_norm',
+        'nonfinite',
+    }
 
 
 def test_a_tiny_net_overfits_one_batch():
