@@ -56,6 +56,20 @@ def main(argv):
     except (ValueError, FloatingPointError, checkpoint.SaveError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        # A collective failed: a peer process is gone. Waiting for it at shutdown would only
+        # end in JAX's heartbeat-timeout abort, so say what happened and leave now.
+        reason = str(e).splitlines()[0][:300]
+        print(
+            f'error: process {jax.process_index()} of {jax.process_count()}: a collective with '
+            f'the other processes failed ({reason}); a peer has most likely died, see its log. '
+            'Checkpoints already written are intact; rerun all processes to resume.',
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
     if 'preempted_at_step' in result:
         print(f'preempted: saved step {int(result["preempted_at_step"])}; rerun to resume')
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -394,6 +395,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if preempted or last:
                     manager.wait_until_finished()
             except OSError as e:
+                with contextlib.suppress(OSError):
+                    manager.wait_until_finished()  # earlier saves may still be committing
                 raise checkpoint.SaveError(step, checkpoint_dir, e) from None
             progress.update(1)
             if preempted:
