@@ -346,6 +346,7 @@ def test_cli_rejects_bad_input_without_touching_the_workdir(tmp_path):
         (['--config.no_such_key=1'], 'no_such_key'),
         (['--config.total_steps=ten'], 'total_steps'),
         (['--config.dataset.name=cifar11'], "unknown dataset 'cifar11'"),
+        (['--config.dataset.eval_split=validation'], "has no split 'validation'"),
     ]
     env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
     for flags, message in cases:
