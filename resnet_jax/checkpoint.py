@@ -1,4 +1,8 @@
-"""Orbax checkpoints of the train state together with the Grain data-iterator state.
+"""Orbax checkpoints of the train state.
+
+The state is all a run needs to continue: the data stream is a pure function of the step
+(`data.train_dataset(start_batch=step)`), so no iterator state is saved, and none that would tie
+a checkpoint to the number of processes.
 
 One `CheckpointManager` per workdir (`workdir/checkpoints`):
 * saves asynchronously every `checkpoint_every_steps` (the trainer forces saves at preemption
@@ -7,7 +11,7 @@ One `CheckpointManager` per workdir (`workdir/checkpoints`):
 * writes each step to a temporary folder and commits it with a marker file, so a step cut short
   by a crash is never taken for the latest one (leftovers are cleaned at start);
 * restores the state onto whatever shardings the caller asks for, so a run saved on 8 devices
-  resumes on 1, and the data iterator at exactly the next batch;
+  (or 2 processes) resumes on 1;
 * stores a content fingerprint (SHA-256 of every file) beside each committed step, so a step
   that was silently corrupted afterwards is recognised, set aside and never restored.
 """
@@ -22,7 +26,6 @@ import shutil
 import time
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.path import atomicity
@@ -52,18 +55,11 @@ def create_manager(directory: str, *, save_every_steps: int, keep: int) -> ocp.C
         temporary_path_class=atomicity.CommitFileTemporaryPath,
         cleanup_tmp_directories=True,
         enable_async_checkpointing=True,
-        # Runs once a save is committed, on a background thread: fingerprint it.
-        async_options=ocp.AsyncOptions(
-            post_finalization_callback=lambda: fingerprint_new_steps(directory)
-        ),
     )
     return ocp.CheckpointManager(
         os.path.abspath(directory),
         options=options,
-        item_handlers={
-            'state': ocp.StandardCheckpointHandler(),
-            'data_iter': grain.checkpoint.CheckpointHandler(),
-        },
+        item_handlers={'state': ocp.StandardCheckpointHandler()},
     )
 
 
@@ -84,33 +80,32 @@ def save(
     manager: ocp.CheckpointManager,
     step: int,
     state: Any,
-    data_iterator: Any,
     *,
     metrics: dict[str, float] | None = None,
     force: bool = False,
 ) -> bool:
     """Saves if the policy says so (or `force`); returns whether a save started."""
-    args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data_iter=grain.checkpoint.CheckpointSave(data_iterator),
-    )
-    return manager.save(step, args=args, metrics=metrics, force=force)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state))
+    started = manager.save(step, args=args, metrics=metrics, force=force)
+    if started:  # Orbax finished (committed) the previous save before starting this one
+        fingerprint_new_steps(os.fspath(manager.directory))
+    return started
 
 
-def restore(
-    manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iterator: Any
-) -> Any:
-    """The state at `step`, laid out as `abstract_state` says; advances `data_iterator` too.
+def wait(manager: ocp.CheckpointManager) -> None:
+    """Blocks until pending saves are committed, then fingerprints them."""
+    manager.wait_until_finished()
+    fingerprint_new_steps(os.fspath(manager.directory))
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
+    """The state at `step`, laid out as `abstract_state` says.
 
     Args:
       abstract_state: a pytree of `jax.ShapeDtypeStruct`s carrying the target shardings.
     """
     restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data_iter=grain.checkpoint.CheckpointRestore(data_iterator),
-        ),
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
     )
     return restored.state
 
@@ -119,14 +114,6 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
-
-
-def restore_state_only(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
-    """The train state at `step` without the data iterator (for evaluation)."""
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-    )
-    return restored.state
 
 
 def committed_steps(directory: str) -> list[int]:

@@ -349,8 +349,8 @@ class _ReadSliceOfGlobalBatch:
     `epoch_order(seed, e)`, global batch b takes the next `global_batch_size` of them (the last
     partial batch of an epoch is dropped), and the example at position j of the global batch is
     augmented with the generator (seed, b, j). Nothing depends on how many processes or devices
-    share the batch, so the batches and the losses are the same on any topology, and a checkpoint
-    (which holds b) resumes on another one at exactly the next batch.
+    share the batch, so the batches and the losses are the same on any topology, and a run
+    resumed at step s (on any topology) continues with exactly global batch s.
     """
 
     source: Any
@@ -360,7 +360,7 @@ class _ReadSliceOfGlobalBatch:
     start: int  # position of this process's first example in each global batch
     size: int  # examples per process
 
-    def __call__(self, b: int, _) -> Record:
+    def __call__(self, b: int) -> Record:
         n = len(self.source)
         epoch, position = divmod(b, n // self.global_batch_size)
         first = position * self.global_batch_size + self.start
@@ -379,6 +379,7 @@ def train_dataset(
     *,
     batch_size: int,
     seed: int,
+    start_batch: int = 0,
     num_workers: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -387,8 +388,9 @@ def train_dataset(
 
     The global batches (batch_size x process_count examples) are the same whatever the number
     of processes: process i reads examples [i * batch_size, (i + 1) * batch_size) of each, so
-    the processes read disjoint examples and together exactly the global batch. Element b of
-    the dataset is global batch b; its position is all a checkpoint of the iterator stores.
+    the processes read disjoint examples and together exactly the global batch. The first
+    element is global batch `start_batch`: the trainer resumes at step s with start_batch=s, so
+    a checkpoint needs no iterator state, and none that depends on the topology.
 
     Args:
       source: from `open_split`.
@@ -396,6 +398,7 @@ def train_dataset(
       batch_size: this process's batch (the global batch / the number of processes; see
         `resnet_jax.sharding.local_batch_size`).
       seed: the shuffle and augmentation seed (a non-negative int).
+      start_batch: the global batch to start from (the number of steps already taken).
       num_workers: Grain worker processes (0: in this process). The batches are identical
         for any value.
       process_index, process_count: this process's slice (default: JAX's).
@@ -413,8 +416,10 @@ def train_dataset(
     read = _ReadSliceOfGlobalBatch(
         source, preprocess, int(seed), global_batch_size, index * batch_size, batch_size
     )
-    endless = grain.MapDataset.range(2**62)  # global batch numbers; never exhausted
-    return _prefetch(endless.map_with_index(read).to_iter_dataset(), num_workers)
+    if not isinstance(start_batch, (int, np.integer)) or start_batch < 0:
+        raise ValueError(f'start_batch must be an int >= 0, got {start_batch!r}')
+    batches = grain.MapDataset.range(int(start_batch), 2**62)  # global batch numbers, endless
+    return _prefetch(batches.map(read).to_iter_dataset(), num_workers)
 
 
 def _prefetch(dataset: grain.IterDataset, num_workers: int) -> grain.IterDataset:

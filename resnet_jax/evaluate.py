@@ -45,7 +45,7 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, step: int | N
             abstract, jax.tree.map(lambda _: replicated, abstract)
         )
         try:
-            state = checkpoint.restore_state_only(manager, step, target)
+            state = checkpoint.restore(manager, step, target)
         except (ValueError, KeyError) as e:
             raise ValueError(
                 f'checkpoint {step} in {directory!r} does not fit config model '

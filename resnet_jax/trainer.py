@@ -2,8 +2,8 @@
 
 1. Validate the config and open the data (nothing is written before both pass).
 2. Build the mesh, the model, the optimizer and the abstract state; derive its shardings.
-3. Restore the latest checkpoint of the workdir (state + data iterator), or initialise the
-   state directly on the devices.
+3. Restore the newest good checkpoint of the workdir, or initialise the state directly on the
+   devices; the data stream starts at the state's step.
 4. Train: one jitted step per global batch; metrics fetched only when logged; eval and
    checkpoints on schedule; stop cleanly at a preemption sync point.
 5. Final eval on the validation and test splits, wait for pending saves, one summary line.
@@ -92,9 +92,7 @@ def _check_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
         os.replace(tmp, path)
 
 
-def _restore_latest_good(
-    manager: Any, abstract_state: Any, train_iter: Any
-) -> tuple[TrainState | None, list[str]]:
+def _restore_latest_good(manager: Any, abstract_state: Any) -> tuple[TrainState | None, list[str]]:
     """The newest checkpoint that verifies and restores; bad ones are set aside, never reused.
 
     Returns:
@@ -109,7 +107,7 @@ def _restore_latest_good(
         problem = checkpoint.verify(directory, step)
         if problem is None:
             try:
-                return checkpoint.restore(manager, step, abstract_state, train_iter), set_aside
+                return checkpoint.restore(manager, step, abstract_state), set_aside
             except Exception as e:  # Orbax raises many kinds for bad files
                 if checkpoint.has_fingerprint(directory, step):
                     raise ValueError(
@@ -256,16 +254,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_preprocess = data.make_preprocess(
         info, train=False, data_dir=ds.data_dir, normalization=ds.normalization
     )
-    train_iter = iter(
-        data.train_dataset(
-            train_source,
-            train_preprocess,
-            batch_size=local_batch,
-            seed=config.seed,
-            num_workers=ds.num_workers,
-        )
-    )
-
     # 3. Resume from the newest good checkpoint, or initialise directly on the devices.
     checkpoint_dir = os.path.join(workdir, 'checkpoints')
     manager = checkpoint.create_manager(
@@ -275,15 +263,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     target = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
     try:
-        state, _ = _restore_latest_good(manager, target, train_iter)
+        state, _ = _restore_latest_good(manager, target)
     except BaseException:
         manager.close()
-        _close(train_iter)
         raise
     if state is None:
         state = jax.jit(init, out_shardings=state_shardings)()
     else:
         logger.info('resumed from %s at step %d', checkpoint_dir, int(jax.device_get(state.step)))
+    # The data stream is a function of the step: resuming needs no iterator state.
+    train_iter = iter(
+        data.train_dataset(
+            train_source,
+            train_preprocess,
+            batch_size=local_batch,
+            seed=config.seed,
+            start_batch=int(jax.device_get(state.step)),
+            num_workers=ds.num_workers,
+        )
+    )
 
     batch_sharding = sharding.batch_sharding(mesh)
     train_step = jax.jit(
@@ -388,12 +386,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     manager,
                     step,
                     state,
-                    train_iter,
                     metrics=eval_metrics if evaluated else None,
                     force=last or preempted,
                 )
                 if preempted or last:
-                    manager.wait_until_finished()
+                    checkpoint.wait(manager)
             except OSError as e:
                 with contextlib.suppress(OSError):
                     manager.wait_until_finished()  # earlier saves may still be committing
@@ -419,8 +416,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         preemption.close()
         progress.close()
         try:
-            manager.wait_until_finished()
-            checkpoint.fingerprint_new_steps(checkpoint_dir)  # the last save's, if still due
+            checkpoint.wait(manager)
         except OSError as e:
             logger.error('the last checkpoint save failed: %s', e)
         manager.close()

@@ -262,33 +262,41 @@ def test_checkpoint_restores_onto_fewer_devices(tmp_path):
     mesh8 = sharding.data_mesh()
     replicated8 = NamedSharding(mesh8, PartitionSpec())
     state8 = jax.device_put(state, replicated8)
-    source = synthetic_source(32)
-    preprocess = data.Preprocess(
-        data.DatasetInfo('synthetic', 10, (32, 32, 3), {}),
-        train=False,
-        augmentation='none',
-        mean=np.zeros(3),
-    )
-    dataset = data.train_dataset(source, preprocess, batch_size=4, seed=0)
-    iterator = iter(dataset)
-    next(iterator), next(iterator)
     manager = checkpoint.create_manager(str(tmp_path), save_every_steps=1, keep=2)
-    checkpoint.save(manager, 7, state8, iterator, force=True)
-    manager.wait_until_finished()
-    expected_next = next(iterator)
+    checkpoint.save(manager, 7, state8, force=True)
+    checkpoint.wait(manager)
 
     mesh1 = sharding.data_mesh(jax.devices()[:1])
     replicated1 = NamedSharding(mesh1, PartitionSpec())
     target = checkpoint.abstract_with_shardings(
         jax.eval_shape(lambda: state), jax.tree.map(lambda _: replicated1, state)
     )
-    fresh = iter(dataset)
-    restored = checkpoint.restore(manager, manager.latest_step(), target, fresh)
+    restored = checkpoint.restore(manager, manager.latest_step(), target)
     manager.close()
     assert restored.params['head']['kernel'].sharding.device_set == {jax.devices()[0]}
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(next(fresh)['image'], expected_next['image'])
+    assert checkpoint.verify(str(tmp_path), 7) is None and checkpoint.has_fingerprint(
+        str(tmp_path), 7
+    )
+
+
+def test_the_train_stream_resumes_at_any_batch():
+    source = synthetic_source(32)
+    preprocess = data.Preprocess(
+        data.DatasetInfo('synthetic', 10, (32, 32, 3), {}),
+        train=True,
+        mean=np.zeros(3),
+    )
+    whole = iter(data.train_dataset(source, preprocess, batch_size=4, seed=0))
+    batches = [next(whole) for _ in range(11)]  # into the second epoch
+    resumed = iter(data.train_dataset(source, preprocess, batch_size=4, seed=0, start_batch=9))
+    for expected in batches[9:]:
+        got = next(resumed)
+        np.testing.assert_array_equal(got['image'], expected['image'])
+        np.testing.assert_array_equal(got['label'], expected['label'])
+    with pytest.raises(ValueError, match='start_batch must be an int >= 0, got -1'):
+        data.train_dataset(source, preprocess, batch_size=4, seed=0, start_batch=-1)
 
 
 # --- End to end ------------------------------------------------------------------------------
