@@ -3,7 +3,10 @@
     python -m resnet_jax.sweep --config=configs/cifar10.py \
         --models=plain20,plain56,resnet20,resnet56 --workdir=DIR [--grid=NAME] [--config.x=y ...]
 
-A run is (model, variant): `--models` crossed with the variants of `--grid`. Each run's config is
+A run is (model, variant): `--models` (names, or the sets `degradation` = plain/resnet at depths
+20, 32, 44, 56 and `degradation110` = the same and 110) crossed with the variants of `--grid`:
+`models` (one run per model), `shortcuts` (options A, B, C) or `optimizers` (SGD momentum,
+Nesterov, AdamW, LARS, each with its own learning rate). Each run's config is
 `get_config(model)` of the config file (so configs/cifar10.py:resnet110 keeps its warm-up), then
 the variant's overrides, then the `--config.x=y` overrides of the command line, which win.
 
@@ -66,9 +69,23 @@ GRIDS: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
 }
-# The paper's degradation experiment (Figure 6) as model lists for --models.
-DEGRADATION_MODELS = ('plain20', 'plain32', 'plain44', 'plain56', 'resnet20', 'resnet32')
-DEGRADATION_MODELS += ('resnet44', 'resnet56')
+# Named model lists for --models: the paper's degradation experiment (Figure 6).
+_DEPTHS = (20, 32, 44, 56)
+MODEL_SETS = {
+    'degradation': tuple(f'{family}{d}' for family in ('plain', 'resnet') for d in _DEPTHS),
+    'degradation110': tuple(
+        f'{family}{d}' for family in ('plain', 'resnet') for d in (*_DEPTHS, 110)
+    ),
+}
+
+
+def expand_models(spec: str) -> list[str]:
+    """'plain20,resnet20' or a named set ('degradation') -> model names, in order."""
+    names = []
+    for item in (x.strip() for x in spec.split(',')):
+        if item:
+            names.extend(MODEL_SETS.get(item, (item,)))
+    return names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +215,11 @@ def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, str]
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument('--config', required=True, help='config file, e.g. configs/cifar10.py')
-    parser.add_argument('--models', required=True, help='comma-separated model names')
+    parser.add_argument(
+        '--models',
+        required=True,
+        help=f'comma-separated model names or sets: {", ".join(MODEL_SETS)}',
+    )
     parser.add_argument('--workdir', required=True, help='one subdirectory per run goes here')
     parser.add_argument('--grid', default='models', help=f'one of {", ".join(GRIDS)}')
     args, rest = parser.parse_known_args(argv)
@@ -219,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger('absl').setLevel(logging.WARNING)
     try:
         module = load_config_module(args.config.split(':')[0])
-        names = [m for m in args.models.split(',') if m]
+        names = expand_models(args.models)
         runs = plan_runs(module, names, args.grid, overrides)
         results = run_sweep(runs, os.path.abspath(args.workdir))
     except (ValueError, FloatingPointError) as e:

@@ -84,6 +84,21 @@ def test_plan_crosses_models_with_the_grid_and_command_line_wins():
         config_lib.validate(run.config, device_count=1, process_count=1)
 
 
+def test_named_model_sets_expand_to_the_papers_figure_6_nets():
+    assert sweep.expand_models('degradation') == [
+        'plain20',
+        'plain32',
+        'plain44',
+        'plain56',
+        'resnet20',
+        'resnet32',
+        'resnet44',
+        'resnet56',
+    ]
+    assert sweep.expand_models('degradation110')[4] == 'plain110'
+    assert sweep.expand_models('resnet20, plain20,') == ['resnet20', 'plain20']
+
+
 def test_plan_of_the_shortcut_grid_and_of_a_config_that_ignores_its_argument():
     runs = sweep.plan_runs(smoke, ['plain20', 'resnet32'], 'shortcuts', {})
     assert [(r.config.model.name, r.config.model.shortcut) for r in runs] == [
