@@ -39,3 +39,12 @@ def test_weight_parity_table_is_filled_and_within_tolerance():
         diff = float(row.split('|')[4])
         assert diff < 1e-4, row
     assert 'Measured by `python scripts/weight_parity.py`' in table
+
+
+def test_results_table_is_the_reports():
+    table = README.parent / 'results' / 'cifar10_cpu' / 'table.md'
+    assert _block('results-cifar10-cpu') == table.read_text().rstrip('\n'), (
+        'README results are stale: run python scripts/readme_results.py results/cifar10_cpu '
+        '--write README.md'
+    )
+    assert (table.parent / 'figure6.png').read_bytes().startswith(b'\x89PNG')
