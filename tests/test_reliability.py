@@ -287,15 +287,30 @@ def test_sigkill_mid_save_leaves_the_previous_checkpoint_usable(tmp_path, cifar1
     assert checkpoint.latest_step(str(directory)) == committed[-1] + 2
 
 
+TOPOLOGY_RUN = {'log_every_steps': 1, 'optimizer.learning_rate': 0.01}
+
+
+@pytest.fixture(scope='module')
+def eight_device_runs(tmp_path_factory, cifar10_data_dir):
+    """An uninterrupted 8-device run, and one stopped (checkpointed) at step 3."""
+    root = tmp_path_factory.mktemp('eight')
+    assert _train(root / 'straight', cifar10_data_dir, **TOPOLOGY_RUN).returncode == 0
+    stopped = _train(root / 'stopped', cifar10_data_dir, total_steps=3, **TOPOLOGY_RUN)
+    assert stopped.returncode == 0
+    return root / 'straight', root / 'stopped'
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('devices', [4, 2, 1])
-def test_a_checkpoint_of_8_devices_continues_on_fewer(devices, tmp_path, cifar10_data_dir):
-    run = {'log_every_steps': 1, 'optimizer.learning_rate': 0.01}
-    straight, moved = tmp_path / 'straight', tmp_path / 'moved'
-    assert _train(straight, cifar10_data_dir, **run).returncode == 0
-    assert _train(moved, cifar10_data_dir, total_steps=3, **run).returncode == 0
-    result = _train(moved, cifar10_data_dir, devices=devices, **run)
+def test_a_checkpoint_of_8_devices_continues_on_fewer(
+    devices, eight_device_runs, tmp_path, cifar10_data_dir
+):
+    straight, stopped = eight_device_runs
+    moved = tmp_path / 'moved'
+    shutil.copytree(stopped, moved)
+    result = _train(moved, cifar10_data_dir, devices=devices, **TOPOLOGY_RUN)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert 'at step 3' in result.stderr
     a, b = _losses(moved), _losses(straight)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     # The same global batches in the same order: the curve continues where it left off.
