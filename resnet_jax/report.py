@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from resnet_jax import metrics
+from resnet_jax import metrics, paths
 
 # Table 6 of the paper: CIFAR-10 test error (%), original data, 64k iterations, best of 5 for 110.
 PAPER_TEST_ERROR = {
@@ -175,14 +175,9 @@ def _copy_logs(workdir: str, runs: Sequence[RunLog], out: str) -> None:
 
 def write_report(workdir: str, out: str) -> tuple[str, str]:
     """Writes table.md and figure6.png (and, out of `workdir`, runs/) into `out`."""
-    workdir, out = os.path.abspath(workdir), os.path.abspath(out)
+    workdir = os.path.abspath(workdir)
     runs = find_runs(workdir)
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f'--out {out!r} cannot be created: {e.strerror}') from None
-    if not os.access(out, os.W_OK):
-        raise ValueError(f'--out {out!r} is not writable')
+    out = paths.writable_dir(out, '--out')
     table_path = os.path.join(out, 'table.md')
     figure_path = os.path.join(out, 'figure6.png')
     splits = sorted(

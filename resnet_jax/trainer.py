@@ -28,22 +28,11 @@ import optax
 import tqdm
 from jax.sharding import NamedSharding, PartitionSpec
 
-from resnet_jax import checkpoint, data, metrics, optim, sharding, steps
+from resnet_jax import checkpoint, data, metrics, optim, paths, sharding, steps
 from resnet_jax import config as config_lib
 from resnet_jax.train_state import TrainState, create_train_state
 
 logger = logging.getLogger('resnet_jax')
-
-
-def _check_workdir(workdir: str) -> str:
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f'workdir {workdir!r} cannot be created: {e.strerror}') from None
-    if not os.access(workdir, os.W_OK):
-        raise ValueError(f'workdir {workdir!r} is not writable')
-    return workdir
 
 
 # Fields that decide the shapes of the state: a checkpoint cannot continue under other values.
@@ -233,7 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f'batch_size {config.batch_size} exceeds the {len(train_source)} examples of '
             f'{ds.train_split!r}'
         )
-    workdir = _check_workdir(workdir)
+    workdir = paths.writable_dir(workdir, 'workdir')
     _check_run_config(workdir, config)
 
     # 2. Model, optimizer, abstract state and its shardings.

@@ -25,6 +25,7 @@ from synthetic_data import synthetic_source
 
 from configs import smoke
 from resnet_jax import checkpoint, data, evaluate, steps, trainer
+from resnet_jax import config as config_lib
 from resnet_jax.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -322,14 +323,7 @@ def test_a_checkpoint_of_8_devices_continues_on_fewer(
 
 def _smoke(data_dir, **overrides):
     config = smoke.get_config()
-    with config.unlocked():
-        config.dataset.data_dir = str(data_dir)
-        for key, value in overrides.items():
-            node = config
-            *parents, leaf = key.split('.')
-            for part in parents:
-                node = node[part]
-            node[leaf] = value
+    config_lib.apply_overrides(config, {'dataset.data_dir': str(data_dir), **overrides})
     return config
 
 

@@ -25,13 +25,7 @@ TINY_SHAPE = (8, 8, 3)
 
 def _with(config, **dotted):
     """`config` with fields set by dotted name ('optimizer.name'), as --config.x=y does."""
-    with config.unlocked():
-        for key, value in dotted.items():
-            node = config
-            *parents, leaf = key.split('.')
-            for parent in parents:
-                node = node[parent]
-            node[leaf] = value
+    config_lib.apply_overrides(config, dotted)
     return config
 
 
