@@ -28,3 +28,4 @@ python -m resnet_jax.sweep --config=configs/cifar10.py \
   --config.eval_batch_size=500
 
 python -m resnet_jax.report --workdir="$SWEEP_DIR" --out="$OUT"
+python scripts/readme_results.py "$OUT" --write README.md
