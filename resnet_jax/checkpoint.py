@@ -30,6 +30,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.path import atomicity
 
+from resnet_jax import paths
+
 BEST_METRIC = 'eval/top1_acc'
 FINGERPRINT_FILE = 'fingerprint.json'
 QUARANTINE_DIR = 'bad_checkpoints'  # beside the checkpoint directory; never read back
@@ -168,10 +170,7 @@ def fingerprint_new_steps(directory: str) -> None:
             continue
         try:
             record = {'sha256': content_digest(step_dir), 'step': step, 'time': time.time()}
-            tmp = target + '.tmp'
-            with open(tmp, 'w') as f:
-                json.dump(record, f)
-            os.replace(tmp, target)  # atomic: a fingerprint is whole or absent
+            paths.write_text_atomic(target, json.dumps(record))  # whole or absent
         except OSError as e:  # e.g. the step was just deleted by the preservation policy
             logger.warning('could not fingerprint checkpoint step %d: %s', step, e)
 

@@ -20,3 +20,11 @@ def writable_dir(path: str, what: str) -> str:
     if not os.access(path, os.W_OK):
         raise ValueError(f'{what} {path!r} is not writable')
     return path
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes `path` through a temporary file and a rename: readers see all of it or none."""
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)

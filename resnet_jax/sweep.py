@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from resnet_jax import checkpoint, models
+from resnet_jax import checkpoint, models, paths
 from resnet_jax import config as config_lib
 
 logger = logging.getLogger('resnet_jax')
@@ -153,10 +153,8 @@ def _write_record(run_dir: str, record: dict[str, Any]) -> None:
     if jax.process_index() != 0:
         return
     os.makedirs(run_dir, exist_ok=True)
-    tmp = os.path.join(run_dir, RUN_FILE + '.tmp')
-    with open(tmp, 'w') as f:
-        json.dump(record, f, indent=1, sort_keys=True)
-    os.replace(tmp, os.path.join(run_dir, RUN_FILE))  # atomic: never a half-written record
+    text = json.dumps(record, indent=1, sort_keys=True)
+    paths.write_text_atomic(os.path.join(run_dir, RUN_FILE), text)  # never half-written
 
 
 def parameter_count(config: ml_collections.ConfigDict, num_classes: int) -> int:

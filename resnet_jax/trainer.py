@@ -75,10 +75,7 @@ def _check_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
                     f'config has {field}={now!r}. Use another workdir, or the same config.'
                 )
     elif jax.process_index() == 0:
-        tmp = path + '.tmp'
-        with open(tmp, 'w') as f:
-            f.write(config.to_json_best_effort(indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        paths.write_text_atomic(path, config.to_json_best_effort(indent=1, sort_keys=True))
 
 
 def _restore_latest_good(manager: Any, abstract_state: Any) -> tuple[TrainState | None, list[str]]:
