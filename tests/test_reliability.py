@@ -487,3 +487,18 @@ def test_malformed_records_stop_training_with_one_clear_error(
     with pytest.raises(ValueError, match=message):
         trainer.train_and_evaluate(_smoke(cifar10_data_dir), str(tmp_path / 'run'))
     assert not (tmp_path / 'run' / 'checkpoints' / '3').exists()
+
+
+@pytest.mark.parametrize(
+    'args, message',
+    [
+        (['--num_processes=0', '--', 'train.py'], 'num_processes=0 and devices_per_process=2'),
+        (['--num_processes=2'], 'no command; expected e.g. -- train.py'),
+    ],
+)
+def test_the_launcher_rejects_bad_input_with_one_line(args, message):
+    result = subprocess.run(
+        [sys.executable, str(LAUNCH), *args], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith('error: ') and message in result.stderr
