@@ -40,6 +40,96 @@ STRIDE_ON = ('1x1', '3x3')
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
+_NHWC_HWIO = ('NHWC', 'HWIO', 'NHWC')
+# The same layouts as Flax's nn.Conv passes them (feature and spatial axis indices).
+_NHWC_HWIO_NUMBERS = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+def _conv(x: jax.Array, w: jax.Array, padding: Sequence[tuple[int, int]], precision) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x, w, (1, 1), padding, dimension_numbers=_NHWC_HWIO, precision=precision
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _loop_conv(x: jax.Array, w: jax.Array, padding: tuple, precision: Any) -> jax.Array:
+    return _conv(x, w, padding, precision)
+
+
+def _loop_conv_fwd(x, w, padding, precision):
+    return _conv(x, w, padding, precision), (x, w)
+
+
+def _loop_conv_bwd(padding, precision, residuals, g):
+    x, w = residuals
+    kh, kw = w.shape[:2]
+    (top, bottom), (left, right) = padding
+    # Input gradient: g correlated with the flipped kernel, its in/out features swapped back
+    # into HWIO order. The barrier keeps XLA from folding the transpose into the convolution,
+    # which is exactly the non-canonical form XLA's CPU backend leaves un-fixed inside loops.
+    w_t = jax.lax.optimization_barrier(jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
+    dx = _conv(
+        g, w_t, ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)), precision
+    )
+    # Kernel gradient: the batch axis becomes the contracted feature axis and the input
+    # features the batch, so this too is an NHWC x HWIO convolution; output (in, kh, kw, out).
+    x_t, g_t = jax.lax.optimization_barrier((x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3)))
+    dw = _conv(x_t, g_t, padding, precision).transpose(1, 2, 0, 3)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_loop_conv.defvjp(_loop_conv_fwd, _loop_conv_bwd)
+
+
+def loop_conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    precision: Any = None,
+    **kwargs: Any,
+) -> jax.Array:
+    """`lax.conv_general_dilated` whose gradient convolutions are NHWC x HWIO, for loop bodies.
+
+    XLA's CPU backend rewrites a convolution into its canonical NHWC x HWIO form before handing
+    it to its fast (Eigen) kernels, but not inside a `while` loop: there JAX's transposed
+    convolutions (kernel in/out swapped; batch and features swapped for the kernel gradient)
+    are compiled as naive loops, which made a scanned ResNet's train step 8-10x slower than the
+    unrolled one on CPU (benchmarks/train_step.py --scan_blocks, BENCHMARKS.md). This version
+    writes both gradients in canonical form. It covers what the scanned blocks use (stride 1,
+    no dilation, no groups, NHWC x HWIO) and defers to lax otherwise. It is
+    reverse-mode only (custom_vjp): `jax.jvp` through it raises.
+    """
+    canonical = (
+        tuple(window_strides) == (1, 1)
+        and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+        and feature_group_count == 1
+        and dimension_numbers == _NHWC_HWIO_NUMBERS
+        and not kwargs
+    )
+    if not canonical:
+        return jax.lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            precision=precision,
+            **kwargs,
+        )
+    if isinstance(padding, str):  # 'VALID' for the 1x1 convolutions, or 'SAME'
+        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _loop_conv(lhs, rhs, padding, precision)
+
+
 def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """Symmetric padding that keeps an odd k x k convolution 'same' at stride 1."""
     p = (k - 1) // 2
@@ -163,6 +253,7 @@ class Stage(nn.Module):
     num_blocks: int
     strides: int
     scan_blocks: bool = False
+    loop_block: ModuleDef | None = None  # `block` as run inside the scan, if it differs.
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -180,7 +271,8 @@ class Stage(nn.Module):
             split_rngs={'params': True},
             length=rest,
         )
-        x, _ = scanned(functools.partial(self.block, self.features, 1), name='repeated')(x, None)
+        loop_block = self.loop_block or self.block
+        x, _ = scanned(functools.partial(loop_block, self.features, 1), name='repeated')(x, None)
         return x
 
 
@@ -247,6 +339,13 @@ class ResNet(nn.Module):
             stride_on=self.stride_on,
         )
 
+        loop_block = None
+        if self.scan_blocks and jax.default_backend() == 'cpu':
+            # Same parameters and outputs; only the gradient convolutions are written out in
+            # the form XLA's CPU backend runs fast inside loops (see loop_conv_general_dilated).
+            loop_conv = functools.partial(conv, conv_general_dilated=loop_conv_general_dilated)
+            loop_block = functools.partial(block, conv=loop_conv)
+
         x = images.astype(self.dtype)
         if self.cifar_stem:
             x = conv(self.widths[0], (3, 3), padding=_pad(3), name='stem_conv')(x)
@@ -263,6 +362,7 @@ class ResNet(nn.Module):
                 num_blocks,
                 strides=1 if i == 0 else 2,
                 scan_blocks=self.scan_blocks,
+                loop_block=loop_block,
                 name=f'stage{i + 1}',
             )(x)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))

@@ -470,6 +470,83 @@ def test_scanned_and_unrolled_nets_agree(name, options, shape):
     roundtrip = weights.to_unrolled(stacked)
     jax.tree.map(np.testing.assert_array_equal, roundtrip, jax.device_get(variables))
 
+    # Gradients too: on CPU the scanned blocks take their own backward convolutions
+    # (models.loop_conv_general_dilated), which must give the gradients JAX would.
+    def loss(model, params, stats):
+        variables = {'params': params, 'batch_stats': stats}
+        logits, _ = rj.apply_model(model, variables, images, train=True)
+        return jnp.sum(logits * jnp.arange(logits.shape[-1]))
+
+    grads_u = jax.grad(functools.partial(loss, unrolled))(
+        variables['params'], variables['batch_stats']
+    )
+    grads_s = jax.grad(functools.partial(loss, scanned))(stacked['params'], stacked['batch_stats'])
+    grads_s = weights.to_unrolled({'params': jax.device_get(grads_s)})['params']
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads_u))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * scale), grads_s, grads_u
+    )
+
+
+@pytest.mark.parametrize(
+    'kernel,padding,strides',
+    [
+        ((3, 3), ((1, 1), (1, 1)), (1, 1)),
+        ((1, 1), 'VALID', (1, 1)),
+        ((3, 3), 'SAME', (1, 1)),
+        ((3, 3), ((0, 2), (2, 1)), (1, 1)),  # asymmetric
+        ((3, 3), ((1, 1), (1, 1)), (2, 2)),  # strided: left to lax
+    ],
+)
+def test_loop_convolution_matches_lax_in_value_and_gradients(kernel, padding, strides):
+    x = jax.random.normal(jax.random.key(0), (3, 9, 8, 5))
+    w = jax.random.normal(jax.random.key(1), (*kernel, 5, 7))
+    dims = jax.lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
+
+    def loss(conv, x, w):
+        y = conv(x, w, strides, padding, dimension_numbers=dims)
+        return jnp.sum(jnp.sin(y)), y
+
+    (_, want), want_grads = jax.value_and_grad(
+        functools.partial(loss, jax.lax.conv_general_dilated), argnums=(0, 1), has_aux=True
+    )(x, w)
+    (_, got), got_grads = jax.value_and_grad(
+        functools.partial(loss, models.loop_conv_general_dilated), argnums=(0, 1), has_aux=True
+    )(x, w)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for g, e in zip(got_grads, want_grads, strict=True):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_scanned_train_step_runs_its_loop_convolutions_in_canonical_form():
+    """Inside a loop, XLA's CPU backend runs fast only NHWC x HWIO convolutions (see
+    models.loop_conv_general_dilated); a transposed one there cost a 10x slower step."""
+    from resnet_jax import optim, steps
+    from resnet_jax.train_state import create_train_state
+
+    model = rj.create_model('resnet20', num_classes=10, scan_blocks=True)
+    # 16 pixels, so the last stage is 4x4: on a 2x2 map (a 3x3 window wider than the input)
+    # XLA's CPU backend swaps the operands of even the forward convolution, on purpose.
+    shape = (16, 16, 3)
+    params = jax.eval_shape(lambda: rj.init_variables(model, jax.random.key(0), shape))['params']
+    tx, schedule = optim.create_optimizer(
+        optim.PAPER_CIFAR_SGD, params, total_steps=10, steps_per_epoch=1
+    )
+    state = jax.eval_shape(lambda: create_train_state(model, tx, 0, shape))
+    batch = {
+        'image': jax.ShapeDtypeStruct((2, *shape), jnp.float32),
+        'label': jax.ShapeDtypeStruct((2,), jnp.int32),
+    }
+    hlo = jax.jit(steps.make_train_step(model, tx, schedule)).lower(state, batch).compile()
+    in_loops = [
+        line for line in hlo.as_text().splitlines() if ' convolution(' in line and '/while/' in line
+    ]
+    # Forward and backward convolutions of the 2 scanned blocks x 3 stages are all there.
+    assert len(in_loops) >= 3 * 2 * 3, len(in_loops)
+    layouts = {line.split('dim_labels=')[1].split(',')[0] for line in in_loops}
+    assert layouts == {'b01f_01io->b01f'}, layouts
+
 
 def test_scanned_params_are_stacked_per_stage():
     variables = _abstract_variables('resnet56', scan_blocks=True)
