@@ -39,9 +39,10 @@ def test_train_step_benchmark_compares_ours_with_both_peers():
 
 @pytest.mark.slow
 def test_compile_time_benchmark():
-    _, record = _run('compile_time.py', '--models=resnet20')
+    _, record = _run('compile_time.py', '--models=resnet20', '--steps=2')
     times = record['models']['resnet20']
     assert times['unrolled_s'] > 0 and times['scanned_s'] > 0
+    assert times['unrolled']['step_s'] > 0 and times['scanned']['step_s'] > 0
 
 
 def test_benchmarks_reject_bad_flags():
@@ -55,3 +56,12 @@ def test_benchmarks_reject_bad_flags():
     )
     assert result.returncode == 2
     assert '--devices 3 exceeds the 1 devices here' in result.stderr
+    result = subprocess.run(
+        [sys.executable, 'benchmarks/compile_time.py', '--steps=-1'],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert '--steps=-1: expected a count >= 0' in result.stderr
