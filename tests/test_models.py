@@ -519,6 +519,24 @@ def test_loop_convolution_matches_lax_in_value_and_gradients(kernel, padding, st
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
 
 
+def test_loop_convolution_gradients_under_vmap_match_lax():
+    # bn_group_size vmaps the model over groups of the batch, and with it this convolution.
+    xs = jax.random.normal(jax.random.key(0), (2, 3, 6, 6, 4))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5))
+    dims = jax.lax.conv_dimension_numbers(xs.shape[1:], w.shape, ('NHWC', 'HWIO', 'NHWC'))
+
+    def grads(conv):
+        def loss(x, w):
+            return jnp.sum(jnp.sin(conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dims)))
+
+        return jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(0, None))(xs, w)
+
+    for g, e in zip(
+        grads(models.loop_conv_general_dilated), grads(jax.lax.conv_general_dilated), strict=True
+    ):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
 def test_scanned_train_step_runs_its_loop_convolutions_in_canonical_form():
     """Inside a loop, XLA's CPU backend runs fast only NHWC x HWIO convolutions (see
     models.loop_conv_general_dilated); a transposed one there cost a 10x slower step."""
