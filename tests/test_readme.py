@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import pytest
+
 import model_table  # scripts/, on pytest's pythonpath
 
 README = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
@@ -41,10 +43,12 @@ def test_weight_parity_table_is_filled_and_within_tolerance():
     assert 'Measured by `python scripts/weight_parity.py`' in table
 
 
-def test_results_table_is_the_reports():
-    table = README.parent / 'results' / 'cifar10_cpu' / 'table.md'
-    assert _block('results-cifar10-cpu') == table.read_text().rstrip('\n'), (
-        'README results are stale: run python scripts/readme_results.py results/cifar10_cpu '
+@pytest.mark.parametrize('name', ['cifar10_cpu', 'cifar10_cpu_subset', 'cifar10_cpu_zero_init'])
+def test_results_table_is_the_reports(name):
+    table = README.parent / 'results' / name / 'table.md'
+    marker = 'results-' + name.replace('_', '-')
+    assert _block(marker) == table.read_text().rstrip('\n'), (
+        f'README results are stale: run python scripts/readme_results.py results/{name} '
         '--write README.md'
     )
     assert (table.parent / 'figure6.png').read_bytes().startswith(b'\x89PNG')
