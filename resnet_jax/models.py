@@ -98,17 +98,19 @@ def loop_conv_general_dilated(
     XLA's CPU backend rewrites a convolution into its canonical NHWC x HWIO form before handing
     it to its fast (Eigen) kernels, but not inside a `while` loop: there JAX's transposed
     convolutions (kernel in/out swapped; batch and features swapped for the kernel gradient)
-    are compiled as naive loops, which made a scanned ResNet's train step 8-10x slower than the
-    unrolled one on CPU (benchmarks/train_step.py --scan_blocks, BENCHMARKS.md). This version
-    writes both gradients in canonical form. It covers what the scanned blocks use (stride 1,
-    no dilation, no groups, NHWC x HWIO) and defers to lax otherwise. It is
-    reverse-mode only (custom_vjp): `jax.jvp` through it raises.
+    are compiled as naive loops, which made a scanned CIFAR ResNet's train step about 9x
+    slower than the unrolled one (`benchmarks/compile_time.py --steps=3`, BENCHMARKS.md). This
+    version writes both gradients in canonical form. It covers what the scanned blocks use
+    (stride 1, no dilation, no groups, NHWC x HWIO) and defers to lax otherwise. It is
+    reverse-mode only (custom_vjp): `jax.jvp` through it raises. `ResNet` uses it for the
+    scanned blocks on the CPU backend only.
     """
     canonical = (
         tuple(window_strides) == (1, 1)
         and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
         and feature_group_count == 1
-        and dimension_numbers == _NHWC_HWIO_NUMBERS
+        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == _NHWC_HWIO_NUMBERS
         and not kwargs
     )
     if not canonical:

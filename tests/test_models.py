@@ -501,7 +501,10 @@ def test_scanned_and_unrolled_nets_agree(name, options, shape):
 def test_loop_convolution_matches_lax_in_value_and_gradients(kernel, padding, strides):
     x = jax.random.normal(jax.random.key(0), (3, 9, 8, 5))
     w = jax.random.normal(jax.random.key(1), (*kernel, 5, 7))
+    # As Flax passes them, and as most callers write them.
     dims = jax.lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
+    if padding == 'SAME':
+        dims = ('NHWC', 'HWIO', 'NHWC')
 
     def loss(conv, x, w):
         y = conv(x, w, strides, padding, dimension_numbers=dims)
@@ -514,6 +517,8 @@ def test_loop_convolution_matches_lax_in_value_and_gradients(kernel, padding, st
         functools.partial(loss, models.loop_conv_general_dilated), argnums=(0, 1), has_aux=True
     )(x, w)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(functools.partial(loss, models.loop_conv_general_dilated))(x, w))
+    assert ('custom_vjp_call' in jaxpr) == (strides == (1, 1)), 'took the wrong path'
     for g, e in zip(got_grads, want_grads, strict=True):
         assert g.shape == e.shape and g.dtype == e.dtype
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
