@@ -43,7 +43,10 @@ def test_weight_parity_table_is_filled_and_within_tolerance():
     assert 'Measured by `python scripts/weight_parity.py`' in table
 
 
-@pytest.mark.parametrize('name', ['cifar10_cpu', 'cifar10_cpu_subset', 'cifar10_cpu_zero_init'])
+@pytest.mark.parametrize(
+    'name',
+    ['cifar10_cpu', 'cifar10_cpu_subset', 'cifar10_cpu_zero_init', 'cifar10_cpu_zero_init_2400'],
+)
 def test_results_table_is_the_reports(name):
     table = README.parent / 'results' / name / 'table.md'
     marker = 'results-' + name.replace('_', '-')
