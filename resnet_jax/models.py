@@ -40,12 +40,12 @@ STRIDE_ON = ('1x1', '3x3')
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-_NHWC_HWIO = ('NHWC', 'HWIO', 'NHWC')
-# The same layouts as Flax's nn.Conv passes them (feature and spatial axis indices).
-_NHWC_HWIO_NUMBERS = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+# NHWC x HWIO -> NHWC as axis indices (batch/feature, then spatial), the form Flax's nn.Conv
+# passes and the one XLA's CPU backend runs on its fast kernels.
+_NHWC_HWIO = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 
-def _conv(x: jax.Array, w: jax.Array, padding: Sequence[tuple[int, int]], precision) -> jax.Array:
+def _conv(x: jax.Array, w: jax.Array, padding: Sequence[tuple[int, int]], precision: Any):
     return jax.lax.conv_general_dilated(
         x, w, (1, 1), padding, dimension_numbers=_NHWC_HWIO, precision=precision
     )
@@ -109,8 +109,7 @@ def loop_conv_general_dilated(
         tuple(window_strides) == (1, 1)
         and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
         and feature_group_count == 1
-        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        == _NHWC_HWIO_NUMBERS
+        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC_HWIO
         and not kwargs
     )
     if not canonical:

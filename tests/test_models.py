@@ -473,8 +473,9 @@ def test_scanned_and_unrolled_nets_agree(name, options, shape):
     # Gradients too: on CPU the scanned blocks take their own backward convolutions
     # (models.loop_conv_general_dilated), which must give the gradients JAX would.
     def loss(model, params, stats):
-        variables = {'params': params, 'batch_stats': stats}
-        logits, _ = rj.apply_model(model, variables, images, train=True)
+        logits, _ = rj.apply_model(
+            model, {'params': params, 'batch_stats': stats}, images, train=True
+        )
         return jnp.sum(logits * jnp.arange(logits.shape[-1]))
 
     grads_u = jax.grad(functools.partial(loss, unrolled))(
