@@ -121,14 +121,21 @@ def markdown_table(runs: Sequence[RunLog]) -> str:
         '| run | params | iterations | training error (%) | test error (%) | paper (%) |',
         '|---|---:|---:|---:|---:|---:|',
     ]
+    from_curve = False
     for r in runs:
         params = '—' if r.params is None else f'{r.params / 1e6:.2f}M'
         last_train = r.train[-1][1] if r.train else None
-        test = r.final_test if r.final_test is not None else (r.test[-1][1] if r.test else None)
+        test = _fmt(r.final_test)
+        if r.final_test is None and r.test:
+            # No test-split pass yet (an unfinished run): say so rather than pass the eval
+            # split's last value off as the final number.
+            test, from_curve = f'{_fmt(r.test[-1][1])} *', True
         lines.append(
-            f'| {r.name} | {params} | {r.iterations:,} | {_fmt(last_train)} | {_fmt(test)} '
+            f'| {r.name} | {params} | {r.iterations:,} | {_fmt(last_train)} | {test} '
             f'| {_fmt(PAPER_TEST_ERROR.get(r.model))} |'
         )
+    if from_curve:
+        lines.append('\n\\* no test-split result yet: the last error on the eval split.')
     return '\n'.join(lines) + '\n'
 
 

@@ -201,6 +201,14 @@ def test_report_reads_curves_as_errors(tmp_path):
     assert log.test == [(100, 60.0)]
     assert log.final_test == 62.5
     assert '| plain56 | — | 100 | 50.00 | 62.50 | — |' in report.markdown_table([log])
+    assert '*' not in report.markdown_table([log])
+
+    # Unfinished (no test-split pass yet): the eval split's last value, marked as such.
+    (run / 'metrics.jsonl').write_text(''.join(json.dumps(x) + '\n' for x in lines[:3]))
+    (log,) = report.find_runs(str(tmp_path / 'sweep'))
+    table = report.markdown_table([log])
+    assert '| plain56 | — | 100 | 50.00 | 60.00 * | — |' in table
+    assert '\\* no test-split result yet: the last error on the eval split.' in table
 
 
 def test_sweep_and_report_command_lines_fail_with_one_clear_line(tmp_path):
