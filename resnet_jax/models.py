@@ -294,7 +294,7 @@ class ResNet(nn.Module):
       zero_init_residual: start the last BN scale of every residual branch at zero, so each
         block begins as the identity.
       dtype: compute dtype. Parameters and BatchNorm statistics stay float32, and so do the
-        logits.
+        logits (float64 for a float64 model, with `jax_enable_x64`).
       bn_momentum: decay of the running statistics (0.9 == PyTorch's momentum 0.1).
       bn_epsilon: added to the variance (torchvision 1e-5, Keras 1.001e-5).
       scan_blocks: run blocks 2..n of each stage through `nn.scan` (fast compiles of deep nets).
@@ -366,8 +366,11 @@ class ResNet(nn.Module):
                 loop_block=loop_block,
                 name=f'stage{i + 1}',
             )(x)
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=jnp.float32, name='head')(x)
+        # Pool and classify in float32 at least (bfloat16 logits lose the softmax's tail), and
+        # in float64 when the whole model computes in it (exact-equality tests).
+        head_dtype = jnp.promote_types(self.dtype, jnp.float32)
+        x = jnp.mean(x.astype(head_dtype), axis=(1, 2))
+        return nn.Dense(self.num_classes, dtype=head_dtype, name='head')(x)
 
 
 def check_images(images: Any, channels: int) -> None:
