@@ -12,6 +12,9 @@ One `CheckpointManager` per workdir (`workdir/checkpoints`):
   by a crash is never taken for the latest one (leftovers are cleaned at start);
 * restores the state onto whatever shardings the caller asks for, so a run saved on 8 devices
   (or 2 processes) resumes on 1;
+* saves beside the state a small JSON item, `meta`: what the state is of (the network, input
+  normalisation and optimizer, `resnet_jax.workdir.identity`), checked by every reader before
+  the arrays are restored, and the host-side progress of the run;
 * stores a content fingerprint (SHA-256 of every file) beside each committed step, so a step
   that was silently corrupted afterwards is recognised, set aside and never restored.
 """
@@ -40,6 +43,7 @@ logger = logging.getLogger('resnet_jax')
 
 
 def create_manager(directory: str, *, save_every_steps: int, keep: int) -> ocp.CheckpointManager:
+    """The manager of `directory` (created on the first save)."""
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
         # Preemption saves are forced by the trainer, which owns the preemption check.
@@ -61,21 +65,42 @@ def create_manager(directory: str, *, save_every_steps: int, keep: int) -> ocp.C
     return ocp.CheckpointManager(
         os.path.abspath(directory),
         options=options,
-        item_handlers={'state': ocp.StandardCheckpointHandler()},
+        item_handlers={
+            'state': ocp.StandardCheckpointHandler(),
+            'meta': ocp.JsonCheckpointHandler(),
+        },
     )
 
 
 class SaveError(RuntimeError):
     """A checkpoint could not be written (disk full, permissions); earlier ones are intact."""
 
-    def __init__(self, step: int, directory: str, error: OSError):
+    def __init__(self, step: int | str, directory: str, error: BaseException):
         committed = committed_steps(directory)
         last = f'step {committed[-1]}' if committed else 'none'
         super().__init__(
-            f'could not save checkpoint step {step} to {directory}: '
-            f'{error.strerror or error}; the last complete checkpoint is {last}, and nothing '
-            'was overwritten (free space, or point --workdir elsewhere, and rerun to resume)'
+            f'could not save checkpoint step {step} to {directory}: {_reason(error)}; the last '
+            f'complete checkpoint is {last}, and nothing was overwritten (free space, or point '
+            '--workdir elsewhere, and rerun to resume)'
         )
+
+
+def _reason(error: BaseException) -> str:
+    """The OS's words for a failed write, wherever Orbax or TensorStore wrapped them."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    text = str(error)
+    for words in ('No space left on device', 'Disk quota exceeded', 'Permission denied'):
+        if words.lower() in text.lower():
+            return words
+    return f'{type(error).__name__}: {" ".join(text.split())[:300]}'
+
+
+def _args(state: Any, meta: dict[str, Any]) -> ocp.args.Composite:
+    return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
 
 
 def save(
@@ -83,33 +108,85 @@ def save(
     step: int,
     state: Any,
     *,
+    meta: dict[str, Any],
     metrics: dict[str, float] | None = None,
     force: bool = False,
 ) -> bool:
-    """Saves if the policy says so (or `force`); returns whether a save started."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state))
-    started = manager.save(step, args=args, metrics=metrics, force=force)
+    """Saves if the policy says so (or `force`); returns whether a save started.
+
+    Args:
+      meta: JSON saved beside the state in the same step: what the state is of
+        (`resnet_jax.workdir.identity`) and the run's host-side progress (the train metrics
+        logged since the last log line), so a restore needs nothing outside the step.
+
+    Raises:
+      SaveError: for any failure to write, naming the last complete checkpoint.
+    """
+    directory = os.fspath(manager.directory)
+    # A failed asynchronous save surfaces at the next save: name the step that failed.
+    in_flight = [s for s in uncommitted_steps(directory) if s < step]
+    try:
+        started = manager.save(step, args=_args(state, meta), metrics=metrics, force=force)
+    except Exception as e:  # Orbax wraps OS errors in ValueError and others
+        raise SaveError(in_flight[0] if in_flight else step, directory, e) from e
     if started:  # Orbax finished (committed) the previous save before starting this one
         fingerprint_new_steps(os.fspath(manager.directory))
     return started
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
-    """Blocks until pending saves are committed, then fingerprints them."""
-    manager.wait_until_finished()
-    fingerprint_new_steps(os.fspath(manager.directory))
+    """Blocks until pending saves are committed, then fingerprints them.
+
+    Raises:
+      SaveError: if a pending (asynchronous) save failed.
+    """
+    directory = os.fspath(manager.directory)
+    try:
+        manager.wait_until_finished()
+    except Exception as e:
+        in_flight = uncommitted_steps(directory)
+        raise SaveError(in_flight[0] if in_flight else '?', directory, e) from e
+    fingerprint_new_steps(directory)
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
-    """The state at `step`, laid out as `abstract_state` says.
+def restore(
+    manager: ocp.CheckpointManager, step: int, abstract_state: Any
+) -> tuple[Any, dict[str, Any]]:
+    """(state at `step` laid out as `abstract_state` says, the step's meta).
 
     Args:
       abstract_state: a pytree of `jax.ShapeDtypeStruct`s carrying the target shardings.
     """
     restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+        ),
     )
-    return restored.state
+    return restored.state, dict(restored.meta)
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The meta of `step` alone (cheap: no arrays are read).
+
+    Raises:
+      ValueError: if the step has none (written by an older version) or it cannot be read.
+    """
+    directory = os.fspath(manager.directory)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        meta = restored.meta
+    except Exception as e:
+        raise ValueError(
+            f'checkpoint step {step} in {directory!r} has no readable record of what it is '
+            f'({type(e).__name__}); expected a checkpoint written by this version of train.py'
+        ) from None
+    if not isinstance(meta, dict) or 'identity' not in meta:
+        raise ValueError(
+            f'checkpoint step {step} in {directory!r} does not record what it is; expected a '
+            'checkpoint written by this version of train.py'
+        )
+    return dict(meta)
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
@@ -130,6 +207,14 @@ def committed_steps(directory: str) -> list[int]:
         for step in ocp.step.checkpoint_steps(directory)
         if os.path.exists(os.path.join(directory, str(step), atomicity.COMMIT_SUCCESS_FILE))
     )
+
+
+def uncommitted_steps(directory: str) -> list[int]:
+    """Steps under `directory` being written, or whose save failed or was cut off, ascending."""
+    if not os.path.isdir(directory):
+        return []
+    done = set(committed_steps(directory))
+    return sorted(s for s in ocp.step.checkpoint_steps(directory) if s not in done)
 
 
 def latest_step(directory: str) -> int | None:

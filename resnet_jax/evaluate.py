@@ -1,11 +1,16 @@
 """Evaluate a checkpoint, and export its weights for inference.
 
-    python -m resnet_jax.evaluate --config=configs/cifar10.py:resnet20 --workdir=DIR \
-        [--step=N] [--split=test] [--export=weights.msgpack]
+    python -m resnet_jax.evaluate --workdir=DIR [--step=N] [--split=test] \
+        [--export=weights.msgpack] [--config=FILE] [--config.x=y ...]
 
 Restores the train state of `--step` (default: the latest) from DIR/checkpoints onto the
 devices at hand (any number), prints top-1 / top-5 error and loss on the split, and with
-`--export` writes {'params', 'batch_stats'} as a Flax msgpack file that `load_exported` reads.
+`--export` writes the evaluated variables ({'params', 'batch_stats'}: the moving average where
+the run kept one) as a Flax msgpack file that `load_exported` reads.
+
+The config is the one the run recorded (DIR/config.json) unless `--config` is given; either way
+the checkpoint's own record of what it is (network, input normalisation, optimizer) must match
+it, so a checkpoint is never evaluated as another network.
 """
 
 from __future__ import annotations
@@ -19,17 +24,22 @@ import jax
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from resnet_jax import checkpoint, data, sharding, steps, trainer
+from resnet_jax import checkpoint, cli, data, sharding, steps, trainer
 from resnet_jax import config as config_lib
+from resnet_jax import workdir as workdir_lib
 
 
 def restore_state(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
-    """(model, state, step, info) restored from `workdir` onto all devices, replicated."""
+    """(model, state, step, info) restored from `workdir` onto all devices, replicated.
+
+    Raises:
+      ValueError: no such checkpoint, or one of another network than `config` describes.
+    """
     config_lib.validate(config, jax.device_count(), jax.process_count())
     ds = config.dataset
     train_source, info = data.open_split(ds.name, ds.train_split, ds.data_dir)
     model, _, _, init = trainer.build_training(config, info, len(train_source))
-    directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'checkpoints')
     if not os.path.isdir(directory):
         raise ValueError(f'no checkpoints in {directory!r}; expected a workdir written by train.py')
     manager = checkpoint.create_manager(directory, save_every_steps=1, keep=1)
@@ -38,26 +48,29 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, step: int | N
         step = manager.latest_step() if step is None else step
         if step is None or step not in available:
             raise ValueError(f'checkpoint step {step} not in {directory!r}; available: {available}')
+        problem = checkpoint.verify(directory, step)
+        if problem is not None:
+            raise ValueError(f'checkpoint step {step} in {directory!r} is damaged: {problem}')
+        workdir_lib.check_identity(
+            checkpoint.read_meta(manager, step)['identity'],
+            workdir_lib.identity(config, model),
+            f'checkpoint step {step} in {directory!r}',
+        )
         mesh = sharding.data_mesh()
         replicated = NamedSharding(mesh, PartitionSpec())
         abstract = jax.eval_shape(init)
         target = checkpoint.abstract_with_shardings(
             abstract, jax.tree.map(lambda _: replicated, abstract)
         )
-        try:
-            state = checkpoint.restore(manager, step, target)
-        except (ValueError, KeyError) as e:
-            raise ValueError(
-                f'checkpoint {step} in {directory!r} does not fit config model '
-                f'{config.model.name!r}: {e}'
-            ) from None
+        state, _ = checkpoint.restore(manager, step, target)
     finally:
         manager.close()
     return model, state, step, info
 
 
 def export(state: Any, path: str) -> None:
-    variables = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
+    """Writes what evaluation uses (`state.eval_variables()`) as a Flax msgpack file."""
+    variables = jax.device_get(state.eval_variables())
     with open(path, 'wb') as f:
         f.write(flax.serialization.msgpack_serialize(variables))
 
@@ -68,35 +81,38 @@ def load_exported(path: str) -> dict[str, Any]:
         return flax.serialization.msgpack_restore(f.read())
 
 
+def evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, split: str, step: int | None = None
+) -> tuple[dict[str, float], Any, int]:
+    """(metrics of `split`, the restored state, its step)."""
+    model, state, step, info = restore_state(config, workdir, step)
+    ds = config.dataset
+    source, _ = data.open_split(ds.name, split, ds.data_dir)
+    preprocess = data.make_preprocess(
+        info, train=False, data_dir=ds.data_dir, normalization=ds.normalization
+    )
+    mesh = sharding.data_mesh()
+    replicated = NamedSharding(mesh, PartitionSpec())
+    eval_step = jax.jit(steps.make_eval_step(model), out_shardings=replicated)
+    result = trainer.evaluate_split(
+        eval_step,
+        state,
+        source,
+        preprocess,
+        batch_size=sharding.local_batch_size(config.eval_batch_size, mesh),
+        mesh=mesh,
+        prefix=split,
+    )
+    return result, state, step
+
+
 def main(argv: list[str]) -> None:
+    del argv
     from absl import flags
 
-    del argv
     FLAGS = flags.FLAGS
-    try:
-        model, state, step, info = restore_state(FLAGS.config, FLAGS.workdir, FLAGS.step)
-        ds = FLAGS.config.dataset
-        source, _ = data.open_split(ds.name, FLAGS.split, ds.data_dir)
-        preprocess = data.make_preprocess(
-            info, train=False, data_dir=ds.data_dir, normalization=ds.normalization
-        )
-        mesh = sharding.data_mesh()
-        replicated = NamedSharding(mesh, PartitionSpec())
-        use_ema = bool(FLAGS.config.optimizer.ema_decay)
-        eval_step = jax.jit(steps.make_eval_step(model, use_ema=use_ema), out_shardings=replicated)
-        result = trainer.evaluate_split(
-            eval_step,
-            state,
-            source,
-            preprocess,
-            batch_size=sharding.local_batch_size(FLAGS.config.eval_batch_size, mesh),
-            mesh=mesh,
-            prefix=FLAGS.split,
-        )
-    except ValueError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(1)
     split = FLAGS.split
+    result, state, step = evaluate(FLAGS.config, FLAGS.workdir, split=split, step=FLAGS.step)
     top1, top5 = result[f'{split}/top1_acc'], result[f'{split}/top5_acc']
     print(
         f'step {step}: {split} top-1 error {100 * (1 - top1):.2f}%, top-5 error '
@@ -105,23 +121,25 @@ def main(argv: list[str]) -> None:
     )
     if FLAGS.export:
         export(state, FLAGS.export)
-        print(f'exported params and batch_stats to {FLAGS.export}')
+        what = 'the moving average' if state.ema is not None else 'params and batch_stats'
+        print(f'exported {what} (what was evaluated) to {FLAGS.export}')
 
 
 def _define_flags() -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file('config', None, 'Experiment config file[:arg].')
+    config_flags.DEFINE_config_file(
+        'config', None, 'Config file[:arg]; default: the one recorded in --workdir.'
+    )
     flags.DEFINE_string('workdir', None, 'The training workdir.')
     flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
     flags.DEFINE_string('split', 'test', 'Split to evaluate.')
-    flags.DEFINE_string('export', None, 'Write params + batch_stats here (msgpack).')
-    flags.mark_flags_as_required(['config', 'workdir'])
+    flags.DEFINE_string('export', None, 'Write the evaluated variables here (msgpack).')
+    flags.mark_flags_as_required(['workdir'])
 
 
 if __name__ == '__main__':
-    from absl import app
-
     _define_flags()
-    app.run(main)
+    sys.argv = cli.config_flag_from_workdir(sys.argv)
+    cli.run(main)

@@ -7,6 +7,7 @@ branch on the process index.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -14,6 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from resnet_jax import paths
+
+logger = logging.getLogger('resnet_jax')
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -26,42 +31,123 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 
 
 def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """1.0 where the label is among the k highest logits, per example.
+    """1.0 where the label's logit is strictly above all but at most k - 1 others, per example.
 
-    Counts the logits above the label's instead of sorting (lax.top_k): the same answer
-    except for exact ties, which count in the label's favour, at a fraction of the cost.
+    Counts the logits at or above the label's instead of sorting (lax.top_k), at a fraction of
+    the cost. A tie counts against the label (a model that outputs equal logits for every class
+    has not classified anything), and so does a NaN anywhere in the row: a collapsed or diverged
+    model scores 0, never 100%.
     """
     label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-    return (jnp.sum(logits > label_logit, axis=-1) < k).astype(jnp.float32)
+    at_or_above = jnp.sum(logits >= label_logit, axis=-1) - 1  # the label itself excluded
+    finite_row = ~jnp.any(jnp.isnan(logits), axis=-1)
+    return ((at_or_above < k) & finite_row).astype(jnp.float32)
 
 
 class MetricWriter:
-    """Appends `{'step': s, **metrics}` lines to workdir/metrics.jsonl and TensorBoard files."""
+    """Appends `{'step': s, **metrics}` lines to workdir/metrics.jsonl and TensorBoard files.
 
-    def __init__(self, workdir: str, *, enabled: bool | None = None):
+    Exactly once per step, whatever interrupted the run before: a run that resumes from the
+    checkpoint of step N first drops every record after N (written after that checkpoint by
+    the run that was interrupted; the resumed run writes them again) and any cut-off last line,
+    and tells TensorBoard to discard its events after N (`purge_step`). Every append is one
+    whole line.
+    """
+
+    def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = os.path.join(workdir, 'metrics.jsonl')
         self._tensorboard = None
+        self._records: list[dict[str, Any]] = []
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+            self._records = _truncate_after(self.path, resume_step)
+            self._tensorboard = SummaryWriter(
+                os.path.join(workdir, 'tensorboard'), purge_step=resume_step + 1
+            )
+
+    def recorded(self, step: int, prefix: str) -> dict[str, float]:
+        """The values under `prefix` already written at `step` (empty if none)."""
+        found: dict[str, float] = {}
+        for r in self._records:
+            if r['step'] == step:
+                found.update({k: v for k, v in r.items() if k.startswith(prefix)})
+        return found
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        values = {k: float(np.asarray(v)) for k, v in metrics.items()}
+        record = {'step': int(step), **{k: float(np.asarray(v)) for k, v in metrics.items()}}
         with open(self.path, 'a') as f:
-            f.write(json.dumps({'step': int(step), **values}) + '\n')
-        for key, value in values.items():
-            self._tensorboard.add_scalar(key, value, int(step))
+            f.write(json.dumps(record) + '\n')  # one write: a crash cuts at most this line
+        self._records.append(record)
+        for key, value in record.items():
+            if key != 'step':
+                self._tensorboard.add_scalar(key, value, int(step))
 
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl file."""
+def _truncate_after(path: str, step: int) -> list[dict[str, Any]]:
+    """Rewrites `path` without the records after `step` or unreadable lines; returns the rest."""
+    if not os.path.exists(path):
+        return []
+    kept, dropped, bad = [], 0, []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        text = f.read()
+    for number, line in enumerate(text.splitlines(), 1):
+        record = _parse_line(line)
+        if record is None:
+            if line.strip():
+                bad.append(number)
+        elif record['step'] > step:
+            dropped += 1
+        else:
+            kept.append(record)
+    if dropped or bad or (text and not text.endswith('\n')):
+        logger.warning(
+            '%s: dropped %d records after step %d (the run was interrupted after writing them; '
+            'they are written again) and %d unreadable lines %s',
+            path,
+            dropped,
+            step,
+            len(bad),
+            bad[:5],
+        )
+        paths.write_text_atomic(path, ''.join(json.dumps(r) + '\n' for r in kept))
+    return kept
+
+
+def _parse_line(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get('step'), int):
+        return None
+    return record
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl file; a line that is not a record is skipped with a
+    warning naming it (a run killed mid-write leaves a cut-off last line).
+
+    Raises:
+      ValueError: naming the file if it cannot be read.
+    """
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ValueError(f'cannot read {path}: {e.strerror or e}') from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        record = _parse_line(line)
+        if record is not None:
+            records.append(record)
+        elif line.strip():
+            logger.warning('%s line %d is not a metrics record; skipped: %.80r', path, number, line)
+    return records

@@ -14,14 +14,15 @@ config change:
     optimizer.boundaries / optimizer.boundaries_epochs, optimizer.decay_factor (piecewise)
     optimizer.warmup_steps, optimizer.warmup_mode (linear | constant),
     optimizer.warmup_learning_rate (the paper's ResNet-110 warm-up: constant 0.01 for 400 steps)
-    optimizer.ema_decay (0: off) an exponential moving average of the parameters, kept in the
-        optimizer state (so it is checkpointed with it) and used for evaluation
+    optimizer.ema_decay (0: off) an exponential moving average of the model (parameters and
+        BatchNorm statistics), kept in the train state (`TrainState.ema`) and used for
+        evaluation and export
 """
 
 from __future__ import annotations
 
 import types
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import optax
@@ -67,36 +68,6 @@ def weight_decay_mask(params: Any, decay_bn_and_bias: bool) -> Any:
     if decay_bn_and_bias:
         return jax.tree.map(lambda _: True, params)
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == 'kernel', params)
-
-
-class EmaParamsState(NamedTuple):
-    ema: Any  # the moving average of the parameters, float32
-
-
-def ema_params(decay: float) -> optax.GradientTransformation:
-    """Tracks decay * ema + (1 - decay) * new_params; passes the updates through unchanged.
-
-    Must come last in a chain, where `updates` are final: new_params = params + updates.
-    """
-
-    def init(params):
-        return EmaParamsState(ema=jax.tree.map(lambda p: p.astype('float32'), params))
-
-    def update(updates, state, params=None):
-        if params is None:
-            raise ValueError('ema_params needs params in update()')
-        ema = jax.tree.map(
-            lambda e, p, u: decay * e + (1 - decay) * (p + u), state.ema, params, updates
-        )
-        return updates, EmaParamsState(ema=ema)
-
-    return optax.GradientTransformation(init, update)
-
-
-def ema_of(opt_state: Any) -> Any | None:
-    """The parameter EMA inside an optimizer state made by `create_optimizer`, or None."""
-    found = optax.tree_utils.tree_get_all_with_path(opt_state, 'ema', filtering=lambda _, v: True)
-    return found[0][1] if found else None
 
 
 def learning_rate_schedule(cfg: Any, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
@@ -176,6 +147,4 @@ def create_optimizer(
         tx = optax.chain(optax.add_decayed_weights(wd, mask), tx)
     if cfg.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
-    if cfg.ema_decay:
-        tx = optax.chain(tx, ema_params(cfg.ema_decay))
     return tx, schedule

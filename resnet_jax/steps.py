@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from resnet_jax import metrics, models, optim
+from resnet_jax import metrics, models
 from resnet_jax.train_state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -29,6 +29,7 @@ def make_train_step(
     label_smoothing: float = 0.0,
     bn_group_size: int = 0,
     skip_nonfinite: bool = False,
+    ema_decay: float = 0.0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The train step of `model` under `tx`.
 
@@ -45,6 +46,8 @@ def make_train_step(
         statistics and optimizer state as they were (the step counter still advances, so the
         data and the schedule stay aligned). Otherwise the update is applied, and the caller
         must not save what follows.
+      ema_decay: with a state that keeps `ema`, ema = decay * ema + (1 - decay) * the new
+        parameters and BatchNorm statistics, after every step.
     """
 
     def forward(variables, images):
@@ -75,12 +78,18 @@ def make_train_step(
             batch_stats=batch_stats,
             opt_state=opt_state,
         )
+        if state.ema is not None:
+            average = lambda e, new: ema_decay * e + (1 - ema_decay) * new
+            new_state = new_state.replace(
+                ema=jax.tree.map(average, state.ema, new_state.variables())
+            )
         if skip_nonfinite:
             keep = lambda new, old: jnp.where(finite, new, old)
             new_state = new_state.replace(
                 params=jax.tree.map(keep, new_state.params, state.params),
                 batch_stats=jax.tree.map(keep, new_state.batch_stats, state.batch_stats),
                 opt_state=jax.tree.map(keep, new_state.opt_state, state.opt_state),
+                ema=jax.tree.map(keep, new_state.ema, state.ema),
             )
         step_metrics = {
             'loss': loss,
@@ -95,19 +104,14 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(
-    model: models.ResNet, *, use_ema: bool = False
-) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+def make_eval_step(model: models.ResNet) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
     """eval_step(state, batch): masked sums, so padded examples count for nothing.
 
-    With `use_ema`, the parameters are the moving average kept in the optimizer state.
+    Evaluates `state.eval_variables()`: the moving average of the model where the run keeps one.
     """
 
     def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-        variables = state.variables()
-        if use_ema:
-            variables['params'] = optim.ema_of(state.opt_state)
-        logits, _ = models.apply_model(model, variables, batch['image'], train=False)
+        logits, _ = models.apply_model(model, state.eval_variables(), batch['image'], train=False)
         mask = batch['mask'].astype(jnp.float32)
         return {
             'loss': jnp.sum(metrics.cross_entropy(logits, batch['label']) * mask),

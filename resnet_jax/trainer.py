@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -30,62 +30,46 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from resnet_jax import checkpoint, data, metrics, optim, paths, sharding, steps
 from resnet_jax import config as config_lib
+from resnet_jax import workdir as workdir_lib
 from resnet_jax.train_state import TrainState, create_train_state
 
 logger = logging.getLogger('resnet_jax')
 
 
-# Fields that decide the shapes of the state: a checkpoint cannot continue under other values.
-STATE_DEFINING_FIELDS = (
-    'model.name',
-    'model.shortcut',
-    'model.scan_blocks',
-    'dataset.name',
-    'optimizer.name',
-    'optimizer.ema_decay',
-)
-RUN_CONFIG_FILE = 'config.json'
+RUN_CONFIG_FILE = workdir_lib.CONFIG_FILE
 
 
-def _field(config: Any, dotted: str) -> Any:
-    for part in dotted.split('.'):
-        config = config[part]
-    return config
+def _check_run_config(workdir: str, config: ml_collections.ConfigDict, identity: dict) -> None:
+    """Refuses a workdir whose run is of another network or optimizer; records the config if new.
 
-
-def _check_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Refuses a workdir whose run has another model or optimizer; records the config if new.
-
-    The values that shape the state are compared before anything is restored, so a mistyped
-    --workdir or --config gets one clear line instead of a shape error from deep in Orbax.
+    Compared before anything is restored, so a mistyped --workdir or --config gets one clear
+    line instead of a shape error from deep in Orbax (each checkpoint is checked again on its
+    own record when restored: a workdir without config.json is no way around it).
     """
     path = os.path.join(workdir, RUN_CONFIG_FILE)
     if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-        for field in STATE_DEFINING_FIELDS:
-            try:
-                before = _field(previous, field)
-            except KeyError:
-                continue
-            now = _field(config, field)
-            if bool(before) != bool(now) if field == 'optimizer.ema_decay' else before != now:
-                raise ValueError(
-                    f'workdir {workdir!r} holds a run with {field}={before!r} ({path}); this '
-                    f'config has {field}={now!r}. Use another workdir, or the same config.'
-                )
+        recorded = workdir_lib.read_config(workdir)
+        try:
+            model = config_lib.create_model_from_config(recorded, identity['model.num_classes'])
+        except (ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f'{path} does not describe a run of this version: {e}') from None
+        workdir_lib.check_identity(
+            workdir_lib.identity(recorded, model), identity, f'the run in {workdir!r} ({path})'
+        )
     elif jax.process_index() == 0:
-        paths.write_text_atomic(path, config.to_json_best_effort(indent=1, sort_keys=True))
+        paths.write_text_atomic(path, workdir_lib.config_json(config))
 
 
-def _restore_latest_good(manager: Any, abstract_state: Any) -> tuple[TrainState | None, list[str]]:
+def _restore_latest_good(
+    manager: Any, abstract_state: Any, identity: dict[str, Any]
+) -> tuple[TrainState | None, dict[str, Any]]:
     """The newest checkpoint that verifies and restores; bad ones are set aside, never reused.
 
     Returns:
-      (state or None if there is no checkpoint, a message per checkpoint set aside).
+      (state or None if there is no checkpoint, the step's meta).
     Raises:
-      ValueError: checkpoints exist but none is usable, or the newest one whose fingerprint
-        matches does not fit this config's state (a different model, not corruption).
+      ValueError: checkpoints exist but none is usable, or the newest one is of another network
+        or optimizer (a mistake in the config, not corruption: nothing is set aside).
     """
     directory = os.fspath(manager.directory)
     set_aside = []
@@ -93,42 +77,59 @@ def _restore_latest_good(manager: Any, abstract_state: Any) -> tuple[TrainState 
         problem = checkpoint.verify(directory, step)
         if problem is None:
             try:
-                return checkpoint.restore(manager, step, abstract_state), set_aside
-            except Exception as e:  # Orbax raises many kinds for bad files
-                if checkpoint.has_fingerprint(directory, step):
-                    raise ValueError(
-                        f'checkpoint step {step} in {directory!r} is intact but does not fit '
-                        f'this config ({type(e).__name__}: {str(e)[:300]}); expected a '
-                        'checkpoint of the same model and optimizer'
-                    ) from None
-                problem = f'it cannot be read ({type(e).__name__}: {str(e)[:200]})'
+                meta = checkpoint.read_meta(manager, step)
+            except ValueError as e:
+                problem = str(e)
+            else:
+                where = f'checkpoint step {step} in {directory!r}'
+                workdir_lib.check_identity(meta['identity'], identity, where)
+                try:
+                    return checkpoint.restore(manager, step, abstract_state)
+                except Exception as e:  # Orbax raises many kinds for bad files
+                    problem = f'it cannot be read ({type(e).__name__}: {str(e)[:200]})'
         moved = checkpoint.quarantine(directory, step) if jax.process_index() == 0 else '?'
         set_aside.append(f'checkpoint step {step} is bad: {problem}; moved to {moved}')
         logger.warning('%s; falling back to the previous checkpoint', set_aside[-1])
         manager.reload()
     if set_aside:
         raise ValueError(f'no usable checkpoint in {directory!r}: ' + '; '.join(set_aside))
-    return None, set_aside
+    return None, {}
 
 
 class _PreemptionWatch:
-    """Has a preemption notice (SIGTERM) arrived? Every process gets the same answer per step.
+    """Has a preemption notice (SIGTERM, or Ctrl-C) arrived? Every process gets the same answer.
 
     Multi-process: JAX's preemption sync manager (started by jax.distributed.initialize)
-    catches SIGTERM and picks a step every process reaches; Orbax asks it. One process: a
-    SIGTERM handler sets a flag, checked between steps.
+    catches SIGTERM and picks a step every process reaches; Orbax asks it. SIGINT is turned into
+    a SIGTERM to this process, so Ctrl-C also saves and exits. One process: a handler for both
+    signals sets a flag, checked between steps.
     """
 
     def __init__(self, manager: Any):
         self._manager = manager
         self._signalled = False
-        self._previous = None
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if jax.process_count() == 1:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+        else:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._forward_sigint)
 
-    def _on_sigterm(self, signum, frame):
-        del signum, frame
+    def _on_signal(self, signum, frame):
+        del frame
+        if self._signalled and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the save
         self._signalled = True
+        logger.warning(
+            'got %s: stopping at the next step and saving it', signal.Signals(signum).name
+        )
+
+    @staticmethod
+    def _forward_sigint(signum, frame):
+        del signum, frame
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def reached(self, step: int) -> bool:
         if jax.process_count() == 1:
@@ -136,9 +137,9 @@ class _PreemptionWatch:
         return self._manager.reached_preemption(step)
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 def _close(iterator: Any) -> None:
@@ -176,7 +177,9 @@ def evaluate_split(
 
 
 def _mean(records: list[dict[str, Any]]) -> dict[str, float]:
-    return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+    # In float64 whatever the records hold (device float32, or floats from a checkpoint), so a
+    # resumed run logs bit-for-bit what an uninterrupted one does.
+    return {k: float(np.mean(np.asarray([r[k] for r in records], np.float64))) for k in records[0]}
 
 
 def build_training(
@@ -195,7 +198,14 @@ def build_training(
         total_steps=config.total_steps,
         steps_per_epoch=steps_per_epoch,
     )
-    init = functools.partial(create_train_state, model, tx, config.seed, image_shape)
+    init = functools.partial(
+        create_train_state,
+        model,
+        tx,
+        config.seed,
+        image_shape,
+        ema=bool(config.optimizer.ema_decay),
+    )
     return model, tx, schedule, init
 
 
@@ -219,11 +229,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f'batch_size {config.batch_size} exceeds the {len(train_source)} examples of '
             f'{ds.train_split!r}'
         )
-    workdir = paths.writable_dir(workdir, 'workdir')
-    _check_run_config(workdir, config)
-
-    # 2. Model, optimizer, abstract state and its shardings.
     model, tx, schedule, init = build_training(config, info, len(train_source))
+    identity = workdir_lib.identity(config, model)
+    workdir = paths.writable_dir(workdir, 'workdir')
+    lock = _lock_workdir(workdir)
+    try:
+        _check_run_config(workdir, config, identity)
+        return _train_in(
+            config,
+            workdir,
+            lock,
+            identity,
+            mesh,
+            info,
+            model,
+            tx,
+            schedule,
+            init,
+            (train_source, eval_source, test_source),
+            local_batch,
+            local_eval_batch,
+        )
+    finally:
+        lock.release()
+
+
+def _lock_workdir(workdir: str) -> workdir_lib.WorkdirLock:
+    """Process 0 takes the workdir's lock; every process learns whether it got it."""
+    lock = workdir_lib.WorkdirLock(workdir)
+    error = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except workdir_lib.WorkdirInUse as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        held = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not held and error is None:
+            error = workdir_lib.WorkdirInUse(
+                f'workdir {workdir!r} is in use by another trainer (see process 0)'
+            )
+    if error is not None:
+        raise error
+    return lock
+
+
+def _train_in(
+    config,
+    workdir,
+    lock,
+    identity,
+    mesh,
+    info,
+    model,
+    tx,
+    schedule,
+    init,
+    sources,
+    local_batch,
+    local_eval_batch,
+):
+    ds = config.dataset
+    train_source, eval_source, test_source = sources
+    # 2. Abstract state and its shardings.
     abstract_state = jax.eval_shape(init)
     replicated = NamedSharding(mesh, PartitionSpec())
     state_shardings = sharding.state_shardings(
@@ -249,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     target = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
     try:
-        state, _ = _restore_latest_good(manager, target)
+        state, meta = _restore_latest_good(manager, target, identity)
     except BaseException:
         manager.close()
         raise
@@ -278,13 +348,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             label_smoothing=config.label_smoothing,
             bn_group_size=config.bn_group_size,
             skip_nonfinite=config.nonfinite == 'skip',
+            ema_decay=config.optimizer.ema_decay,
         ),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
     eval_step = jax.jit(
-        steps.make_eval_step(model, use_ema=bool(config.optimizer.ema_decay)),
+        steps.make_eval_step(model),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=replicated,
     )
@@ -297,21 +368,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
 
     # 4. Train.
-    writer = metrics.MetricWriter(workdir)
-    preemption = _PreemptionWatch(manager)
     step = int(jax.device_get(state.step))
     first_step = step
+    writer = metrics.MetricWriter(workdir, resume_step=step)
+    preemption = _PreemptionWatch(manager)
+    # A progress bar on a terminal; in a log file (a cluster job), one line per log interval.
+    interactive = jax.process_index() == 0 and sys.stderr.isatty()
     progress = tqdm.tqdm(
         total=config.total_steps,
         initial=step,
-        disable=jax.process_index() != 0,
+        disable=not interactive,
         unit='step',
         dynamic_ncols=True,
     )
-    pending: list[dict[str, Any]] = []  # metrics of the steps since the last log, on device
+    # Metrics of the steps since the last log line (on device until logged); a checkpoint
+    # carries them, so the first log line after a resume averages the same steps as without.
+    pending: list[dict[str, Any]] = list(meta.get('pending_train_metrics', []))
     unchecked: list[tuple[int, Any]] = []  # (step, nonfinite flag) not yet fetched
     skipped = 0
-    interval_start = time.perf_counter()
+    interval_start, interval_steps = time.perf_counter(), 0  # for images/s: this process only
     eval_metrics: dict[str, float] = {}
     preempted = False
     final: dict[str, float] = {}
@@ -341,6 +416,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             batch = sharding.global_batch(next(train_iter), mesh)
             state, step_metrics = train_step(state, batch)
             step += 1
+            interval_steps += 1
             pending.append(step_metrics)
             unchecked.append((step, step_metrics['nonfinite']))
             last = step == config.total_steps
@@ -355,32 +431,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 record['train/skipped_steps'] = float(len(pending) - len(records))
                 # The first interval after a (re)start includes compilation.
                 elapsed = time.perf_counter() - interval_start
-                record['train/images_per_sec'] = len(pending) * config.batch_size / elapsed
+                record['train/images_per_sec'] = interval_steps * config.batch_size / elapsed
                 writer.write(step, record)
                 progress.set_postfix(
                     loss=f'{record.get("train/loss", float("nan")):.3f}',
                     acc=f'{record.get("train/top1_acc", float("nan")):.3f}',
                     img_s=f'{record["train/images_per_sec"]:.0f}',
                 )
+                if not interactive:
+                    logger.info(
+                        'step %d/%d: loss %.4f, top-1 %.4f, %.0f images/s',
+                        step,
+                        config.total_steps,
+                        record.get('train/loss', float('nan')),
+                        record.get('train/top1_acc', float('nan')),
+                        record['train/images_per_sec'],
+                    )
                 pending = []
-                interval_start = time.perf_counter()
+                interval_start, interval_steps = time.perf_counter(), 0
             if evaluated:
                 eval_metrics = run_eval(state, eval_source, eval_preprocess, prefix='eval')
                 writer.write(step, eval_metrics)
-            try:
-                checkpoint.save(
-                    manager,
-                    step,
-                    state,
-                    metrics=eval_metrics if evaluated else None,
-                    force=last or preempted,
-                )
-                if preempted or last:
-                    checkpoint.wait(manager)
-            except OSError as e:
-                with contextlib.suppress(OSError):
-                    manager.wait_until_finished()  # earlier saves may still be committing
-                raise checkpoint.SaveError(step, checkpoint_dir, e) from None
+            if saving:
+                if lock.lost:
+                    raise workdir_lib.WorkdirInUse(
+                        f'another trainer took over {workdir!r} (its lock was judged stale); '
+                        f'stopped at step {step} without saving'
+                    )
+                logged_later = [
+                    {k: float(v) for k, v in r.items()} for r in jax.device_get(pending)
+                ]
+                meta = {'identity': identity, 'pending_train_metrics': logged_later}
+                try:
+                    checkpoint.save(
+                        manager,
+                        step,
+                        state,
+                        meta=meta,
+                        metrics=eval_metrics if evaluated else None,
+                        force=last or preempted,
+                    )
+                    if preempted or last:
+                        checkpoint.wait(manager)
+                except checkpoint.SaveError:
+                    with contextlib.suppress(Exception):
+                        manager.wait_until_finished()  # earlier saves may still be committing
+                    raise
             progress.update(1)
             if preempted:
                 logger.warning(
@@ -396,15 +492,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 eval_metrics = run_eval(state, eval_source, eval_preprocess, prefix='eval')
             final = dict(eval_metrics)
             if test_source is not None:
-                final.update(run_eval(state, test_source, eval_preprocess, prefix='test'))
-                writer.write(step, {k: v for k, v in final.items() if k.startswith('test/')})
+                test = run_eval(state, test_source, eval_preprocess, prefix='test')
+                final.update(test)
+                if not writer.recorded(step, 'test/'):  # a rerun of a finished run: once only
+                    writer.write(step, test)
     finally:
         preemption.close()
         progress.close()
         try:
             checkpoint.wait(manager)
-        except OSError as e:
-            logger.error('the last checkpoint save failed: %s', e)
+        except checkpoint.SaveError as e:
+            logger.error('%s', e)
         manager.close()
         writer.close()
         _close(train_iter)

@@ -257,15 +257,17 @@ def test_checkpoint_restores_onto_fewer_devices(tmp_path):
     replicated8 = NamedSharding(mesh8, PartitionSpec())
     state8 = jax.device_put(state, replicated8)
     manager = checkpoint.create_manager(str(tmp_path), save_every_steps=1, keep=2)
-    checkpoint.save(manager, 7, state8, force=True)
+    checkpoint.save(manager, 7, state8, meta={'identity': {'model.name': 'resnet20'}}, force=True)
     checkpoint.wait(manager)
+    assert checkpoint.read_meta(manager, 7) == {'identity': {'model.name': 'resnet20'}}
 
     mesh1 = sharding.data_mesh(jax.devices()[:1])
     replicated1 = NamedSharding(mesh1, PartitionSpec())
     target = checkpoint.abstract_with_shardings(
         jax.eval_shape(lambda: state), jax.tree.map(lambda _: replicated1, state)
     )
-    restored = checkpoint.restore(manager, manager.latest_step(), target)
+    restored, meta = checkpoint.restore(manager, manager.latest_step(), target)
+    assert meta['identity'] == {'model.name': 'resnet20'}
     manager.close()
     assert restored.params['head']['kernel'].sharding.device_set == {jax.devices()[0]}
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
@@ -426,42 +428,32 @@ def test_evaluate_restores_prints_errors_and_exports(cifar10_data_dir, tmp_path)
     with pytest.raises(ValueError, match='no checkpoints in'):
         evaluate.restore_state(_smoke(cifar10_data_dir), str(tmp_path / 'empty'))
     wrong_model = _smoke(cifar10_data_dir, **{'model.name': 'resnet32'})
-    with pytest.raises(ValueError, match="does not fit config model 'resnet32'"):
+    with pytest.raises(ValueError, match=r"of another network.*model.name='resnet20'"):
         evaluate.restore_state(wrong_model, str(workdir))
 
 
-def test_parameter_ema_is_tracked_in_the_optimizer_state_and_used_for_eval():
-    cfg = smoke.get_config().optimizer
-    with cfg.unlocked():
-        cfg.name, cfg.weight_decay, cfg.ema_decay = 'sgd', 0.0, 0.5
-    params = {'kernel': jnp.array([1.0, 2.0])}
-    tx, _ = optim.create_optimizer(cfg, params, total_steps=10, steps_per_epoch=1)
-    state = tx.init(params)
-    np.testing.assert_array_equal(optim.ema_of(state)['kernel'], [1.0, 2.0])
-    grads = {'kernel': jnp.array([1.0, 1.0])}
-    updates, state = tx.update(grads, state, params)
-    new = optax.apply_updates(params, updates)  # lr 0.1: [0.9, 1.9]
-    np.testing.assert_allclose(
-        optim.ema_of(state)['kernel'], 0.5 * params['kernel'] + 0.5 * new['kernel']
+def test_the_moving_average_covers_params_and_batch_stats_and_is_what_eval_uses():
+    model, _, _, _ = _tiny_setup()
+    cfg = _with(smoke.get_config(), **{'optimizer.ema_decay': 0.5}).optimizer
+    params = jax.eval_shape(lambda: rj.init_variables(model, jax.random.key(0), TINY_SHAPE))
+    tx, schedule = optim.create_optimizer(cfg, params['params'], total_steps=10, steps_per_epoch=1)
+    state = create_train_state(model, tx, 0, TINY_SHAPE, ema=True)
+    jax.tree.map(np.testing.assert_array_equal, state.ema, state.variables())
+    assert create_train_state(model, tx, 0, TINY_SHAPE).ema is None
+    step = jax.jit(steps.make_train_step(model, tx, schedule, ema_decay=0.5))
+    new, _ = step(state, _tiny_batch())
+    # ema = 0.5 * initial + 0.5 * new, for the BatchNorm statistics as for the parameters.
+    expected = jax.tree.map(lambda a, b: 0.5 * a + 0.5 * b, state.variables(), new.variables())
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new.ema, expected
     )
-    assert optim.ema_of(tx.init(params)) is not None
-    no_ema, _ = optim.create_optimizer(
-        smoke.get_config().optimizer, params, total_steps=10, steps_per_epoch=1
-    )
-    assert optim.ema_of(no_ema.init(params)) is None
-
-    model, _, _, train_state = _tiny_setup()
-    with cfg.unlocked():
-        cfg.name = 'momentum'
-    tx, schedule = optim.create_optimizer(
-        cfg, train_state.params, total_steps=10, steps_per_epoch=1
-    )
-    train_state = create_train_state(model, tx, 0, TINY_SHAPE)
-    train_state, _ = jax.jit(steps.make_train_step(model, tx, schedule))(train_state, _tiny_batch())
+    assert not np.allclose(new.ema['batch_stats']['stem_bn']['mean'], 0.0)
+    # Evaluation uses the average.
     batch = {**_tiny_batch(), 'mask': jnp.ones(8, bool)}
-    with_ema = steps.make_eval_step(model, use_ema=True)(train_state, batch)
-    without = steps.make_eval_step(model)(train_state, batch)
-    assert float(with_ema['loss']) != float(without['loss'])
+    with_ema = steps.make_eval_step(model)(new, batch)
+    raw = steps.make_eval_step(model)(new.replace(ema=None), batch)
+    averaged = steps.make_eval_step(model)(new.replace(ema=None, **new.ema), batch)
+    assert float(with_ema['loss']) == float(averaged['loss']) != float(raw['loss'])
 
 
 def test_fsdp_rule_shards_large_arrays_and_gives_the_same_step():
@@ -582,3 +574,30 @@ def test_bfloat16_train_step_keeps_float32_state():
 def test_the_plain_paper_optimizer_matches_the_base_config():
     base = config_lib.base_config().optimizer.to_dict()
     assert vars(optim.PAPER_CIFAR_SGD) == {**base, 'kwargs': {}}
+
+
+@pytest.mark.slow
+def test_evaluate_exports_what_it_evaluated_the_moving_average(cifar10_data_dir, tmp_path):
+    from resnet_jax import evaluate
+
+    workdir = tmp_path / 'run'
+    config = _smoke(cifar10_data_dir, total_steps=3, **{'optimizer.ema_decay': 0.5})
+    trainer.train_and_evaluate(config, str(workdir))
+    result, state, step = evaluate.evaluate(config, str(workdir), split='test[:32]')
+    assert step == 3 and state.ema is not None
+    path = tmp_path / 'ema.msgpack'
+    evaluate.export(state, str(path))
+    exported = evaluate.load_exported(str(path))
+    jax.tree.map(np.testing.assert_array_equal, exported, jax.device_get(state.ema))
+    assert not np.array_equal(
+        exported['batch_stats']['stem_bn']['mean'],
+        jax.device_get(state.batch_stats)['stem_bn']['mean'],
+    )
+    # What was printed is what the exported variables score.
+    model = config_lib.create_model_from_config(config, num_classes=10)
+    source, info = data.open_split('cifar10_jpeg', 'test[:32]', str(cifar10_data_dir))
+    preprocess = data.make_preprocess(info, train=False, data_dir=str(cifar10_data_dir))
+    batch = next(iter(data.eval_dataset(source, preprocess, batch_size=32)))
+    logits, _ = rj.apply_model(model, exported, batch['image'], train=False)
+    top1 = float(np.mean(np.argmax(logits, -1) == batch['label']))
+    assert result['test[:32]/top1_acc'] == pytest.approx(top1)

@@ -1,0 +1,294 @@
+"""A run's workdir: one writer at a time, the config the run was started with, and what its
+checkpoints are of.
+
+    WORKDIR/
+      lock.json        held by the trainer (process 0) while it runs (`WorkdirLock`)
+      config.json      the run's config, written when it starts; `get_config` reads it back
+      metrics.jsonl    one JSON object per line (resnet_jax.metrics)
+      tensorboard/     event files
+      checkpoints/N/   Orbax steps, each with the run's identity (resnet_jax.checkpoint)
+      bad_checkpoints/ steps that failed verification, set aside, never deleted
+
+This file is also a config file for `--config`: `--config=resnet_jax/workdir.py:WORKDIR` is the
+config recorded in WORKDIR, which `evaluate` uses when no `--config` is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import ml_collections
+
+logger = logging.getLogger('resnet_jax')
+
+CONFIG_FILE = 'config.json'
+LOCK_FILE = 'lock.json'
+
+
+# --- The recorded config ---------------------------------------------------------------------
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config recorded in `workdir` when its run started.
+
+    Raises:
+      ValueError: naming the file, if the workdir has none or it is not a config.
+    """
+    path = os.path.join(os.path.expanduser(workdir), CONFIG_FILE)
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(
+            f'{path} does not exist; expected the workdir of a run started by train.py, or pass '
+            '--config=FILE'
+        ) from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f'{path} is not a readable config ({e}); pass --config=FILE') from None
+    if not isinstance(values, dict) or 'model' not in values:
+        raise ValueError(f'{path} is not a run config (no model section); pass --config=FILE')
+    return ml_collections.ConfigDict(values)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """config_flags entry point: `--config=.../resnet_jax/workdir.py:WORKDIR`."""
+    if not arg:
+        raise ValueError('resnet_jax/workdir.py as a config needs the workdir: workdir.py:DIR')
+    return read_config(arg)
+
+
+def config_json(config: ml_collections.ConfigDict) -> str:
+    return config.to_json_best_effort(indent=1, sort_keys=True)
+
+
+# --- What a checkpoint is of -----------------------------------------------------------------
+
+# Config fields that decide what the network computes from its input, and what the state
+# holds: a checkpoint is usable only under the same values. (dtype, the learning rate and the
+# schedule may change between runs of one network; these may not.)
+IDENTITY_FIELDS = ('dataset.name', 'dataset.normalization', 'optimizer.name')
+
+
+def identity(config: ml_collections.ConfigDict, model: Any) -> dict[str, Any]:
+    """Every value that makes a checkpoint what it is: the network (all model fields, with the
+    shortcut the model resolved and its number of classes), the input normalisation it was
+    trained on, and the optimizer whose state it holds."""
+    fields = {f'model.{k}': v for k, v in config.model.to_dict().items()}
+    fields['model.shortcut'] = model.shortcut or ''
+    fields['model.num_classes'] = int(model.num_classes)
+    for dotted in IDENTITY_FIELDS:
+        section, key = dotted.split('.')
+        fields[dotted] = config[section][key]
+    fields['optimizer.ema'] = bool(config.optimizer.ema_decay)
+    return json.loads(json.dumps(fields, sort_keys=True))  # plain JSON values, as stored
+
+
+def check_identity(recorded: dict[str, Any], expected: dict[str, Any], where: str) -> None:
+    """Raises ValueError naming every field where `recorded` (a checkpoint's) differs."""
+    differ = [
+        f'{k}={recorded.get(k)!r} (this config: {expected.get(k)!r})'
+        for k in sorted(set(recorded) | set(expected))
+        if recorded.get(k) != expected.get(k)
+    ]
+    if differ:
+        raise ValueError(
+            f'{where} is of another network or optimizer: {", ".join(differ)}. Use the config '
+            "it was trained with (omit --config to take the workdir's own), or another workdir"
+        )
+
+
+# --- One writer per workdir ------------------------------------------------------------------
+
+
+class WorkdirInUse(ValueError):
+    """Another trainer holds the workdir."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+class WorkdirLock:
+    """`WORKDIR/lock.json`, created exclusively by the one trainer that writes the workdir.
+
+    The file names its owner (host, pid, command, start time) and a background thread touches
+    it every `heartbeat_seconds`. A second trainer is refused with one line naming the owner.
+    A lock left by a crash is taken over, with a warning, when its owner's process is gone
+    (same host) or it has had no heartbeat for `stale_after_seconds` (any host, e.g. a
+    preempted VM). `lost` turns True if another process took the lock over meanwhile.
+
+    Exclusive creation is `O_CREAT | O_EXCL`, atomic on local filesystems and NFSv3+. Object
+    stores have no such primitive in this layer; docs/reliability.md says what that means for
+    `gs://` workdirs.
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        heartbeat_seconds: float = 30.0,
+        stale_after_seconds: float = 600.0,
+    ):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self.heartbeat_seconds = heartbeat_seconds
+        self.stale_after_seconds = stale_after_seconds
+        self.token = uuid.uuid4().hex
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> dict[str, Any]:
+        import sys
+
+        return {
+            'host': socket.gethostname(),
+            'pid': os.getpid(),
+            'token': self.token,
+            'started': time.time(),
+            'command': ' '.join(sys.argv)[:300],
+        }
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, 'w') as f:
+            json.dump(self._record(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def _read(self) -> tuple[dict[str, Any], float] | None:
+        """(owner record, seconds since its last heartbeat), or None if there is no lock."""
+        try:
+            age = time.time() - os.stat(self.path).st_mtime
+            with open(self.path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            return None
+        try:
+            record = json.loads(text)
+        except ValueError:
+            record = {}  # being written right now, or damaged: judged by its age alone
+        return record if isinstance(record, dict) else {}, age
+
+    def _stale_reason(self, owner: dict[str, Any], age: float) -> str | None:
+        pid = owner.get('pid')
+        same_host = owner.get('host') == socket.gethostname()
+        if same_host and isinstance(pid, int) and not _pid_alive(pid):
+            return f'its process {pid} on this host is gone'
+        if age > self.stale_after_seconds:
+            return f'it has had no heartbeat for {age:.0f} s'
+        return None
+
+    def _describe(self, owner: dict[str, Any], age: float) -> str:
+        started = owner.get('started')
+        when = (
+            time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(started))
+            if isinstance(started, (int, float))
+            else 'an unknown time'
+        )
+        return (
+            f'pid {owner.get("pid", "?")} on host {owner.get("host", "?")}, started {when}, '
+            f'last heartbeat {age:.0f} s ago'
+        )
+
+    def acquire(self) -> None:
+        """Takes the lock, or raises WorkdirInUse naming the trainer that holds it."""
+        for _ in range(3):
+            if self._create():
+                self._start_heartbeat()
+                return
+            found = self._read()
+            if found is None:
+                continue  # released between our attempt and the read: try again
+            owner, age = found
+            reason = self._stale_reason(owner, age)
+            if reason is None:
+                raise WorkdirInUse(
+                    f'workdir {os.path.dirname(self.path)!r} is in use by another trainer '
+                    f'({self._describe(owner, age)}; {self.path}). Wait for it to finish or stop '
+                    'it, or use another --workdir; a lock left by a crash is taken over '
+                    'automatically once its process is gone or after '
+                    f'{self.stale_after_seconds:.0f} s without a heartbeat'
+                )
+            self._take_over(owner, reason)
+        raise WorkdirInUse(f'could not take {self.path}: other trainers keep taking it')
+
+    def _take_over(self, owner: dict[str, Any], reason: str) -> None:
+        # Move the stale lock aside under a unique name, then check it was the one we judged:
+        # of two trainers taking over at once, only one moves it, and a fresh lock created
+        # meanwhile by a third is put back.
+        aside = f'{self.path}.stale-{self.token}'
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        with open(aside) as f:
+            try:
+                moved = json.load(f)
+            except ValueError:
+                moved = {}
+        if moved.get('token') != owner.get('token'):
+            os.rename(aside, self.path)
+            return
+        os.remove(aside)
+        logger.warning(
+            'took over the workdir lock %s of pid %s on host %s: %s',
+            self.path,
+            owner.get('pid', '?'),
+            owner.get('host', '?'),
+            reason,
+        )
+
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name='workdir-lock', daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_seconds):
+            if not self._still_ours():
+                self.lost = True
+                logger.error('the workdir lock %s was taken over by another trainer', self.path)
+                return
+            try:
+                os.utime(self.path)
+            except OSError as e:
+                logger.warning('could not refresh the workdir lock %s: %s', self.path, e)
+
+    def _still_ours(self) -> bool:
+        found = self._read()
+        return found is not None and found[0].get('token') == self.token
+
+    def release(self) -> None:
+        """Stops the heartbeat and removes the lock if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._still_ours():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+
+    def __enter__(self) -> WorkdirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
