@@ -23,11 +23,19 @@ $(VENV)/.installed-dev: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev,parity]'
 	touch $@ $(VENV)/.installed-base
 
+ARCHIVE := $(SHARED)/data/cifar10_jpeg.tar.xz
+ARCHIVE_SHA256 := fde4abe585fa9a27cdd4c85635d9dfd99147a0e64c32c35e5539acad14cf7ad3
+
+# Checked, then extracted beside its final place and moved in: an interrupted extraction never
+# leaves a half dataset behind the marker file that makes later runs skip this step.
 $(CIFAR10):
-	@test -f $(SHARED)/data/cifar10_jpeg.tar.xz || { \
-	  echo "error: $(SHARED)/data/cifar10_jpeg.tar.xz not found; set SHARED=DIR to the folder holding data/cifar10_jpeg.tar.xz" >&2; exit 1; }
-	mkdir -p $(DATA_DIR)
-	tar -xJf $(SHARED)/data/cifar10_jpeg.tar.xz -C $(DATA_DIR)
+	@test -f $(ARCHIVE) || { \
+	  echo "error: $(ARCHIVE) not found; set SHARED=DIR to the folder holding data/cifar10_jpeg.tar.xz" >&2; exit 1; }
+	@echo "$(ARCHIVE_SHA256)  $(ARCHIVE)" | sha256sum --check --status 2>/dev/null || { \
+	  echo "error: $(ARCHIVE) is damaged: its sha256 is $$(sha256sum $(ARCHIVE) | cut -c1-16)..., expected $(ARCHIVE_SHA256); copy it again" >&2; exit 1; }
+	@mkdir -p $(DATA_DIR) && rm -rf $(DATA_DIR)/.extracting && mkdir $(DATA_DIR)/.extracting
+	tar -xJf $(ARCHIVE) -C $(DATA_DIR)/.extracting
+	@rm -rf $(DATA_DIR)/cifar10_jpeg && mv $(DATA_DIR)/.extracting/cifar10_jpeg $(DATA_DIR)/ && rmdir $(DATA_DIR)/.extracting
 
 data: $(CIFAR10)
 

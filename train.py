@@ -4,15 +4,17 @@
 
 Multi-process (GPU clusters without auto-detection): --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I. On a Cloud TPU pod or under SLURM, pass none: JAX detects them.
-Bad input exits non-zero with one error line and leaves the workdir untouched.
+Bad input exits non-zero with one `error:` line (`--verbose` adds the traceback) and leaves the
+workdir untouched. SIGTERM or Ctrl-C saves the current step and exits 0; rerun to resume.
 """
 
-import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from resnet_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file[:arg].', lock_config=True)
@@ -30,12 +32,9 @@ def _in_a_cluster(env) -> bool:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    del argv
     import jax
 
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
-    logging.getLogger('absl').setLevel(logging.WARNING)
     timeouts = {
         'initialization_timeout': FLAGS.config.distributed.initialization_timeout_seconds,
         'heartbeat_timeout_seconds': FLAGS.config.distributed.heartbeat_timeout_seconds,
@@ -49,13 +48,10 @@ def main(argv):
         )
     elif _in_a_cluster(os.environ):
         jax.distributed.initialize(**timeouts)  # JAX reads the TPU pod / SLURM environment
-    from resnet_jax import checkpoint, trainer
+    from resnet_jax import trainer
 
     try:
         result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ValueError, FloatingPointError, checkpoint.SaveError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(1)
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1:
             raise
@@ -75,4 +71,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    cli.run(main)

@@ -14,17 +14,15 @@ Errors, not accuracies, as in the paper: error = 1 - top-1 accuracy, in percent.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import re
 import shutil
-import sys
 from collections.abc import Sequence
 from typing import Any
 
-from resnet_jax import metrics, paths
+from resnet_jax import cli, metrics, paths
 
 # Table 6 of the paper: CIFAR-10 test error (%), original data, 64k iterations, best of 5 for 110.
 PAPER_TEST_ERROR = {
@@ -69,12 +67,8 @@ def _error(accuracy: float) -> float:
 def read_run(run_dir: str) -> RunLog:
     """One run's curves from its metrics.jsonl (and run.json when the sweep wrote one)."""
     records = metrics.read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
-    record_path = os.path.join(run_dir, 'run.json')
-    run: dict[str, Any] = {}
-    if os.path.exists(record_path):
-        with open(record_path) as f:
-            run = json.load(f)
-    config = run.get('config', {})
+    run = _read_json(os.path.join(run_dir, 'run.json'))  # written by resnet_jax.sweep
+    config = run.get('config') or _read_json(os.path.join(run_dir, 'config.json'))
     dataset = config.get('dataset', {})
     name = os.path.basename(os.path.normpath(run_dir))
     train, test, final_test = [], [], None
@@ -95,6 +89,22 @@ def read_run(run_dir: str) -> RunLog:
         eval_split=dataset.get('eval_split', 'eval'),
         test_split=dataset.get('test_split', 'test'),
     )
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    """The object in a JSON file, {} if there is none; ValueError naming a damaged one."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except ValueError as e:
+        raise ValueError(
+            f'{path} is not valid JSON ({e}); expected the file train.py wrote'
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f'{path} holds a {type(value).__name__}; expected a JSON object')
+    return value
 
 
 def find_runs(workdir: str) -> list[RunLog]:
@@ -199,21 +209,25 @@ def write_report(workdir: str, out: str) -> tuple[str, str]:
     return table_path, figure_path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m resnet_jax.report', description=__doc__)
-    parser.add_argument('--workdir', required=True, help='the sweep (or train.py) workdir')
-    parser.add_argument('--out', default=None, help='where table.md and figure6.png go')
-    args = parser.parse_args(argv)
-    try:
-        table, figure = write_report(args.workdir, args.out or args.workdir)
-    except ValueError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
+def main(argv: Sequence[str]) -> None:
+    del argv
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    table, figure = write_report(FLAGS.workdir, FLAGS.out or FLAGS.workdir)
     with open(table) as f:
         print(f.read(), end='')
     print(f'wrote {table} and {figure}')
-    return 0
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string('workdir', None, 'The sweep (or train.py) workdir.')
+    flags.DEFINE_string('out', None, 'Where table.md and figure6.png go (default: --workdir).')
+    flags.mark_flags_as_required(['workdir'])
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    _define_flags()
+    cli.run(main)

@@ -21,21 +21,20 @@ before the first run trains, so a typo in the last run does not cost the hours b
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import ml_collections
 
-from resnet_jax import checkpoint, models, paths
+from resnet_jax import checkpoint, cli, models, paths
 from resnet_jax import config as config_lib
+from resnet_jax.workdir import WorkdirLock
 
 logger = logging.getLogger('resnet_jax')
 
@@ -110,7 +109,7 @@ def plan_runs(
     config_module: Any,
     model_names: Sequence[str],
     grid: str,
-    overrides: dict[str, str],
+    overrides: dict[str, Any],
 ) -> list[Run]:
     """The runs of a sweep, in order, each with its complete config. Touches no files."""
     if grid not in GRIDS:
@@ -164,13 +163,18 @@ def parameter_count(config: ml_collections.ConfigDict, num_classes: int) -> int:
     return models.count_params(variables['params'])
 
 
+def check_runs(runs: Sequence[Run], workdir: str) -> None:
+    """Validates every run's config, and that no run directory holds another config's run."""
+    for run in runs:
+        config_lib.validate(run.config, jax.device_count(), jax.process_count())
+        _run_state(os.path.join(workdir, run.name), run.config)
+
+
 def run_sweep(runs: Sequence[Run], workdir: str) -> dict[str, dict[str, float]]:
     """Trains every run not yet finished; returns each run's final metrics."""
     from resnet_jax import data, trainer
 
-    for run in runs:  # every config is checked before anything trains
-        config_lib.validate(run.config, jax.device_count(), jax.process_count())
-        _run_state(os.path.join(workdir, run.name), run.config)
+    check_runs(runs, workdir)  # every config is checked before anything trains
     results = {}
     for i, run in enumerate(runs, 1):
         run_dir = os.path.join(workdir, run.name)
@@ -206,52 +210,67 @@ def run_sweep(runs: Sequence[Run], workdir: str) -> dict[str, dict[str, float]]:
     return results
 
 
-def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, str]]:
-    parser = argparse.ArgumentParser(
-        prog='python -m resnet_jax.sweep',
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument('--config', required=True, help='config file, e.g. configs/cifar10.py')
-    parser.add_argument(
-        '--models',
-        required=True,
-        help=f'comma-separated model names or sets: {", ".join(MODEL_SETS)}',
-    )
-    parser.add_argument('--workdir', required=True, help='one subdirectory per run goes here')
-    parser.add_argument('--grid', default='models', help=f'one of {", ".join(GRIDS)}')
-    args, rest = parser.parse_known_args(argv)
-    overrides = {}
-    for item in rest:
-        if not item.startswith('--config.') or '=' not in item:
-            parser.error(f'unexpected argument {item!r}; expected --config.KEY=VALUE')
-        key, value = item[len('--config.') :].split('=', 1)
-        overrides[key] = value
-    return args, overrides
+def sweep(
+    config_file: str,
+    models_spec: str | Sequence[str],
+    workdir: str,
+    *,
+    grid: str = 'models',
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Plans, checks and trains a sweep (what the command does); returns each run's metrics.
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args, overrides = _parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s', force=True
-    )
-    logging.getLogger('absl').setLevel(logging.WARNING)
-    try:
-        module = load_config_module(args.config.split(':')[0])
-        names = expand_models(args.models)
-        runs = plan_runs(module, names, args.grid, overrides)
-        results = run_sweep(runs, os.path.abspath(args.workdir))
-    except (ValueError, FloatingPointError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
+    Args:
+      config_file: a config file whose get_config(MODEL) gives each run's config.
+      models_spec: 'plain20,resnet20', a named set ('degradation'), or a list of names.
+      overrides: dotted keys to values, applied to every run after the grid's own.
+    """
+    module = load_config_module(config_file)
+    names = expand_models(models_spec if isinstance(models_spec, str) else ','.join(models_spec))
+    runs = plan_runs(module, names, grid, overrides or {})
+    check_runs(runs, os.path.abspath(os.path.expanduser(workdir)))  # before anything is created
+    workdir = paths.writable_dir(workdir, '--workdir')
+    with WorkdirLock(workdir):  # one sweep per directory; each run also locks its own
+        results = run_sweep(runs, workdir)
     logger.info(
         'sweep done: %d runs in %s; report: python -m resnet_jax.report --workdir=%s',
         len(results),
-        args.workdir,
-        args.workdir,
+        workdir,
+        workdir,
     )
-    return 0
+    return results
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    from absl import flags
+    from ml_collections import config_flags
+
+    FLAGS = flags.FLAGS
+    sweep(
+        config_flags.get_config_filename(FLAGS['config']).split(':')[0],
+        FLAGS.models,
+        FLAGS.workdir,
+        grid=FLAGS.grid,
+        overrides=config_flags.get_override_values(FLAGS['config']),
+    )
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        'config', None, 'Config file, e.g. configs/cifar10.py; get_config(MODEL) is called per run.'
+    )
+    flags.DEFINE_string(
+        'models', None, f'Comma-separated model names or sets: {", ".join(MODEL_SETS)}.'
+    )
+    flags.DEFINE_string('workdir', None, 'One subdirectory per run goes here.')
+    flags.DEFINE_string('grid', 'models', f'One of {", ".join(GRIDS)}.')
+    flags.mark_flags_as_required(['config', 'models', 'workdir'])
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    _define_flags()
+    cli.run(main)

@@ -6,6 +6,7 @@ they live here, at the top of the first module pytest loads.
 
 import os
 import pathlib
+import shutil
 import tarfile
 
 os.environ['XLA_FLAGS'] = (
@@ -29,9 +30,15 @@ def extract_cifar10(data_dir: pathlib.Path = DATA_DIR) -> pathlib.Path:
     if not marker.exists():
         if not CIFAR10_ARCHIVE.exists():
             pytest.fail(f'{CIFAR10_ARCHIVE} is missing: the tests need the shared CIFAR-10 copy')
-        data_dir.mkdir(parents=True, exist_ok=True)
+        # Beside the final place, then moved in: a cut-off extraction leaves no half dataset.
+        partial = data_dir / f'.extracting-{os.getpid()}'
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
         with tarfile.open(CIFAR10_ARCHIVE) as archive:
-            archive.extractall(data_dir, filter='data')
+            archive.extractall(partial, filter='data')
+        shutil.rmtree(data_dir / 'cifar10_jpeg', ignore_errors=True)
+        (partial / 'cifar10_jpeg').rename(data_dir / 'cifar10_jpeg')
+        partial.rmdir()
     return data_dir
 
 

@@ -123,24 +123,25 @@ def test_plan_rejects_bad_input(models, grid, overrides, message):
 # --- A tiny sweep end to end, on the real CIFAR-10 -------------------------------------------
 
 
-def _tiny_sweep(workdir, data_dir, *extra):
-    return sweep.main(
-        [
-            f'--config={SMOKE}',
-            '--models=plain20,resnet20',
-            f'--workdir={workdir}',
-            f'--config.dataset.data_dir={data_dir}',
-            '--config.total_steps=4',
-            '--config.checkpoint_every_steps=2',
-            '--config.eval_every_steps=2',
-            *extra,
-        ]
+def _tiny_sweep(workdir, data_dir, **extra):
+    return sweep.sweep(
+        SMOKE,
+        'plain20,resnet20',
+        str(workdir),
+        overrides={
+            'dataset.data_dir': str(data_dir),
+            'total_steps': 4,
+            'checkpoint_every_steps': 2,
+            'eval_every_steps': 2,
+            **extra,
+        },
     )
 
 
 def test_sweep_trains_each_run_once_resumes_unfinished_and_reports(tmp_path, cifar10_data_dir):
     workdir = tmp_path / 'sweep'
-    assert _tiny_sweep(workdir, cifar10_data_dir) == 0
+    results = _tiny_sweep(workdir, cifar10_data_dir)
+    assert sorted(results) == ['plain20', 'resnet20']
     for name in ('plain20', 'resnet20'):
         record = json.loads((workdir / name / 'run.json').read_text())
         assert record['status'] == 'finished'
@@ -151,7 +152,7 @@ def test_sweep_trains_each_run_once_resumes_unfinished_and_reports(tmp_path, cif
 
     # Finished runs are never rerun: their logs do not grow.
     lines = {n: len(read_metrics(workdir / n / 'metrics.jsonl')) for n in ('plain20', 'resnet20')}
-    assert _tiny_sweep(workdir, cifar10_data_dir) == 0
+    assert _tiny_sweep(workdir, cifar10_data_dir) == results
     assert lines == {n: len(read_metrics(workdir / n / 'metrics.jsonl')) for n in lines}
 
     # An unfinished run (as a kill after step 2 leaves it) resumes from its checkpoint.
@@ -159,14 +160,14 @@ def test_sweep_trains_each_run_once_resumes_unfinished_and_reports(tmp_path, cif
     record = json.loads((run_dir / 'run.json').read_text())
     (run_dir / 'run.json').write_text(json.dumps({**record, 'status': 'started'}))
     shutil.rmtree(run_dir / 'checkpoints' / '4')
-    assert _tiny_sweep(workdir, cifar10_data_dir) == 0
+    _tiny_sweep(workdir, cifar10_data_dir)
     steps_logged = [r['step'] for r in read_metrics(run_dir / 'metrics.jsonl') if 'train/loss' in r]
-    assert steps_logged == [2, 4, 4]  # the first run's 2 and 4, then only step 4 again
+    assert steps_logged == [2, 4]  # step 4 retrained from step 2's checkpoint, logged once
     assert json.loads((run_dir / 'run.json').read_text())['status'] == 'finished'
 
     # The report: the paper's table and Figure 6.
     out = tmp_path / 'report'
-    assert report.main([f'--workdir={workdir}', f'--out={out}']) == 0
+    report.write_report(str(workdir), str(out))
     table = (out / 'table.md').read_text()
     assert '| plain20 | 0.27M | 4 |' in table
     assert '| resnet20 | 0.27M | 4 |' in table and '| 8.75 |' in table
@@ -176,12 +177,13 @@ def test_sweep_trains_each_run_once_resumes_unfinished_and_reports(tmp_path, cif
     assert (out / 'runs' / 'plain20' / 'run.json').read_text() == (
         workdir / 'plain20' / 'run.json'
     ).read_text()
-    assert report.main([f'--workdir={out / "runs"}', f'--out={tmp_path / "again"}']) == 0
+    report.write_report(str(out / 'runs'), str(tmp_path / 'again'))
     assert (tmp_path / 'again' / 'table.md').read_text() == table
 
     # The same workdir with another config is refused, and nothing in it changes.
     before = (run_dir / 'run.json').read_text()
-    assert _tiny_sweep(workdir, cifar10_data_dir, '--config.seed=1') == 1
+    with pytest.raises(ValueError, match='holds a run of a different config'):
+        _tiny_sweep(workdir, cifar10_data_dir, seed=1)
     assert (run_dir / 'run.json').read_text() == before
 
 
@@ -220,8 +222,10 @@ def test_sweep_and_report_command_lines_fail_with_one_clear_line(tmp_path):
     bad_config = run(
         'resnet_jax.sweep', '--config=configs/nope.py', '--models=resnet20', f'--workdir={tmp_path}'
     )
-    assert bad_config.returncode == 1
-    assert "error: config file 'configs/nope.py' does not exist" in bad_config.stderr
+    assert bad_config.returncode == 2
+    assert bad_config.stderr == (
+        "error: config file 'configs/nope.py' does not exist; expected e.g. configs/cifar10.py\n"
+    )
 
     bad_key = run(
         'resnet_jax.sweep',
@@ -230,10 +234,22 @@ def test_sweep_and_report_command_lines_fail_with_one_clear_line(tmp_path):
         f'--workdir={tmp_path / "w"}',
         '--config.optimizer.lr=1',
     )
-    assert bad_key.returncode == 1
-    assert "error: unknown config key 'optimizer.lr'" in bad_key.stderr
+    assert bad_key.returncode == 2
+    assert bad_key.stderr.startswith("error: unknown config key in --config.optimizer.lr=1: 'lr'")
+    assert bad_key.stderr.count('\n') == 1
+    assert not (tmp_path / 'w').exists()
+
+    bad_model = run(
+        'resnet_jax.sweep',
+        '--config=configs/cifar10.py',
+        '--models=resnet21',
+        f'--workdir={tmp_path / "w"}',
+    )
+    assert bad_model.returncode == 1
+    assert bad_model.stderr.startswith("error: model 'resnet21'; expected one of")
     assert not (tmp_path / 'w').exists()
 
     no_runs = run('resnet_jax.report', f'--workdir={tmp_path}')
     assert no_runs.returncode == 1
-    assert 'error: no metrics.jsonl in' in no_runs.stderr
+    assert no_runs.stderr.startswith('error: no metrics.jsonl in')
+    assert no_runs.stderr.count('\n') == 1
