@@ -4,8 +4,8 @@
     python scripts/model_table.py --write README.md  # refresh the README's table
 
 Figures are computed by the code (`count_params`, `count_flops`), never typed in; the paper's
-figures stand beside them for comparison. `tests/test_model_table.py` fails when the README's
-table is stale.
+figures stand beside them for comparison. `tests/test_readme.py::test_model_table_is_current` fails
+when the README's table is stale.
 """
 
 from __future__ import annotations

@@ -1,0 +1,74 @@
+"""The docs cite only what exists: files of the repository, and tests by their names."""
+
+import pathlib
+import re
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TOP_DIRS = (
+    'tests',
+    'resnet_jax',
+    'scripts',
+    'benchmarks',
+    'configs',
+    'docs',
+    'results',
+    'notebooks',
+)
+FILE_REFERENCE = re.compile(
+    r'(?<![\w/.])((?:' + '|'.join(TOP_DIRS) + r')/[\w./-]*\w\.(?:py|md|png|sh|ipynb|json|csv|txt))'
+    r'(?:::(\w+))?'
+)
+TEST_FILE_REFERENCE = re.compile(r'(?<![\w/])(test_\w+\.py)::(\w+)')
+TEST_NAME = re.compile(r'`(test_\w+)`')
+MARKDOWN_LINK = re.compile(r'\]\(([^)\s#]+)')
+
+
+def _documents():
+    files = [REPO / 'README.md', REPO / 'BENCHMARKS.md', *sorted((REPO / 'docs').glob('*.md'))]
+    files += sorted((REPO / 'results').glob('*/README.md'))
+    for folder in ('resnet_jax', 'configs', 'scripts', 'benchmarks'):
+        files += sorted((REPO / folder).glob('*.py'))
+    files += sorted((REPO / 'benchmarks').glob('*.sh')) + sorted(
+        (REPO / 'results').glob('*/run.sh')
+    )
+    return files
+
+
+def _defined_tests():
+    names = set()
+    for path in (REPO / 'tests').glob('test_*.py'):
+        names.update(re.findall(r'^def (test_\w+)', path.read_text(), re.M))
+    return names
+
+
+@pytest.mark.parametrize('document', _documents(), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_file_and_test_a_document_cites_exists(document):
+    text = document.read_text()
+    tests = _defined_tests()
+    missing = []
+    for path, name in FILE_REFERENCE.findall(text):
+        if any(part.isupper() for part in re.split(r'[/.]', path)):
+            continue  # a placeholder: results/NAME/table.md
+        if not (REPO / path).exists():
+            missing.append(path)
+        elif name and not re.search(rf'^def {name}\b', (REPO / path).read_text(), re.M):
+            missing.append(f'{path}::{name}')
+    for file, name in TEST_FILE_REFERENCE.findall(text):
+        if not (REPO / 'tests' / file).exists() or name not in tests:
+            missing.append(f'{file}::{name}')
+    missing += [f'`{name}`' for name in TEST_NAME.findall(text) if name not in tests]
+    if document.suffix == '.md':
+        for target in MARKDOWN_LINK.findall(text):
+            if '://' not in target and not (document.parent / target).exists():
+                missing.append(f'link {target}')
+    assert not missing, f'{document.relative_to(REPO)} cites what does not exist: {missing}'
+
+
+def test_the_checker_sees_references():
+    sample = 'see `tests/test_cli.py::test_verbose_adds_the_traceback` and `test_nope`'
+    assert FILE_REFERENCE.findall(sample) == [
+        ('tests/test_cli.py', 'test_verbose_adds_the_traceback')
+    ]
+    assert TEST_NAME.findall(sample) == ['test_nope']
