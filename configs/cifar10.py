@@ -33,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.batch_size = PAPER_BATCH
     c.optimizer.learning_rate = 0.1 * c.batch_size / PAPER_BATCH
     c.total_steps = 64_000
-    c.optimizer.boundaries = [32_000, 48_000]
+    c.optimizer.boundaries = (32_000, 48_000)
     if name in DEEP:
         c.optimizer.warmup_steps = 400
         c.optimizer.warmup_mode = 'constant'

@@ -58,16 +58,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.label_smoothing = 0.1
         c.model.stride_on = '3x3'
         c.model.zero_init_residual = not name.startswith('plain')
-        c.dataset.augmentation = 'inception'
+        c.dataset.augmentation = 'inception_crop_flip'
         c.dataset.normalization = 'channel'
         c.optimizer.schedule = 'cosine'
-        c.optimizer.boundaries = []
+        c.optimizer.boundaries = ()
         c.optimizer.warmup_steps = 5 * steps_per_epoch
         c.optimizer.warmup_mode = 'linear'
         c.optimizer.warmup_learning_rate = 0.0
         c.optimizer.decay_bn_and_bias = False
     else:
         c.total_steps = 600_000
-        c.optimizer.boundaries = [150_000, 300_000]
+        c.optimizer.boundaries = (150_000, 300_000)
     c.lock()
     return c

@@ -24,6 +24,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every_steps = 2
     c.eval_every_steps = 3
     c.checkpoint_every_steps = 3
-    c.optimizer.boundaries = [4]
+    c.optimizer.boundaries = (4,)
     c.lock()
     return c

@@ -15,6 +15,7 @@ from resnet_jax.models import (
     count_params,
     create_model,
     init_variables,
+    register_model,
 )
 
 __all__ = [
@@ -28,5 +29,6 @@ __all__ = [
     'count_params',
     'create_model',
     'init_variables',
+    'register_model',
     'weights',
 ]

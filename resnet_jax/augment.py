@@ -1,33 +1,33 @@
-"""Image augmentation and normalisation: the paper's, and the modern alternatives.
+"""Image augmentation, as a registry of named operations with host and device versions.
 
-Host versions work on one uint8 HWC numpy image with a `numpy.random.Generator` (Grain's
-`random_map` hands each example its own generator, seeded by (seed, index), so results do not
-depend on the number of worker processes). The device version of the CIFAR augmentation works
-on a uint8 NHWC batch inside `jit` from a `jax.random` key, for the in-memory fast path; both
-draw crop offsets uniformly in [0, 2 * pad] and flip with probability 1/2.
+An operation is registered once with `register_augmentation(name, host=..., device=...)`:
 
-* CIFAR (paper section 4.2): pad 4 pixels with zeros, random 32x32 crop, horizontal flip.
-* ImageNet (paper section 3.4): shorter side resized to a random size in [256, 480], random
-  224x224 crop, horizontal flip; or Inception-style random-resized crop (option).
-  Eval: shorter side resized to 256, centre 224x224 crop.
+* host: `fn(image, rng, ctx) -> image` on one uint8 HWC numpy image with a
+  `numpy.random.Generator` (Grain hands each example its own, seeded by (seed, index), so
+  results do not depend on the number of worker processes);
+* device: `fn(images, key, ctx) -> images` on a uint8 NHWC batch inside `jit` with a
+  `jax.random` key, for pipelines that keep the data on the accelerator. Both versions draw
+  from the same distribution (tests compare them).
+
+`dataset.augmentation` is a '+'-joined chain of names ('pad_crop_flip+cutout'), 'default' for
+the dataset's own (`resnet_jax.datasets`), or 'none'. The paper's:
+
+* CIFAR (section 4.2), 'pad_crop_flip': pad 4 pixels with zeros, random 32x32 crop, flip.
+* ImageNet (section 3.4), 'scale_crop_flip': shorter side resized to a random size in
+  [256, 480], random 224x224 crop, flip; or 'inception_crop_flip', the Inception-style random
+  resized crop. Eval, 'resize_center_crop': shorter side to 256, centre 224x224 crop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable, Sequence
 
 import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-# Channel statistics on the 0..255 scale.
-CIFAR10_MEAN = (125.31, 122.95, 113.87)  # 0.4914, 0.4822, 0.4465
-CIFAR10_STD = (62.99, 62.09, 66.70)  # 0.2470, 0.2435, 0.2616
-CIFAR100_MEAN = (129.30, 124.07, 112.43)  # 0.5071, 0.4865, 0.4409
-CIFAR100_STD = (68.17, 65.39, 70.42)  # 0.2673, 0.2564, 0.2762
-IMAGENET_MEAN = (123.675, 116.28, 103.53)  # 0.485, 0.456, 0.406
-IMAGENET_STD = (58.395, 57.12, 57.375)  # 0.229, 0.224, 0.225
 
 CIFAR_PAD = 4
 IMAGENET_CROP = 224
@@ -35,18 +35,134 @@ IMAGENET_EVAL_RESIZE = 256
 IMAGENET_SCALE_RANGE = (256, 480)  # the paper's shorter-side range
 INCEPTION_AREA_RANGE = (0.08, 1.0)
 INCEPTION_RATIO_RANGE = (3 / 4, 4 / 3)
+CUTOUT_SIZE = 16  # DeVries & Taylor (2017): one 16x16 square on CIFAR-10
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What operations may need besides the image: the output size of crops (ImageNet family)
+    and the fill colour for erased pixels (the dataset's mean, so it normalises to zero)."""
+
+    crop_size: int = IMAGENET_CROP
+    fill: tuple[int, int, int] = (0, 0, 0)
+
+
+HostOp = Callable[[np.ndarray, np.random.Generator, Context], np.ndarray]
+DeviceOp = Callable[[jax.Array, jax.Array, Context], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    name: str
+    host: HostOp | None
+    device: DeviceOp | None
+    doc: str
+    families: tuple[str, ...]  # which datasets it makes sense for (resnet_jax.datasets.FAMILIES)
+
+
+AUGMENTATIONS: dict[str, Augmentation] = {}
+
+
+def register_augmentation(
+    name: str,
+    *,
+    host: HostOp | None = None,
+    device: DeviceOp | None = None,
+    doc: str = '',
+    families: tuple[str, ...] = ('cifar', 'imagenet'),
+) -> None:
+    """Makes `name` usable in `dataset.augmentation` chains; at least one version is needed.
+
+    `families` says for which datasets it is meant (`resnet_jax.datasets`): the ImageNet crops
+    are refused on CIFAR, where they would turn 32-pixel images into 224-pixel ones.
+    """
+    if host is None and device is None:
+        raise ValueError(f'augmentation {name!r} needs a host or a device version')
+    AUGMENTATIONS[name] = Augmentation(name, host, device, doc, tuple(families))
+
+
+def parse_chain(chain: str) -> list[Augmentation]:
+    """'pad_crop_flip+cutout' -> the registered operations, in order ('none' or '': none).
+
+    Raises:
+      ValueError: naming an unknown operation and the registered ones.
+    """
+    if not isinstance(chain, str):
+        raise ValueError(f'an augmentation chain is a string such as pad_crop_flip, got {chain!r}')
+    names = [n.strip() for n in chain.split('+') if n.strip() and n.strip() != 'none']
+    unknown = [n for n in names if n not in AUGMENTATIONS]
+    if unknown:
+        raise ValueError(
+            f'unknown augmentation {unknown[0]!r} in {chain!r}; expected names from '
+            f'{", ".join(AUGMENTATIONS)} joined by +, or none'
+        )
+    return [AUGMENTATIONS[n] for n in names]
+
+
+def apply_host(
+    ops: Sequence[Augmentation], image: np.ndarray, rng: np.random.Generator, ctx: Context
+) -> np.ndarray:
+    """Runs the host versions of `ops` on one image.
+
+    Raises:
+      ValueError: for an operation that exists only on the device.
+    """
+    for op in ops:
+        if op.host is None:
+            raise ValueError(f'augmentation {op.name!r} runs only on the device (in-memory data)')
+        image = op.host(image, rng, ctx)
+    return image
+
+
+def apply_device(
+    ops: Sequence[Augmentation], images: jax.Array, key: jax.Array, ctx: Context
+) -> jax.Array:
+    """Runs the device versions of `ops` on a batch, each with its own key."""
+    for i, op in enumerate(ops):
+        if op.device is None:
+            raise ValueError(
+                f'augmentation {op.name!r} has no device version; use the host pipeline'
+            )
+        images = op.device(images, jax.random.fold_in(key, i), ctx)
+    return images
 
 
 # --- Host (numpy) ----------------------------------------------------------------------------
 
 
-def pad_crop_flip(image: np.ndarray, rng: np.random.Generator, pad: int = CIFAR_PAD) -> np.ndarray:
-    """The paper's CIFAR augmentation: zero-pad, random crop of the original size, flip."""
+def pad_crop(image: np.ndarray, rng: np.random.Generator, pad: int = CIFAR_PAD) -> np.ndarray:
+    """Zero-pad by `pad`, then a random crop of the original size."""
     h, w = image.shape[:2]
     padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
     top, left = rng.integers(0, 2 * pad + 1, size=2)
-    crop = padded[top : top + h, left : left + w]
+    return padded[top : top + h, left : left + w]
+
+
+def pad_crop_flip(image: np.ndarray, rng: np.random.Generator, pad: int = CIFAR_PAD) -> np.ndarray:
+    """The paper's CIFAR augmentation: zero-pad, random crop of the original size, flip."""
+    crop = pad_crop(image, rng, pad)
     return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
+def flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A horizontal flip with probability 1/2."""
+    return image[:, ::-1] if rng.random() < 0.5 else image
+
+
+def cutout(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    size: int = CUTOUT_SIZE,
+    fill: Sequence[int] = (0, 0, 0),
+) -> np.ndarray:
+    """Cutout (DeVries & Taylor, 2017): a size x size square, centred anywhere in the image
+    (so it may be cut off at the border), set to `fill`."""
+    h, w = image.shape[:2]
+    cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+    top, left = max(0, cy - size // 2), max(0, cx - size // 2)
+    out = image.copy()
+    out[top : cy - size // 2 + size, left : cx - size // 2 + size] = np.asarray(fill, image.dtype)
+    return out
 
 
 def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
@@ -127,16 +243,93 @@ def normalize(image: np.ndarray, mean: np.ndarray, std: np.ndarray | None = None
 # --- Device (jax) ----------------------------------------------------------------------------
 
 
+def _crop_batch(images: jax.Array, offsets: jax.Array, pad: int) -> jax.Array:
+    _, h, w, c = images.shape
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    crop = lambda image, offset: jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+    return jax.vmap(crop)(padded, offsets)
+
+
+def _flip_batch(images: jax.Array, flips: jax.Array) -> jax.Array:
+    return jnp.where(flips[:, None, None, None], images[:, :, ::-1], images)
+
+
+def pad_crop_batch(images: jax.Array, key: jax.Array, pad: int = CIFAR_PAD) -> jax.Array:
+    """`pad_crop` for a batch inside jit: each image gets its own offsets."""
+    offsets = jax.random.randint(key, (images.shape[0], 2), 0, 2 * pad + 1)
+    return _crop_batch(images, offsets, pad)
+
+
+def flip_batch(images: jax.Array, key: jax.Array) -> jax.Array:
+    """`flip` for a batch inside jit."""
+    return _flip_batch(images, jax.random.bernoulli(key, 0.5, (images.shape[0],)))
+
+
 def pad_crop_flip_batch(images: jax.Array, key: jax.Array, pad: int = CIFAR_PAD) -> jax.Array:
     """`pad_crop_flip` for a batch inside jit: each image gets its own offsets and flip."""
-    n, h, w, c = images.shape
-    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     offset_key, flip_key = jax.random.split(key)
-    offsets = jax.random.randint(offset_key, (n, 2), 0, 2 * pad + 1)
-    flips = jax.random.bernoulli(flip_key, 0.5, (n,))
+    offsets = jax.random.randint(offset_key, (images.shape[0], 2), 0, 2 * pad + 1)
+    flips = jax.random.bernoulli(flip_key, 0.5, (images.shape[0],))
+    return _flip_batch(_crop_batch(images, offsets, pad), flips)
 
-    def one(image, offset, flip):
-        crop = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
-        return jnp.where(flip, crop[:, ::-1], crop)
 
-    return jax.vmap(one)(padded, offsets, flips)
+def cutout_batch(
+    images: jax.Array, key: jax.Array, size: int = CUTOUT_SIZE, fill: Sequence[int] = (0, 0, 0)
+) -> jax.Array:
+    """`cutout` for a batch inside jit: each image gets its own square."""
+    n, h, w, _ = images.shape
+    cy_key, cx_key = jax.random.split(key)
+    cy = jax.random.randint(cy_key, (n, 1, 1), 0, h)
+    cx = jax.random.randint(cx_key, (n, 1, 1), 0, w)
+    rows, cols = jnp.arange(h)[None, :, None], jnp.arange(w)[None, None, :]
+    top, left = cy - size // 2, cx - size // 2
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return jnp.where(inside[..., None], jnp.asarray(fill, images.dtype), images)
+
+
+# --- The registry --------------------------------------------------------------------------
+
+register_augmentation(
+    'pad_crop_flip',
+    host=lambda x, rng, ctx: pad_crop_flip(x, rng),
+    device=lambda x, key, ctx: pad_crop_flip_batch(x, key),
+    doc='CIFAR (the paper, section 4.2): zero-pad 4, random crop, horizontal flip',
+)
+register_augmentation(
+    'pad_crop',
+    host=lambda x, rng, ctx: pad_crop(x, rng),
+    device=lambda x, key, ctx: pad_crop_batch(x, key),
+    doc='zero-pad 4, random crop; no flip (digits, text)',
+)
+register_augmentation(
+    'flip',
+    host=lambda x, rng, ctx: flip(x, rng),
+    device=lambda x, key, ctx: flip_batch(x, key),
+    doc='horizontal flip with probability 1/2',
+)
+register_augmentation(
+    'scale_crop_flip',
+    families=('imagenet',),
+    host=lambda x, rng, ctx: scale_augment(x, rng, crop=ctx.crop_size),
+    doc='ImageNet (the paper, section 3.4): shorter side random in [256, 480], random 224 '
+    'crop, flip',
+)
+register_augmentation(
+    'inception_crop_flip',
+    families=('imagenet',),
+    host=lambda x, rng, ctx: random_resized_crop(x, rng, size=ctx.crop_size),
+    doc='Inception-style random resized crop to 224 (area 8-100%, ratio 3/4-4/3), flip',
+)
+register_augmentation(
+    'resize_center_crop',
+    families=('imagenet',),
+    host=lambda x, rng, ctx: resize_center_crop(x, crop=ctx.crop_size),
+    doc='ImageNet eval: shorter side to 256, centre 224 crop',
+)
+# Cutout: docs/extending.md's example of an augmentation added in one place.
+register_augmentation(
+    'cutout',
+    host=lambda x, rng, ctx: cutout(x, rng, fill=ctx.fill),
+    device=lambda x, key, ctx: cutout_batch(x, key, fill=ctx.fill),
+    doc="Cutout (DeVries & Taylor, 2017): one 16x16 square set to the dataset's mean colour",
+)

@@ -8,19 +8,24 @@ what was expected. Derived values are formulas in the configs, not magic numbers
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
 from typing import Any
 
 import ml_collections
 
-from resnet_jax import data, models, optim
+from resnet_jax import augment, data, datasets, models, optim, sharding
 
 DTYPES = ('float32', 'bfloat16')
 NONFINITE_POLICIES = ('stop', 'skip')
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Every field an experiment has, with the paper's CIFAR-10 values where one applies."""
+    """Every field an experiment has, with the paper's CIFAR-10 values where one applies.
+
+    The `model` and `optimizer` sections are made from the code that uses them (the model's
+    options, `optim.OptimizerConfig`), so a new option there is a new field here by itself.
+    """
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.dtype = 'float32'
@@ -45,43 +50,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.initialization_timeout_seconds = 300  # all processes must join within this
     c.distributed.heartbeat_timeout_seconds = 60  # a silent peer fails the others after this
 
-    c.model = ml_collections.ConfigDict()
-    c.model.name = 'resnet20'
-    c.model.shortcut = ''  # '' = the family's default (A on CIFAR, B on ImageNet)
-    c.model.stride_on = '1x1'
-    c.model.zero_init_residual = False
-    c.model.scan_blocks = False
-    c.model.bn_momentum = 0.9
-    c.model.bn_epsilon = 1e-5
+    # Every create_model option ('' = the preset's own value, e.g. shortcut A on CIFAR nets).
+    c.model = ml_collections.ConfigDict({'name': 'resnet20', **models.option_defaults()})
 
     c.dataset = ml_collections.ConfigDict()
-    c.dataset.name = 'cifar10_jpeg'
+    c.dataset.name = 'cifar10_jpeg'  # a registered dataset (resnet_jax.datasets)
     c.dataset.data_dir = os.path.expanduser('~/.cache/resnet_jax/tfds')
     c.dataset.train_split = 'train_45k'
     c.dataset.eval_split = 'val_5k'
     c.dataset.test_split = 'test'
-    c.dataset.augmentation = 'paper'
+    c.dataset.augmentation = 'default'  # the dataset's own, or a chain such as pad_crop+cutout
     c.dataset.normalization = 'pixel_mean'
     c.dataset.num_workers = 0
     c.dataset.download = False
 
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.name = 'momentum'
-    c.optimizer.kwargs = ml_collections.ConfigDict()
-    c.optimizer.learning_rate = 0.1
-    c.optimizer.momentum = 0.9
-    c.optimizer.weight_decay = 1e-4
-    c.optimizer.weight_decay_mode = 'coupled'
-    c.optimizer.decay_bn_and_bias = True
-    c.optimizer.grad_clip_norm = 0.0
-    c.optimizer.schedule = 'piecewise'
-    c.optimizer.boundaries = [32_000, 48_000]
-    c.optimizer.boundaries_epochs = ml_collections.FieldReference([], field_type=list)
-    c.optimizer.decay_factor = 0.1
-    c.optimizer.warmup_steps = 0
-    c.optimizer.warmup_mode = 'constant'
-    c.optimizer.warmup_learning_rate = 0.01
-    c.optimizer.ema_decay = 0.0  # e.g. 0.9999; evaluation then uses the averaged parameters
+    c.optimizer = ml_collections.ConfigDict(dataclasses.asdict(optim.OptimizerConfig()))
     return c
 
 
@@ -90,7 +73,7 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(f'invalid config: {message}')
 
 
-def _one_of(value: Any, allowed: tuple, field: str) -> None:
+def _one_of(value: Any, allowed: Any, field: str) -> None:
     _check(value in allowed, f'{field}={value!r}; expected one of {", ".join(map(str, allowed))}')
 
 
@@ -100,7 +83,12 @@ def _positive_int(value: Any, field: str, zero_ok: bool = False) -> None:
 
 
 def validate(config: ml_collections.ConfigDict, device_count: int, process_count: int) -> None:
-    """Rejects unknown or inconsistent values with one clear message. Touches no files."""
+    """Rejects unknown or inconsistent values with one clear message. Touches no files.
+
+    The fields of this module are checked here; the model's options by `create_model`, the
+    optimizer's by `optim.check_config` and the dataset's choices by the dataset registry and
+    the augmentation and normalisation registries: each value where it is defined.
+    """
     for field in (
         'batch_size',
         'eval_batch_size',
@@ -119,12 +107,10 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
         f'bn_group_size={config.bn_group_size} does not divide batch_size={config.batch_size}',
     )
     for field in ('batch_size', 'eval_batch_size'):
-        for count, what in ((device_count, 'devices'), (process_count, 'processes')):
-            _check(
-                config[field] % count == 0,
-                f'{field}={config[field]} is not divisible by the {count} {what}; expected a '
-                f'multiple of {count}',
-            )
+        try:
+            sharding.check_batch_size(config[field], device_count, process_count)
+        except ValueError as e:
+            _check(False, f'{field}={config[field]!r} {e}')
     _one_of(config.dtype, DTYPES, 'dtype')
     _one_of(config.nonfinite, NONFINITE_POLICIES, 'nonfinite')
     _positive_int(config.max_skipped_steps, 'max_skipped_steps', zero_ok=True)
@@ -136,52 +122,29 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
         config.distributed.heartbeat_timeout_seconds, 'distributed.heartbeat_timeout_seconds'
     )
     _check(0.0 <= config.label_smoothing < 1.0, f'label_smoothing={config.label_smoothing}')
-    _one_of(config.model.name, models.MODEL_NAMES, 'model.name')
-    _one_of(config.model.shortcut, ('', *models.SHORTCUTS), 'model.shortcut')
-    _one_of(config.model.stride_on, models.STRIDE_ON, 'model.stride_on')
-    _one_of(config.dataset.augmentation, data.AUGMENTATIONS, 'dataset.augmentation')
-    _one_of(config.dataset.normalization, data.NORMALIZATIONS, 'dataset.normalization')
-    _positive_int(config.dataset.num_workers, 'dataset.num_workers', zero_ok=True)
-    opt = config.optimizer
-    _check(
-        optim.is_known_optimizer(opt.name),
-        f'optimizer.name={opt.name!r}; expected one of {", ".join(optim.NAMED_OPTIMIZERS)} or an '
-        'optax optimizer such as adam',
-    )
-    _one_of(opt.schedule, optim.SCHEDULES, 'optimizer.schedule')
-    _one_of(opt.weight_decay_mode, optim.WEIGHT_DECAY_MODES, 'optimizer.weight_decay_mode')
-    _one_of(opt.warmup_mode, optim.WARMUP_MODES, 'optimizer.warmup_mode')
-    _check(opt.learning_rate > 0, f'optimizer.learning_rate={opt.learning_rate}; expected > 0')
-    _check(opt.weight_decay >= 0, f'optimizer.weight_decay={opt.weight_decay}; expected >= 0')
-    _check(opt.grad_clip_norm >= 0, f'optimizer.grad_clip_norm={opt.grad_clip_norm}')
-    _positive_int(opt.warmup_steps, 'optimizer.warmup_steps', zero_ok=True)
-    _check(0.0 <= opt.ema_decay < 1.0, f'optimizer.ema_decay={opt.ema_decay}; expected [0, 1)')
-    _check(
-        opt.warmup_steps < config.total_steps,
-        f'optimizer.warmup_steps={opt.warmup_steps} must be below total_steps={config.total_steps}',
-    )
-    for boundary in opt.boundaries:
-        _check(
-            isinstance(boundary, int) and opt.warmup_steps <= boundary,
-            f'optimizer.boundaries has {boundary!r}; expected ints >= warmup_steps',
-        )
-    # The model options are checked by create_model itself, with the same kind of message.
-    create_model_from_config(config, num_classes=10)
+    ds = config.dataset
+    try:
+        datasets.spec(ds.name)
+        augment.parse_chain('' if ds.augmentation == 'default' else ds.augmentation)
+    except ValueError as e:
+        _check(False, f'dataset: {e}')
+    _one_of(ds.normalization, data.NORMALIZATIONS, 'dataset.normalization')
+    _positive_int(ds.num_workers, 'dataset.num_workers', zero_ok=True)
+    optim.check_config(config.optimizer, config.total_steps)
+    create_model_from_config(config, num_classes=10)  # the model checks its own options
 
 
 def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int):
-    m = config.model
+    """The model of `config.model` (every field but `name` is a create_model option)."""
     options = {
-        'stride_on': m.stride_on,
-        'zero_init_residual': m.zero_init_residual,
-        'scan_blocks': m.scan_blocks,
-        'bn_momentum': m.bn_momentum,
-        'bn_epsilon': m.bn_epsilon,
-        'dtype': config.dtype,
+        key: value
+        for key, value in config.model.items()
+        if key != 'name'
+        and not (value == '' and key in models.OPTIONS and models.OPTIONS[key].preset_default)
     }
-    if m.shortcut:
-        options['shortcut'] = m.shortcut
-    return models.create_model(m.name, num_classes=num_classes, **options)
+    return models.create_model(
+        config.model.name, num_classes=num_classes, dtype=config.dtype, **options
+    )
 
 
 def _parse_value(text: str, current: Any) -> Any:

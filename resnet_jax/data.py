@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import logging
 import math
 import os
 import re
@@ -31,20 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import augment
+from resnet_jax import augment, datasets
+
+logger = logging.getLogger('resnet_jax')
 
 Batch = dict[str, np.ndarray]
 Record = dict[str, Any]
-
-# Registered TFDS datasets this project knows how to train on, and how to prepare them.
-PREPARE_HINTS = {
-    'cifar10': '',
-    'cifar100': '',
-    'imagenet2012': (
-        ' after downloading ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from '
-        'image-net.org into {data_dir}/downloads/manual'
-    ),
-}
 
 # The paper's CIFAR model-selection holdout (section 4.2: "45k/5k train/val split"): a fixed
 # permutation of the 50,000 training images; its last 5,000 are the validation set.
@@ -52,13 +46,11 @@ HOLDOUT_SPLITS = ('train_45k', 'val_5k')
 HOLDOUT_VAL_SIZE = 5000
 HOLDOUT_SEED = 20151210  # the paper's arXiv date; never change it, or the split changes
 
-AUGMENTATIONS = ('paper', 'inception', 'none')
-NORMALIZATIONS = ('pixel_mean', 'channel')
-
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    """What the pipeline needs to know about a prepared dataset."""
+    """What the pipeline needs to know about a prepared dataset: its spec (registered, see
+    `resnet_jax.datasets`) and what its files say."""
 
     name: str
     num_classes: int
@@ -68,20 +60,15 @@ class DatasetInfo:
     files: dict[str, tuple[str, ...]] = dataclasses.field(
         default_factory=dict, compare=False, repr=False
     )
+    spec: datasets.DatasetSpec | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.spec is None:
+            object.__setattr__(self, 'spec', datasets.spec(self.name))
 
     @property
     def family(self) -> str:
-        """'cifar' for fixed 32x32 images (section 4.2 recipe), else 'imagenet'."""
-        fixed_32 = self.image_shape is not None and tuple(self.image_shape[:2]) == (32, 32)
-        return 'cifar' if fixed_32 else 'imagenet'
-
-    @property
-    def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        if self.name.startswith('cifar100'):
-            return augment.CIFAR100_MEAN, augment.CIFAR100_STD
-        if self.family == 'cifar':
-            return augment.CIFAR10_MEAN, augment.CIFAR10_STD
-        return augment.IMAGENET_MEAN, augment.IMAGENET_STD
+        return self.spec.family
 
 
 def _check_data_dir(data_dir: str) -> str:
@@ -96,11 +83,10 @@ def _check_data_dir(data_dir: str) -> str:
 
 
 def _prepare_command(name: str, data_dir: str) -> str:
-    hint = PREPARE_HINTS.get(name, '').format(data_dir=data_dir)
+    first = datasets.spec(name).prepare.format(data_dir=data_dir)
     return (
-        f"pip install '.[tf]' && tfds build {name} --file_format=array_record "
-        f'--data_dir={data_dir}{hint}'
-    )
+        f'{first}, then ' if first else ''
+    ) + f"pip install '.[tf]' && tfds build {name} --file_format=array_record --data_dir={data_dir}"
 
 
 def dataset_info(name: str, data_dir: str, *, download: bool = False) -> DatasetInfo:
@@ -115,13 +101,8 @@ def dataset_info(name: str, data_dir: str, *, download: bool = False) -> Dataset
     if not isinstance(name, str) or not re.fullmatch(r'[a-z0-9_]+(:[0-9.]+)?', name):
         raise ValueError(f'dataset name must be a TFDS name such as cifar10, got {name!r}')
     base_name = name.split(':')[0]
+    spec = datasets.spec(name)
     if not os.path.isdir(os.path.join(data_dir, base_name)):
-        if base_name not in PREPARE_HINTS:
-            found = sorted(d for d in os.listdir(data_dir) if not d.startswith('.'))
-            raise ValueError(
-                f'unknown dataset {name!r}: expected one of {", ".join(PREPARE_HINTS)} or a '
-                f'prepared TFDS directory in {data_dir} (found: {", ".join(found) or "none"})'
-            )
         if not download:
             raise ValueError(
                 f'dataset {name!r} is not prepared in {data_dir}; prepare it with: '
@@ -150,7 +131,7 @@ def dataset_info(name: str, data_dir: str, *, download: bool = False) -> Dataset
             f'dataset {name!r} in {data_dir} has no prepared splits (an interrupted build?); '
             f'prepare it with: {_prepare_command(base_name, data_dir)}'
         )
-    return DatasetInfo(base_name, num_classes, image_shape, splits, files)
+    return DatasetInfo(base_name, num_classes, image_shape, splits, files, spec)
 
 
 def _download_and_prepare(name: str, data_dir: str) -> None:
@@ -331,20 +312,102 @@ def _check_record(record: Record, info: DatasetInfo) -> tuple[np.ndarray, int]:
     return image, int(label)
 
 
+CACHE_DIR_ENV = 'RESNET_JAX_CACHE_DIR'  # default: ~/.cache/resnet_jax
+
+
+def cache_dir() -> str:
+    """Where derived data (the pixel mean) is kept between runs."""
+    return os.environ.get(CACHE_DIR_ENV) or os.path.expanduser('~/.cache/resnet_jax')
+
+
 @functools.cache
 def pixel_mean(name: str, data_dir: str) -> np.ndarray:
-    """The per-pixel mean image of the train split (the paper's CIFAR normalisation)."""
+    """The per-pixel mean image of the train split (the paper's CIFAR normalisation).
+
+    Decoding all of CIFAR-10's training images takes seconds, so the result is kept in
+    `cache_dir()/pixel_mean/`, keyed by the split's files, their sizes and times: a dataset
+    prepared again is measured again.
+    """
+    info = dataset_info(name, data_dir)
+    stamp = [(f, *_stat(f)) for f in info.files.get('train', ())]
+    key = hashlib.sha256(repr((name, stamp)).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir(), 'pixel_mean', f'{name}-{key}.npy')
+    if stamp and os.path.exists(path):
+        try:
+            return np.load(path)
+        except (OSError, ValueError):
+            pass  # unreadable: measure again and rewrite it
     source, _ = open_split(name, 'train', data_dir)
     total = np.zeros(np.asarray(source[0]['image']).shape, np.float64)
     for start in range(0, len(source), 2000):
         chunk = _read_many(source, range(start, min(start + 2000, len(source))))
         total += np.sum([r['image'] for r in chunk], axis=0, dtype=np.float64)
-    return (total / len(source)).astype(np.float32)
+    mean = (total / len(source)).astype(np.float32)
+    if stamp:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f'{path}.{os.getpid()}.tmp.npy'
+            np.save(tmp, mean)
+            os.replace(tmp, path)  # whole or absent, whatever runs at the same time
+        except OSError as e:
+            logger.warning('could not cache the pixel mean in %s: %s', path, e)
+    return mean
+
+
+def _stat(path: str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _read_many(source: Sequence, indices: Sequence[int]) -> list[Record]:
     getitems = getattr(source, '__getitems__', None)
     return getitems(list(indices)) if getitems else [source[i] for i in indices]
+
+
+# --- Normalisation: name -> (mean, std) on the 0..255 scale --------------------------------
+
+Normalization = Callable[['DatasetInfo', str | None], tuple[np.ndarray, np.ndarray | None]]
+NORMALIZATIONS: dict[str, Normalization] = {}
+
+
+def register_normalization(name: str) -> Callable[[Normalization], Normalization]:
+    """Registers `fn(info, data_dir) -> (mean, std or None)` as `dataset.normalization=name`."""
+
+    def register(fn: Normalization) -> Normalization:
+        NORMALIZATIONS[name] = fn
+        return fn
+
+    return register
+
+
+@register_normalization('pixel_mean')
+def _pixel_mean(info: DatasetInfo, data_dir: str | None) -> tuple[np.ndarray, None]:
+    """The paper's: subtract the per-pixel mean image of the train split (fixed-size images;
+    needs `data_dir`), or the per-channel mean where images have no fixed pixel grid."""
+    if info.image_shape is None:
+        return np.asarray(info.spec.mean, np.float32), None
+    if data_dir is None:
+        raise ValueError(f"normalization 'pixel_mean' of {info.name} needs data_dir")
+    return pixel_mean(info.name, _check_data_dir(data_dir)), None
+
+
+@register_normalization('none')
+def _no_normalization(info: DatasetInfo, data_dir: str | None) -> tuple[np.ndarray, None]:
+    """Pixel values as they are, 0..255 (for a model that normalises its input itself)."""
+    del info, data_dir
+    return np.zeros(3, np.float32), None
+
+
+@register_normalization('channel')
+def _channel(info: DatasetInfo, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (x - mean) / std with the dataset's statistics (its spec)."""
+    del data_dir
+    return np.asarray(info.spec.mean, np.float32), np.asarray(info.spec.std, np.float32)
+
+
+def _check_choice(value: Any, registry: dict, what: str) -> None:
+    if value not in registry:
+        raise ValueError(f'{what} {value!r} is invalid; expected one of {", ".join(registry)}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,32 +418,37 @@ class Preprocess:
     """
 
     info: DatasetInfo
-    train: bool
-    augmentation: str = 'paper'  # 'paper', 'inception' (ImageNet only) or 'none'
+    ops: tuple[augment.Augmentation, ...]  # host operations, in order
     mean: Any = None  # float32 (3,) or (H, W, 3) on the 0..255 scale
     std: Any = None  # float32 (3,) or None (mean subtraction only, as the paper)
-
-    def __post_init__(self):
-        if self.augmentation not in AUGMENTATIONS:
-            raise ValueError(
-                f'augmentation {self.augmentation!r} is invalid; expected one of {AUGMENTATIONS}'
-            )
-        if self.augmentation == 'inception' and self.info.family == 'cifar':
-            raise ValueError("augmentation 'inception' is for ImageNet-sized images, not CIFAR")
+    ctx: augment.Context = dataclasses.field(default_factory=augment.Context)
 
     def __call__(self, record: Record, rng: np.random.Generator | None = None) -> Record:
         image, label = _check_record(record, self.info)
-        cifar = self.info.family == 'cifar'
-        if not self.train or self.augmentation == 'none':
-            image = image if cifar else augment.resize_center_crop(image)
-        elif cifar:
-            image = augment.pad_crop_flip(image, rng)
-        elif self.augmentation == 'paper':
-            image = augment.scale_augment(image, rng)
-        else:
-            image = augment.random_resized_crop(image, rng)
+        image = augment.apply_host(self.ops, image, rng, self.ctx)
         image = augment.normalize(image, self.mean, self.std)
         return {'image': image, 'label': np.int32(label)}
+
+
+def augmentation_chain(info: DatasetInfo, augmentation: str, *, train: bool) -> tuple:
+    """The host operations of a split: the train chain ('default': the dataset's own), or the
+    dataset's eval preprocessing (also for train with 'none': images must come out one size).
+
+    Raises:
+      ValueError: for an unknown operation, or one for another family of dataset.
+    """
+    spec = info.spec
+    chain = spec.augmentation if augmentation == 'default' else augmentation
+    ops = augment.parse_chain(chain) if train else []
+    if not ops:
+        ops = augment.parse_chain(spec.eval_preprocessing)
+    for op in ops:
+        if spec.family not in op.families:
+            raise ValueError(
+                f'augmentation {op.name!r} is for {" or ".join(op.families)} datasets; '
+                f'{info.name} is a {spec.family} dataset'
+            )
+    return tuple(ops)
 
 
 def make_preprocess(
@@ -388,27 +456,21 @@ def make_preprocess(
     *,
     train: bool,
     data_dir: str | None = None,
-    augmentation: str = 'paper',
+    augmentation: str = 'default',
     normalization: str = 'pixel_mean',
 ) -> Preprocess:
     """The preprocessing of the paper (default) or of modern practice.
 
-    normalization 'pixel_mean': subtract the per-pixel mean of the train split (CIFAR; needs
-    `data_dir`) or the per-channel ImageNet mean (ImageNet crops have no fixed pixel grid);
-    'channel': per-channel (x - mean) / std with the dataset's named constants.
+    Args:
+      augmentation: a chain of `augment.AUGMENTATIONS` ('pad_crop_flip+cutout'), 'default'
+        (the dataset's own) or 'none'. Eval always gets the dataset's eval preprocessing.
+      normalization: one of `NORMALIZATIONS`: 'pixel_mean' (the paper's) or 'channel'.
     """
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(
-            f'normalization {normalization!r} is invalid; expected one of {NORMALIZATIONS}'
-        )
-    mean, std = (np.asarray(s, np.float32) for s in info.channel_stats)
-    if normalization == 'pixel_mean':
-        std = None
-        if info.family == 'cifar':
-            if data_dir is None:
-                raise ValueError("normalization 'pixel_mean' on CIFAR needs data_dir")
-            mean = pixel_mean(info.name, _check_data_dir(data_dir))
-    return Preprocess(info, train, augmentation, mean, std)
+    _check_choice(normalization, NORMALIZATIONS, 'normalization')
+    mean, std = NORMALIZATIONS[normalization](info, data_dir)
+    fill = tuple(round(v) for v in info.spec.mean)
+    ctx = augment.Context(fill=fill)
+    return Preprocess(info, augmentation_chain(info, augmentation, train=train), mean, std, ctx)
 
 
 # --- Grain pipelines -------------------------------------------------------------------------

@@ -20,6 +20,7 @@ symmetrically. Symmetric padding is what makes converted weights give the same l
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,9 +32,6 @@ from flax import linen as nn
 
 ModuleDef = Any
 Variables = dict[str, Any]
-
-SHORTCUTS = ('A', 'B', 'C')
-STRIDE_ON = ('1x1', '3x3')
 
 # He et al. 2015 ("Delving deep into rectifiers"), the initialisation the paper cites [13];
 # fan_out as in torchvision and the paper's Caffe models.
@@ -137,15 +135,127 @@ def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((p, p), (p, p))
 
 
-class Shortcut(nn.Module):
-    """The identity path of a residual block, in one of the paper's three options.
+def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    # Pads with -inf, like torchvision (after the ReLU this equals Keras's zero padding), then
+    # pools without padding: the same numbers, in the form ONNX exporters can express.
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    return nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='VALID')
 
-    Attributes:
-      option: 'A' zero-pads new channels and subsamples by striding (no parameters); 'B'
-        projects with a 1x1 convolution + BN only where the shape changes; 'C' always projects.
-      features: channels of the block's output.
-      strides: spatial stride of the block.
+
+# --- Registries: a new stem, shortcut, block or network is added in one place ------------------
+
+StemFn = Callable[[jax.Array, ModuleDef, ModuleDef, int], jax.Array]
+ShortcutFn = Callable[[jax.Array, int, int, ModuleDef, ModuleDef], jax.Array]
+
+STEMS: dict[str, StemFn] = {}
+SHORTCUTS: dict[str, ShortcutFn] = {}
+
+
+def register_stem(name: str) -> Callable[[StemFn], StemFn]:
+    """Registers `fn(x, conv, norm, width) -> x` as the stem `name` (`create_model(stem=name)`).
+
+    It runs inside the ResNet's own scope: submodules it creates (name them) are the model's.
     """
+
+    def register(fn: StemFn) -> StemFn:
+        STEMS[name] = fn
+        return fn
+
+    return register
+
+
+def register_shortcut(name: str) -> Callable[[ShortcutFn], ShortcutFn]:
+    """Registers `fn(x, features, strides, conv, norm) -> y` as shortcut option `name`.
+
+    It runs inside each block's `shortcut` submodule: its parameters are
+    `.../blockN/shortcut/<the names it gives>`.
+    """
+
+    def register(fn: ShortcutFn) -> ShortcutFn:
+        SHORTCUTS[name] = fn
+        return fn
+
+    return register
+
+
+@register_stem('imagenet')
+def _imagenet_stem(x: jax.Array, conv: ModuleDef, norm: ModuleDef, width: int) -> jax.Array:
+    """Table 1: 7x7/2 convolution, then 3x3/2 max-pool."""
+    x = conv(width, (7, 7), (2, 2), padding=_pad(7), name='stem_conv')(x)
+    return _max_pool_3x3_s2(nn.relu(norm(name='stem_bn')(x)))
+
+
+@register_stem('cifar')
+def _cifar_stem(x: jax.Array, conv: ModuleDef, norm: ModuleDef, width: int) -> jax.Array:
+    """Section 4.2: one 3x3 convolution, no pooling."""
+    x = conv(width, (3, 3), padding=_pad(3), name='stem_conv')(x)
+    return nn.relu(norm(name='stem_bn')(x))
+
+
+@register_stem('deep')
+def _deep_stem(x: jax.Array, conv: ModuleDef, norm: ModuleDef, width: int) -> jax.Array:
+    """ResNet-C/D (He et al., "Bag of Tricks", 2019): three 3x3 convolutions (the first
+    strided, width/2, width/2, width) replace the 7x7, then the same max-pool."""
+    for i, (features, stride) in enumerate(((width // 2, 2), (width // 2, 1), (width, 1)), 1):
+        x = conv(features, (3, 3), (stride, stride), padding=_pad(3), name=f'stem_conv{i}')(x)
+        x = nn.relu(norm(name=f'stem_bn{i}')(x))
+    return _max_pool_3x3_s2(x)
+
+
+def _shape_changes(x: jax.Array, features: int, strides: int) -> bool:
+    return strides != 1 or x.shape[-1] != features
+
+
+def _project(x: jax.Array, features: int, strides: int, conv: ModuleDef, norm: ModuleDef):
+    x = conv(features, (1, 1), (strides, strides), name='proj_conv')(x)
+    return norm(name='proj_bn')(x)
+
+
+@register_shortcut('A')
+def _zero_pad_shortcut(x, features, strides, conv, norm):
+    """Identity; new channels zero-padded, the map subsampled by striding. No parameters."""
+    del conv, norm
+    if strides != 1:
+        x = x[:, ::strides, ::strides, :]
+    extra = features - x.shape[-1]
+    if extra:
+        # Split the zero channels evenly on both sides, as the widely used PyTorch CIFAR
+        # reproduction does; which side carries them has no effect on what the net can learn.
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+    return x
+
+
+@register_shortcut('B')
+def _project_where_needed(x, features, strides, conv, norm):
+    """Identity, or a 1x1 projection + BN where the shape changes."""
+    if not _shape_changes(x, features, strides):
+        return x
+    return _project(x, features, strides, conv, norm)
+
+
+@register_shortcut('C')
+def _project_always(x, features, strides, conv, norm):
+    """A 1x1 projection + BN on every block."""
+    return _project(x, features, strides, conv, norm)
+
+
+@register_shortcut('D')
+def _avg_pool_then_project(x, features, strides, conv, norm):
+    """ResNet-D ("Bag of Tricks", 2019): where the map shrinks, a 2x2 average pool does the
+    subsampling and the 1x1 projection runs at stride 1, so it sees every input pixel (the
+    strided 1x1 of option B skips three in four)."""
+    if not _shape_changes(x, features, strides):
+        return x
+    if strides != 1:
+        # Counts only real pixels at an odd map's edge (torch's count_include_pad=False).
+        x = nn.avg_pool(
+            x, (strides, strides), (strides, strides), padding='SAME', count_include_pad=False
+        )
+    return _project(x, features, 1, conv, norm)
+
+
+class Shortcut(nn.Module):
+    """The identity path of a residual block: one of `SHORTCUTS`, in its own scope."""
 
     option: str
     features: int
@@ -155,19 +265,7 @@ class Shortcut(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        in_features = x.shape[-1]
-        shape_changes = self.strides != 1 or in_features != self.features
-        if self.option == 'C' or (self.option == 'B' and shape_changes):
-            x = self.conv(self.features, (1, 1), (self.strides, self.strides), name='proj_conv')(x)
-            return self.norm(name='proj_bn')(x)
-        if self.strides != 1:
-            x = x[:, :: self.strides, :: self.strides, :]
-        extra = self.features - in_features
-        if extra:
-            # Split the zero channels evenly on both sides, as the widely used PyTorch CIFAR
-            # reproduction does; which side carries them has no effect on what the net can learn.
-            x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
-        return x
+        return SHORTCUTS[self.option](x, self.features, self.strides, self.conv, self.norm)
 
 
 class BasicBlock(nn.Module):
@@ -277,43 +375,133 @@ class Stage(nn.Module):
         return x
 
 
+# --- Options: each declared once, on the field it sets ----------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """What `create_model` accepts for a field, and how the experiment config shows it.
+
+    Attributes:
+      check: True for a valid value.
+      expected: what a valid value is, for the error message.
+      doc: one line for the docs' option table.
+      in_config: the config has a `model.<name>` field for it (dtype lives at the top level,
+        input_channels follows the dataset).
+      preset_default: the config's '' stands for the preset's own value (shortcut, stem).
+    """
+
+    check: Callable[[Any], bool]
+    expected: str
+    doc: str
+    in_config: bool = True
+    preset_default: bool = False
+
+
+def _option(default: Any, check: Callable[[Any], bool], expected: str, doc: str, **kw: Any):
+    return dataclasses.field(
+        default=default, metadata={'option': Option(check, expected, doc, **kw)}
+    )
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_float_dtype(v: Any) -> bool:
+    try:
+        return jnp.issubdtype(jnp.dtype(v), jnp.floating)
+    except TypeError:
+        return False
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
 class ResNet(nn.Module):
     """A residual (or plain) network of the paper.
 
     Use `create_model(name, ...)` rather than building this directly: the presets fix the stage
-    sizes and pick the family's defaults.
+    sizes and pick the family's defaults. The fields declared with `_option` are the options
+    `create_model` accepts (`OPTIONS`); the experiment config's `model` section is derived from
+    them (resnet_jax.config), so a new option is one field here.
 
     Attributes:
       stage_sizes: blocks per stage.
-      block_cls: `BasicBlock` or `Bottleneck`.
+      block_cls: `BasicBlock` or `Bottleneck` (or any block with their signature).
       num_classes: width of the dense head.
-      cifar_stem: the 3x3/16 stem of section 4.2 instead of the 7x7/2 stem and max-pool.
-      widths: the width of each stage (of the 3x3 convolutions in bottlenecks).
-      shortcut: 'A', 'B', 'C', or None for a plain net.
-      stride_on: where a bottleneck puts its stride, '1x1' or '3x3'.
-      zero_init_residual: start the last BN scale of every residual branch at zero, so each
-        block begins as the identity.
-      dtype: compute dtype. Parameters and BatchNorm statistics stay float32, and so do the
-        logits (float64 for a float64 model, with `jax_enable_x64`).
-      bn_momentum: decay of the running statistics (0.9 == PyTorch's momentum 0.1).
-      bn_epsilon: added to the variance (torchvision 1e-5, Keras 1.001e-5).
-      scan_blocks: run blocks 2..n of each stage through `nn.scan` (fast compiles of deep nets).
-      input_channels: channels the images must have.
+      widths: the width of each stage (of the 3x3 convolutions in bottlenecks); the stem's is
+        the first.
     """
 
     stage_sizes: Sequence[int]
     block_cls: ModuleDef
     num_classes: int
-    cifar_stem: bool = False
     widths: Sequence[int] = (64, 128, 256, 512)
-    shortcut: str | None = 'B'
-    stride_on: str = '1x1'
-    zero_init_residual: bool = False
-    dtype: Any = jnp.float32
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    scan_blocks: bool = False
-    input_channels: int = 3
+    stem: str = _option(
+        'imagenet',
+        lambda v: v in STEMS,
+        'a registered stem (models.STEMS)',
+        "the layers before the first stage: 'imagenet' (7x7/2 conv, 3x3/2 max-pool), 'cifar' "
+        "(3x3 conv), 'deep' (three 3x3 convs, then the max-pool: ResNet-C/D)",
+        preset_default=True,
+    )
+    shortcut: str | None = _option(
+        'B',
+        lambda v: v in SHORTCUTS,
+        'a registered shortcut (models.SHORTCUTS)',
+        'A: identity, zero-padded channels and strided subsampling, no parameters; B: 1x1 '
+        'projection only where the shape changes; C: projection on every block; D: 2x2 average '
+        'pool, then the projection at stride 1 (ResNet-D). Plain nets have none',
+        preset_default=True,
+    )
+    stride_on: str = _option(
+        '1x1',
+        lambda v: v in ('1x1', '3x3'),
+        "'1x1' or '3x3'",
+        'where a bottleneck strides: the paper and Keras (1x1, v1) or torchvision and NVIDIA '
+        '(3x3, v1.5)',
+    )
+    zero_init_residual: bool = _option(
+        False, _is_bool, 'a bool', 'the last BN scale of every residual branch starts at 0'
+    )
+    dtype: Any = _option(
+        jnp.float32,
+        _is_float_dtype,
+        'a floating dtype such as jnp.bfloat16',
+        'compute dtype; parameters, BN statistics and logits stay float32 (config: `dtype`)',
+        in_config=False,
+    )
+    bn_momentum: float = _option(
+        0.9,
+        lambda v: _is_number(v) and 0.0 <= v < 1.0,
+        'a number in [0, 1)',
+        "BatchNorm running-average decay (0.9 is PyTorch's momentum 0.1)",
+    )
+    bn_epsilon: float = _option(
+        1e-5,
+        lambda v: _is_number(v) and v > 0.0,
+        'a positive number',
+        'added to the BatchNorm variance (torchvision 1e-5, Keras 1.001e-5)',
+    )
+    scan_blocks: bool = _option(
+        False,
+        _is_bool,
+        'a bool',
+        'blocks 2..n of each stage run through `nn.scan`: deep nets compile in seconds',
+    )
+    input_channels: int = _option(
+        3,
+        lambda v: _is_int(v) and v > 0,
+        'a positive int',
+        'channels the images must have',
+        in_config=False,
+    )
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -347,15 +535,7 @@ class ResNet(nn.Module):
             loop_conv = functools.partial(conv, conv_general_dilated=loop_conv_general_dilated)
             loop_block = functools.partial(block, conv=loop_conv)
 
-        x = images.astype(self.dtype)
-        if self.cifar_stem:
-            x = conv(self.widths[0], (3, 3), padding=_pad(3), name='stem_conv')(x)
-            x = nn.relu(norm(name='stem_bn')(x))
-        else:
-            x = conv(self.widths[0], (7, 7), (2, 2), padding=_pad(7), name='stem_conv')(x)
-            x = nn.relu(norm(name='stem_bn')(x))
-            # Pads with -inf, like torchvision; after the ReLU this equals Keras's zero padding.
-            x = nn.max_pool(x, (3, 3), (2, 2), padding=_pad(3))
+        x = STEMS[self.stem](images.astype(self.dtype), conv, norm, self.widths[0])
         for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
             x = Stage(
                 block,
@@ -371,6 +551,22 @@ class ResNet(nn.Module):
         head_dtype = jnp.promote_types(self.dtype, jnp.float32)
         x = jnp.mean(x.astype(head_dtype), axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=head_dtype, name='head')(x)
+
+
+OPTIONS: dict[str, Option] = {
+    f.name: f.metadata['option'] for f in dataclasses.fields(ResNet) if 'option' in f.metadata
+}
+OPTION_NAMES: tuple[str, ...] = tuple(OPTIONS)
+
+
+def option_defaults() -> dict[str, Any]:
+    """The config's `model` fields and their defaults ('' = the preset's own value)."""
+    fields = {f.name: f.default for f in dataclasses.fields(ResNet)}
+    return {
+        name: '' if option.preset_default else fields[name]
+        for name, option in OPTIONS.items()
+        if option.in_config
+    }
 
 
 def check_images(images: Any, channels: int) -> None:
@@ -397,109 +593,124 @@ def check_images(images: Any, channels: int) -> None:
         )
 
 
-# --- The registry ---------------------------------------------------------------------------
+# --- The networks ------------------------------------------------------------------------------
 
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named network: its family ('imagenet' or 'cifar': image size, recipe) and fields."""
+
+    family: str
+    fields: dict[str, Any]
+
+
+MODELS: dict[str, Preset] = {}
 _CIFAR_WIDTHS = (16, 32, 64)
 
 
-def _imagenet(stage_sizes: Sequence[int], block_cls: ModuleDef, plain: bool = False) -> dict:
-    return dict(
-        stage_sizes=tuple(stage_sizes),
-        block_cls=block_cls,
-        shortcut=None if plain else 'B',
+def register_model(name: str, *, family: str, **fields: Any) -> None:
+    """Adds a network to `create_model`: `fields` are ResNet's (stage_sizes, block_cls, options).
+
+    Raises:
+      ValueError: if `name` is taken or a field is not one of ResNet's.
+    """
+    if name in MODELS:
+        raise ValueError(f'model {name!r} is already registered')
+    known = {f.name for f in dataclasses.fields(ResNet)} - {'num_classes', 'parent', 'name'}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f'register_model({name!r}): {unknown} are not ResNet fields')
+    MODELS[name] = Preset(family, dict(fields))
+
+
+def _imagenet(name: str, stages: Sequence[int], block: ModuleDef, **fields: Any) -> None:
+    plain = name.startswith('plain')
+    shortcut = None if plain else fields.pop('shortcut', 'B')
+    register_model(
+        name,
         family='imagenet',
+        stage_sizes=tuple(stages),
+        block_cls=block,
+        shortcut=shortcut,
+        **fields,
     )
 
 
-def _cifar(n: int, plain: bool = False) -> dict:
-    return dict(
+def _cifar(n: int, plain: bool = False) -> None:
+    register_model(
+        f'{"plain" if plain else "resnet"}{6 * n + 2}',
+        family='cifar',
         stage_sizes=(n, n, n),
         block_cls=BasicBlock,
-        cifar_stem=True,
+        stem='cifar',
         widths=_CIFAR_WIDTHS,
         shortcut=None if plain else 'A',
-        family='cifar',
     )
 
 
-# name -> the fields that define it (plus 'family', which is not a module field).
-_PRESETS: dict[str, dict] = {
-    'resnet18': _imagenet((2, 2, 2, 2), BasicBlock),
-    'resnet34': _imagenet((3, 4, 6, 3), BasicBlock),
-    'resnet50': _imagenet((3, 4, 6, 3), Bottleneck),
-    'resnet101': _imagenet((3, 4, 23, 3), Bottleneck),
-    'resnet152': _imagenet((3, 8, 36, 3), Bottleneck),
-    'plain18': _imagenet((2, 2, 2, 2), BasicBlock, plain=True),
-    'plain34': _imagenet((3, 4, 6, 3), BasicBlock, plain=True),
-    **{f'resnet{6 * n + 2}': _cifar(n) for n in (3, 5, 7, 9, 18, 200)},
-    **{f'plain{6 * n + 2}': _cifar(n, plain=True) for n in (3, 5, 7, 9, 18)},
-}
+for _name, _stages, _block in (
+    ('resnet18', (2, 2, 2, 2), BasicBlock),
+    ('resnet34', (3, 4, 6, 3), BasicBlock),
+    ('resnet50', (3, 4, 6, 3), Bottleneck),
+    ('resnet101', (3, 4, 23, 3), Bottleneck),
+    ('resnet152', (3, 8, 36, 3), Bottleneck),
+    ('plain18', (2, 2, 2, 2), BasicBlock),
+    ('plain34', (3, 4, 6, 3), BasicBlock),
+):
+    _imagenet(_name, _stages, _block)
+for _n in (3, 5, 7, 9, 18, 200):
+    _cifar(_n)
+for _n in (3, 5, 7, 9, 18):
+    _cifar(_n, plain=True)
+# ResNet-D ("Bag of Tricks", He et al. 2019): the deep stem, average-pool shortcuts and the
+# stride on the 3x3 of a bottleneck. docs/extending.md walks through this addition.
+for _name, _stages in (('resnet50d', (3, 4, 6, 3)), ('resnet101d', (3, 4, 23, 3))):
+    _imagenet(_name, _stages, Bottleneck, stem='deep', shortcut='D', stride_on='3x3')
 
-MODEL_NAMES: tuple[str, ...] = tuple(_PRESETS)
-IMAGENET_MODELS: tuple[str, ...] = tuple(
-    n for n, p in _PRESETS.items() if p['family'] == 'imagenet'
-)
-CIFAR_MODELS: tuple[str, ...] = tuple(n for n, p in _PRESETS.items() if p['family'] == 'cifar')
-
-# The options `create_model` accepts, with a check for each value.
-_OPTION_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    'shortcut': (lambda v: v in SHORTCUTS, f'one of {SHORTCUTS}'),
-    'stride_on': (lambda v: v in STRIDE_ON, f'one of {STRIDE_ON}'),
-    'zero_init_residual': (lambda v: isinstance(v, bool), 'a bool'),
-    'dtype': (lambda v: _is_float_dtype(v), 'a floating dtype such as jnp.bfloat16'),
-    'bn_momentum': (lambda v: _is_number(v) and 0.0 <= v < 1.0, 'a number in [0, 1)'),
-    'bn_epsilon': (lambda v: _is_number(v) and v > 0.0, 'a positive number'),
-    'scan_blocks': (lambda v: isinstance(v, bool), 'a bool'),
-    'input_channels': (lambda v: _is_int(v) and v > 0, 'a positive int'),
-}
-OPTION_NAMES: tuple[str, ...] = tuple(_OPTION_CHECKS)
+MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
+IMAGENET_MODELS: tuple[str, ...] = tuple(n for n, p in MODELS.items() if p.family == 'imagenet')
+CIFAR_MODELS: tuple[str, ...] = tuple(n for n, p in MODELS.items() if p.family == 'cifar')
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+def family(name: str) -> str:
+    """'imagenet' or 'cifar' (or a registered family): which images and recipe the net is for."""
+    return _preset(name).family
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_float_dtype(v: Any) -> bool:
-    try:
-        return jnp.issubdtype(jnp.dtype(v), jnp.floating)
-    except TypeError:
-        return False
+def _preset(name: str) -> Preset:
+    if name not in MODELS:
+        raise ValueError(f'unknown model name {name!r}; expected one of {", ".join(MODELS)}')
+    return MODELS[name]
 
 
 def create_model(name: str, *, num_classes: int, **options: Any) -> ResNet:
     """Builds the named network of the paper.
 
     Args:
-      name: one of `MODEL_NAMES`.
+      name: one of `MODEL_NAMES` (or a network added with `register_model`).
       num_classes: width of the dense head (1000 for ImageNet, 10 for CIFAR-10).
-      **options: any of `OPTION_NAMES`: shortcut ('A'|'B'|'C'; CIFAR nets default to 'A' and
-        ImageNet nets to 'B'), stride_on ('1x1'|'3x3'), zero_init_residual, dtype, bn_momentum,
-        bn_epsilon, scan_blocks, input_channels.
+      **options: any of `OPTION_NAMES` (`OPTIONS` says what each takes): shortcut
+        ('A'|'B'|'C'|'D'; CIFAR nets default to 'A' and ImageNet nets to 'B'), stem, stride_on
+        ('1x1'|'3x3'), zero_init_residual, dtype, bn_momentum, bn_epsilon, scan_blocks,
+        input_channels.
 
     Raises:
       ValueError: for an unknown name or option, a value of the wrong kind, or an option that
         makes no sense for the net (a shortcut or zero-init residual on a plain net).
     """
-    if name not in _PRESETS:
-        raise ValueError(f'unknown model name {name!r}; expected one of {", ".join(MODEL_NAMES)}')
+    preset = _preset(name)
     if not _is_int(num_classes) or num_classes < 1:
         raise ValueError(f'num_classes must be a positive int, got {num_classes!r}')
     for key, value in options.items():
-        if key not in _OPTION_CHECKS:
+        if key not in OPTIONS:
             raise ValueError(
                 f'unknown option {key!r} for create_model; '
                 f'expected one of {", ".join(OPTION_NAMES)}'
             )
-        check, expected = _OPTION_CHECKS[key]
-        if not check(value):
-            raise ValueError(f'option {key}={value!r} is invalid; expected {expected}')
-    preset = dict(_PRESETS[name])
-    preset.pop('family')
-    plain = preset['shortcut'] is None
+        if not OPTIONS[key].check(value):
+            raise ValueError(f'option {key}={value!r} is invalid; expected {OPTIONS[key].expected}')
+    fields = dict(preset.fields)
+    plain = fields.get('shortcut', 'B') is None
     if plain and 'shortcut' in options:
         raise ValueError(
             f'{name} is a plain net and has no shortcut; got shortcut={options["shortcut"]!r}'
@@ -509,10 +720,10 @@ def create_model(name: str, *, num_classes: int, **options: Any) -> ResNet:
             f'{name} is a plain net: zero_init_residual=True would zero its only path; '
             'expected zero_init_residual=False'
         )
-    preset.update(options)
+    fields.update(options)
     if 'dtype' in options:
-        preset['dtype'] = jnp.dtype(options['dtype'])
-    return ResNet(num_classes=num_classes, **preset)
+        fields['dtype'] = jnp.dtype(options['dtype'])
+    return ResNet(num_classes=num_classes, **fields)
 
 
 # --- Pure helpers on a model ----------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 The paper's recipe is SGD with momentum 0.9, weight decay 1e-4 added to the gradient (L2,
 "coupled"), and the learning rate divided by 10 at fixed iterations. Everything else is a
-config change:
+config change (the fields and their defaults are `OptimizerConfig`, which the experiment
+config's `optimizer` section is made from):
 
-    optimizer.name      sgd | momentum | nesterov | adamw | lamb | lars | any optax optimizer
+    optimizer.name      a registered optimizer (OPTIMIZERS: sgd, momentum, nesterov, adamw,
+                        lamb, lars, momentum_gc) or any optax optimizer (adam, rmsprop, ...)
     optimizer.kwargs    extra keyword arguments for that optimizer (b1, eps, trust_coefficient...)
     optimizer.learning_rate, optimizer.momentum
     optimizer.weight_decay, optimizer.weight_decay_mode (coupled | decoupled),
@@ -17,47 +19,222 @@ config change:
     optimizer.ema_decay (0: off) an exponential moving average of the model (parameters and
         BatchNorm statistics), kept in the train state (`TrainState.ema`) and used for
         evaluation and export
+
+A new optimizer is one `@register_optimizer(name)` function here (docs/extending.md).
 """
 
 from __future__ import annotations
 
-import types
-from typing import Any
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
-NAMED_OPTIMIZERS = ('sgd', 'momentum', 'nesterov', 'adamw', 'lamb', 'lars')
 SCHEDULES = ('piecewise', 'cosine', 'constant')
 WEIGHT_DECAY_MODES = ('coupled', 'decoupled')
 WARMUP_MODES = ('linear', 'constant')
 
-# The paper's CIFAR optimizer as a plain object, for tools that run without the config system
-# (benchmarks on machines that lack ml_collections or the data stack). Same values as
-# resnet_jax.config.base_config().optimizer; tests/test_trainer.py checks that they agree.
-PAPER_CIFAR_SGD = types.SimpleNamespace(
-    name='momentum',
-    kwargs={},
-    learning_rate=0.1,
-    momentum=0.9,
-    weight_decay=1e-4,
-    weight_decay_mode='coupled',
-    decay_bn_and_bias=True,
-    grad_clip_norm=0.0,
-    schedule='piecewise',
-    boundaries=[32_000, 48_000],
-    boundaries_epochs=[],
-    decay_factor=0.1,
-    warmup_steps=0,
-    warmup_mode='constant',
-    warmup_learning_rate=0.01,
-    ema_decay=0.0,
-)
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """Every optimizer field with its default: the paper's CIFAR recipe (section 4.2).
+
+    Tools that run without the config system (benchmarks on an accelerator image without
+    ml_collections) pass `OptimizerConfig()` where a config's `optimizer` section would go.
+    """
+
+    name: str = 'momentum'
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    weight_decay_mode: str = 'coupled'
+    decay_bn_and_bias: bool = True
+    grad_clip_norm: float = 0.0
+    schedule: str = 'piecewise'
+    # Tuples, not lists: config_flags can override a tuple from the command line
+    # (--config.optimizer.boundaries='(600, 900)'), a list not at all.
+    boundaries: tuple[int, ...] = (32_000, 48_000)
+    boundaries_epochs: tuple[float, ...] = ()
+    decay_factor: float = 0.1
+    warmup_steps: int = 0
+    warmup_mode: str = 'constant'
+    warmup_learning_rate: float = 0.01
+    ema_decay: float = 0.0  # e.g. 0.9999; evaluation then uses the averaged model
 
 
-def is_known_optimizer(name: str) -> bool:
-    """A name from NAMED_OPTIMIZERS or of an optimizer factory in optax (adam, rmsprop...)."""
-    return name in NAMED_OPTIMIZERS or callable(getattr(optax, name, None))
+# --- The registry ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """What a registered optimizer gets: its config, the schedule and the weight-decay mask.
+
+    `weight_decay` is what the optimizer should apply itself (decoupled mode); in coupled mode
+    (L2 in the gradient, the paper's) it is 0 and the decay is added before the optimizer.
+    """
+
+    cfg: Any
+    schedule: optax.Schedule
+    mask: Any
+    weight_decay: float
+
+
+OptimizerFactory = Callable[[Setting], optax.GradientTransformation]
+OPTIMIZERS: dict[str, OptimizerFactory] = {}
+
+
+def register_optimizer(name: str) -> Callable[[OptimizerFactory], OptimizerFactory]:
+    """Registers `factory(setting) -> optax.GradientTransformation` as `optimizer.name=name`."""
+
+    def register(factory: OptimizerFactory) -> OptimizerFactory:
+        OPTIMIZERS[name] = factory
+        return factory
+
+    return register
+
+
+def _sgd(setting: Setting, *, momentum: float | None, nesterov: bool = False, first=()):
+    direction = [*first]
+    if momentum:
+        direction.append(optax.trace(momentum, nesterov=nesterov))
+    if setting.weight_decay:  # decoupled: scaled by the learning rate, as AdamW does
+        direction.append(optax.add_decayed_weights(setting.weight_decay, setting.mask))
+    return optax.chain(*direction, optax.scale_by_learning_rate(setting.schedule))
+
+
+@register_optimizer('sgd')
+def _plain_sgd(s: Setting) -> optax.GradientTransformation:
+    return _sgd(s, momentum=None)
+
+
+@register_optimizer('momentum')
+def _momentum(s: Setting) -> optax.GradientTransformation:
+    return _sgd(s, momentum=s.cfg.momentum)
+
+
+@register_optimizer('nesterov')
+def _nesterov(s: Setting) -> optax.GradientTransformation:
+    return _sgd(s, momentum=s.cfg.momentum, nesterov=True)
+
+
+@register_optimizer('adamw')
+def _adamw(s: Setting) -> optax.GradientTransformation:
+    return optax.adamw(s.schedule, weight_decay=s.weight_decay, mask=s.mask, **dict(s.cfg.kwargs))
+
+
+@register_optimizer('lamb')
+def _lamb(s: Setting) -> optax.GradientTransformation:
+    return optax.lamb(s.schedule, weight_decay=s.weight_decay, mask=s.mask, **dict(s.cfg.kwargs))
+
+
+@register_optimizer('lars')
+def _lars(s: Setting) -> optax.GradientTransformation:
+    return optax.lars(
+        s.schedule,
+        weight_decay=s.weight_decay,
+        weight_decay_mask=s.mask,
+        momentum=s.cfg.momentum,
+        **dict(s.cfg.kwargs),
+    )
+
+
+# A custom optax transformation, registered as an optimizer: docs/extending.md's example.
+class CentralizeState(NamedTuple):
+    """Gradient centralisation keeps no state."""
+
+
+def centralize_gradients() -> optax.GradientTransformation:
+    """Gradient centralisation (Yong et al., ECCV 2020): every convolution and dense kernel's
+    gradient has its mean over all axes but the output one removed, so each output unit's
+    weights move on the hyperplane of zero mean. Vectors (BN scales, biases) pass unchanged."""
+
+    def init(params):
+        del params
+        return CentralizeState()
+
+    def update(updates, state, params=None):
+        del params
+
+        def centralize(g):
+            if g.ndim < 2:
+                return g
+            return g - jnp.mean(g, axis=tuple(range(g.ndim - 1)), keepdims=True)
+
+        return jax.tree.map(centralize, updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
+@register_optimizer('momentum_gc')
+def _momentum_centralized(s: Setting) -> optax.GradientTransformation:
+    """The paper's SGD with momentum on centralised gradients."""
+    return _sgd(s, momentum=s.cfg.momentum, first=[centralize_gradients()])
+
+
+def is_known_optimizer(name: Any) -> bool:
+    """A registered name, or that of an optimizer factory in optax (adam, rmsprop...)."""
+    return isinstance(name, str) and (name in OPTIMIZERS or callable(getattr(optax, name, None)))
+
+
+def _optax_optimizer(s: Setting, name: str) -> optax.GradientTransformation:
+    if s.weight_decay:
+        raise ValueError(
+            f'optimizer {name!r} has no decoupled weight decay here; use weight_decay_mode='
+            "'coupled' or pass its own option through optimizer.kwargs"
+        )
+    try:
+        return getattr(optax, name)(s.schedule, **dict(s.cfg.kwargs))
+    except TypeError as e:
+        raise ValueError(
+            f'optimizer {name!r} rejected optimizer.kwargs {dict(s.cfg.kwargs)}: {e}'
+        ) from None
+
+
+# --- Checking and building ---------------------------------------------------------------------
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f'invalid config: optimizer.{message}')
+
+
+def check_config(cfg: Any, total_steps: int) -> None:
+    """Raises ValueError naming the first bad value of an `optimizer` config section."""
+    _require(
+        is_known_optimizer(cfg.name),
+        f'name={cfg.name!r}; expected one of {", ".join(OPTIMIZERS)} or an optax optimizer such '
+        'as adam',
+    )
+    for field, allowed in (
+        ('schedule', SCHEDULES),
+        ('weight_decay_mode', WEIGHT_DECAY_MODES),
+        ('warmup_mode', WARMUP_MODES),
+    ):
+        _require(
+            getattr(cfg, field) in allowed,
+            f'{field}={getattr(cfg, field)!r}; expected one of {", ".join(allowed)}',
+        )
+    _require(cfg.learning_rate > 0, f'learning_rate={cfg.learning_rate}; expected > 0')
+    _require(cfg.weight_decay >= 0, f'weight_decay={cfg.weight_decay}; expected >= 0')
+    _require(cfg.grad_clip_norm >= 0, f'grad_clip_norm={cfg.grad_clip_norm}; expected >= 0')
+    _require(
+        isinstance(cfg.warmup_steps, int) and cfg.warmup_steps >= 0,
+        f'warmup_steps={cfg.warmup_steps!r}; expected a non-negative int',
+    )
+    _require(0.0 <= cfg.ema_decay < 1.0, f'ema_decay={cfg.ema_decay}; expected [0, 1)')
+    _require(
+        cfg.warmup_steps < total_steps,
+        f'warmup_steps={cfg.warmup_steps} must be below total_steps={total_steps}',
+    )
+    for boundary in cfg.boundaries:
+        _require(
+            isinstance(boundary, int) and cfg.warmup_steps <= boundary,
+            f'boundaries has {boundary!r}; expected ints >= warmup_steps',
+        )
 
 
 def weight_decay_mask(params: Any, decay_bn_and_bias: bool) -> Any:
@@ -104,47 +281,19 @@ def create_optimizer(
     """The optax chain of `cfg` for `params` (used for the weight-decay mask only)."""
     schedule = learning_rate_schedule(cfg, total_steps, steps_per_epoch)
     mask = weight_decay_mask(params, cfg.decay_bn_and_bias)
-    wd = cfg.weight_decay
     decoupled = cfg.weight_decay_mode == 'decoupled'
-    kwargs = dict(cfg.kwargs)
-    name = cfg.name
-    if name in ('sgd', 'momentum', 'nesterov'):
-        momentum = None if name == 'sgd' else cfg.momentum
-        direction = [optax.trace(momentum, nesterov=name == 'nesterov')] if momentum else []
-        if decoupled:  # decay scaled by the learning rate, as AdamW does
-            direction.append(optax.add_decayed_weights(wd, mask))
-        tx = optax.chain(*direction, optax.scale_by_learning_rate(schedule))
-    elif name == 'adamw':
-        tx = optax.adamw(schedule, weight_decay=wd if decoupled else 0.0, mask=mask, **kwargs)
-    elif name == 'lamb':
-        tx = optax.lamb(schedule, weight_decay=wd if decoupled else 0.0, mask=mask, **kwargs)
-    elif name == 'lars':
-        tx = optax.lars(
-            schedule,
-            weight_decay=wd if decoupled else 0.0,
-            weight_decay_mask=mask,
-            momentum=cfg.momentum,
-            **kwargs,
-        )
+    setting = Setting(cfg, schedule, mask, cfg.weight_decay if decoupled else 0.0)
+    if cfg.name in OPTIMIZERS:
+        tx = OPTIMIZERS[cfg.name](setting)
+    elif is_known_optimizer(cfg.name):
+        tx = _optax_optimizer(setting, cfg.name)
     else:
-        if not is_known_optimizer(name):
-            raise ValueError(
-                f'optimizer.name {name!r} is not an optax optimizer; expected one of '
-                f'{", ".join(NAMED_OPTIMIZERS)} or a function of optax such as adam, rmsprop'
-            )
-        if decoupled and wd:
-            raise ValueError(
-                f'optimizer {name!r} has no decoupled weight decay here; use weight_decay_mode='
-                "'coupled' or pass its own option through optimizer.kwargs"
-            )
-        try:
-            tx = getattr(optax, name)(schedule, **kwargs)
-        except TypeError as e:
-            raise ValueError(
-                f'optimizer {name!r} rejected optimizer.kwargs {kwargs}: {e}'
-            ) from None
-    if wd and not decoupled:  # L2 in the gradient, as the paper (and Caffe) did
-        tx = optax.chain(optax.add_decayed_weights(wd, mask), tx)
+        raise ValueError(
+            f'optimizer.name {cfg.name!r} is not an optax optimizer; expected one of '
+            f'{", ".join(OPTIMIZERS)} or a function of optax such as adam, rmsprop'
+        )
+    if cfg.weight_decay and not decoupled:  # L2 in the gradient, as the paper (and Caffe) did
+        tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask), tx)
     if cfg.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
     return tx, schedule

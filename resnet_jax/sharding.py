@@ -51,28 +51,26 @@ def state_shardings(
     return jax.tree.map(rule, abstract_state)
 
 
-def local_batch_size(global_batch_size: int, mesh: Mesh | None = None) -> int:
-    """This process's share of the global batch; raises ValueError unless it divides evenly.
+def check_batch_size(batch_size: Any, devices: int, processes: int) -> None:
+    """Raises ValueError unless `batch_size` splits evenly over the devices and processes
+    (else some device would get a ragged shard). The message continues 'batch_size=N ...'."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError('is not a positive int')
+    for count, what in ((devices, 'devices'), (processes, 'processes')):
+        if batch_size % count:
+            raise ValueError(
+                f'is not divisible by the {count} {what}; expected a multiple of {count}'
+            )
 
-    The global batch must split evenly over the processes and over the devices, or some
-    device would get a ragged shard.
-    """
+
+def local_batch_size(global_batch_size: int, mesh: Mesh | None = None) -> int:
+    """This process's share of the global batch; raises ValueError unless it divides evenly."""
     mesh = data_mesh() if mesh is None else mesh
-    processes = jax.process_count()
-    devices = mesh.devices.size
-    if not isinstance(global_batch_size, int) or global_batch_size < 1:
-        raise ValueError(f'batch_size must be a positive int, got {global_batch_size!r}')
-    if global_batch_size % devices:
-        raise ValueError(
-            f'batch_size {global_batch_size} is not divisible by the {devices} devices of the '
-            f'mesh; expected a multiple of {devices}'
-        )
-    if global_batch_size % processes:
-        raise ValueError(
-            f'batch_size {global_batch_size} is not divisible by the {processes} processes; '
-            f'expected a multiple of {processes}'
-        )
-    return global_batch_size // processes
+    try:
+        check_batch_size(global_batch_size, mesh.devices.size, jax.process_count())
+    except ValueError as e:
+        raise ValueError(f'batch_size {global_batch_size!r} {e}') from None
+    return global_batch_size // jax.process_count()
 
 
 def global_batch(local_batch: Any, mesh: Mesh) -> Any:

@@ -2,6 +2,8 @@
 
 * `from_torchvision(state_dict, model)`: torchvision's resnet18..152 (ResNet v1.5, stride on the
   3x3 of a bottleneck) into a model built with `stride_on='3x3'`, `shortcut='B'`.
+* `from_timm(state_dict, model)`: timm's resnet18..152 and ResNet-D (resnet50d, resnet101d: deep
+  stem, average-pool shortcuts) into the model of the same name.
 * `from_keras(keras_model, model)`: `keras.applications` ResNet50/101/152 (v1, stride on the first
   1x1) into a model built with `stride_on='1x1'`, `shortcut='B'`, `bn_epsilon=1.001e-5`.
 * `load_state_dict(path)`: a torchvision checkpoint file, read without executing pickled code.
@@ -15,6 +17,7 @@ module level: both are optional, and only the objects the caller passes in are t
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -164,11 +167,12 @@ def _require(condition: bool, message: str) -> None:
 
 
 def _check_imagenet_model(model: Any, source: str) -> None:
+    stem = getattr(model, 'stem', None)
     _require(
-        isinstance(model, ResNet) and not model.cifar_stem,
+        isinstance(model, ResNet) and stem == 'imagenet',
         f'{source} weights need an ImageNet ResNet from create_model (resnet18..resnet152), '
         f'got {type(model).__name__}'
-        + (' with the CIFAR stem' if isinstance(model, ResNet) and model.cifar_stem else ''),
+        + (f' with the {stem!r} stem' if isinstance(model, ResNet) else ''),
     )
     _require(
         model.shortcut == 'B',
@@ -177,24 +181,92 @@ def _check_imagenet_model(model: Any, source: str) -> None:
     )
 
 
-# --- torchvision -----------------------------------------------------------------------------
+# --- PyTorch layouts: torchvision and timm -------------------------------------------------
+
+# timm's deep stem (resnet50d): Sequential(conv, bn, relu, conv, bn, relu, conv), then bn1.
+_TIMM_DEEP_STEM = {
+    'stem_conv1': 'conv1.0',
+    'stem_bn1': 'conv1.1',
+    'stem_conv2': 'conv1.3',
+    'stem_bn2': 'conv1.4',
+    'stem_conv3': 'conv1.6',
+    'stem_bn3': 'bn1',
+}
+_TORCHVISION_STEM = {'stem_conv': 'conv1', 'stem_bn': 'bn1'}
 
 
-def _torchvision_name(path: tuple[str, ...]) -> tuple[str, bool]:
-    """torchvision's name for one of our variables, and whether it is a conv kernel."""
+def _torch_name(
+    path: tuple[str, ...], stem: Mapping[str, str], downsample: int
+) -> tuple[str, bool]:
+    """The PyTorch name of one of our variables, and whether it is a conv kernel.
+
+    Args:
+      stem: our stem modules -> theirs.
+      downsample: the index of the projection conv in `downsample` (0 in torchvision; 1 in
+        timm's average-pool shortcuts, where index 0 is the pool).
+    """
     _, *module, leaf = path
     if module == ['head']:
         return ('fc.weight' if leaf == 'kernel' else 'fc.bias'), False
-    if module[0] in ('stem_conv', 'stem_bn'):
-        torch_module = {'stem_conv': 'conv1', 'stem_bn': 'bn1'}[module[0]]
+    if module[0] in stem:
+        torch_module = stem[module[0]]
     else:
         stage, block, *rest = module
         prefix = f'layer{stage[len("stage") :]}.{int(block[len("block") :]) - 1}'
-        layer = {'proj_conv': 'downsample.0', 'proj_bn': 'downsample.1'}.get(rest[-1], rest[-1])
-        torch_module = f'{prefix}.{layer}'
+        projection = {
+            'proj_conv': f'downsample.{downsample}',
+            'proj_bn': f'downsample.{downsample + 1}',
+        }
+        torch_module = f'{prefix}.{projection.get(rest[-1], rest[-1])}'
     if leaf == 'kernel':
         return f'{torch_module}.weight', True
     return f'{torch_module}.{_BN_SUFFIX[leaf]}', False
+
+
+def _from_torch(
+    state_dict: Mapping[str, Any],
+    model: ResNet,
+    name_of: Callable[[tuple[str, ...]], tuple[str, bool]],
+    what: str,
+    head: str = 'fc.weight',
+) -> Variables:
+    """Fills `model` from a PyTorch state dict named by `name_of`; every entry must be used."""
+    _require(
+        isinstance(state_dict, Mapping),
+        f'state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}',
+    )
+
+    def source(path: tuple[str, ...]) -> _Source:
+        name, is_conv = name_of(path)
+        if is_conv:  # OIHW -> HWIO
+            return name, lambda: _to_numpy(state_dict[name]).transpose(2, 3, 1, 0)
+        if name == head:  # (out, in) -> (in, out)
+            return name, lambda: _to_numpy(state_dict[name]).T
+        return name, lambda: state_dict[name]
+
+    # num_batches_tracked only drives PyTorch's momentum=None averaging; it has no counterpart.
+    names = {k for k in state_dict if not k.endswith('num_batches_tracked')}
+    variables, used = _convert(model, source, names, what)
+    unexpected = _natural_sort(names - used)
+    _require(
+        not unexpected,
+        f'{what} has {len(unexpected)} unexpected entries for this model: {_some(unexpected)}',
+    )
+    return variables
+
+
+def _check_torch_bottlenecks(model: ResNet, source: str) -> None:
+    if issubclass(model.block_cls, Bottleneck):
+        _require(
+            model.stride_on == '3x3',
+            f"{source}'s bottleneck ResNets stride on the 3x3 convolution (v1.5): build the "
+            f"model with stride_on='3x3', got stride_on={model.stride_on!r}",
+        )
+    _require(
+        model.bn_epsilon == TORCHVISION_BN_EPSILON,
+        f'{source} BatchNorm uses epsilon={TORCHVISION_BN_EPSILON}: build the model with '
+        f'bn_epsilon={TORCHVISION_BN_EPSILON}, got {model.bn_epsilon}',
+    )
 
 
 def from_torchvision(state_dict: Mapping[str, Any], model: ResNet) -> Variables:
@@ -215,40 +287,44 @@ def from_torchvision(state_dict: Mapping[str, Any], model: ResNet) -> Variables:
         unexpected or mis-shaped entries (all of them named in the message).
     """
     _check_imagenet_model(model, 'torchvision')
-    if issubclass(model.block_cls, Bottleneck):
+    _check_torch_bottlenecks(model, 'torchvision')
+    name_of = functools.partial(_torch_name, stem=_TORCHVISION_STEM, downsample=0)
+    return _from_torch(state_dict, model, name_of, 'torchvision state_dict')
+
+
+def from_timm(state_dict: Mapping[str, Any], model: ResNet) -> Variables:
+    """Converts a timm ResNet state dict: resnet18..152 (torchvision's layout) and ResNet-D
+    (resnet50d, resnet101d: the deep stem and average-pool shortcuts).
+
+    Args:
+      state_dict: `timm.create_model(name).state_dict()`, or what `load_state_dict` returns.
+      model: `create_model('resnet50d', num_classes=...)` (its defaults are timm's), or an
+        ImageNet ResNet built as for `from_torchvision`.
+
+    Raises:
+      ValueError: as `from_torchvision`.
+    """
+    _require(
+        isinstance(model, ResNet) and model.stem in ('imagenet', 'deep'),
+        f'timm weights need an ImageNet ResNet from create_model, got {type(model).__name__}'
+        + (f' with the {model.stem!r} stem' if isinstance(model, ResNet) else ''),
+    )
+    if model.stem == 'deep':
         _require(
-            model.stride_on == '3x3',
-            "torchvision's bottleneck ResNets stride on the 3x3 convolution (v1.5): build the "
-            f"model with stride_on='3x3', got stride_on={model.stride_on!r}",
+            model.shortcut == 'D',
+            "timm's ResNet-D shortcuts average-pool then project: build the model with "
+            f"shortcut='D', got shortcut={model.shortcut!r}",
         )
-    _require(
-        model.bn_epsilon == TORCHVISION_BN_EPSILON,
-        f'torchvision BatchNorm uses epsilon={TORCHVISION_BN_EPSILON}: build the model with '
-        f'bn_epsilon={TORCHVISION_BN_EPSILON}, got {model.bn_epsilon}',
+    else:
+        _check_imagenet_model(model, 'timm')
+    _check_torch_bottlenecks(model, 'timm')
+    deep = model.stem == 'deep'
+    name_of = functools.partial(
+        _torch_name,
+        stem=_TIMM_DEEP_STEM if deep else _TORCHVISION_STEM,
+        downsample=1 if model.shortcut == 'D' else 0,
     )
-    _require(
-        isinstance(state_dict, Mapping),
-        f'state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}',
-    )
-
-    def source(path: tuple[str, ...]) -> _Source:
-        name, is_conv = _torchvision_name(path)
-        if is_conv:  # OIHW -> HWIO
-            return name, lambda: _to_numpy(state_dict[name]).transpose(2, 3, 1, 0)
-        if name == 'fc.weight':  # (out, in) -> (in, out)
-            return name, lambda: _to_numpy(state_dict[name]).T
-        return name, lambda: state_dict[name]
-
-    # num_batches_tracked only drives PyTorch's momentum=None averaging; it has no counterpart.
-    names = {k for k in state_dict if not k.endswith('num_batches_tracked')}
-    variables, used = _convert(model, source, names, 'torchvision state_dict')
-    unexpected = _natural_sort(names - used)
-    _require(
-        not unexpected,
-        f'torchvision state_dict has {len(unexpected)} unexpected entries for this model: '
-        f'{_some(unexpected)}',
-    )
-    return variables
+    return _from_torch(state_dict, model, name_of, 'timm state_dict')
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -55,7 +55,16 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         raise ValueError(f'{path} is not a readable config ({e}); pass --config=FILE') from None
     if not isinstance(values, dict) or 'model' not in values:
         raise ValueError(f'{path} is not a run config (no model section); pass --config=FILE')
-    return ml_collections.ConfigDict(values)
+    return ml_collections.ConfigDict(_lists_as_tuples(values))
+
+
+def _lists_as_tuples(value: Any) -> Any:
+    """JSON has no tuples; the config's sequences are tuples (config_flags overrides those)."""
+    if isinstance(value, dict):
+        return {k: _lists_as_tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_lists_as_tuples(v) for v in value)
+    return value
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -5,14 +5,16 @@ shards, epochs and eval coverage can be checked example by example.
 """
 
 import contextlib
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from synthetic_data import example_indices, synthetic_source
+from synthetic_data import example_indices, make_tfds_dataset, synthetic_info, synthetic_source
 
-from resnet_jax import augment, data, sharding
+from resnet_jax import augment, data, datasets, sharding
 
 DATASET = 'cifar10_jpeg'
 
@@ -42,11 +44,13 @@ def _take(dataset, n):
 
 # --- Synthetic sources whose images say which example they are ------------------------------
 
-SYNTHETIC_INFO = data.DatasetInfo('synthetic', 10, (32, 32, 3), {'train': 0})
+SYNTHETIC_INFO = synthetic_info()
 
 
 def _identity(train=False):
-    return data.Preprocess(SYNTHETIC_INFO, train=train, augmentation='none', mean=np.zeros(3))
+    return data.make_preprocess(
+        SYNTHETIC_INFO, train=train, augmentation='none', normalization='none'
+    )
 
 
 def _indices(batch, mask=None):
@@ -99,7 +103,7 @@ def test_holdout_split_is_disjoint_stable_and_sized(cifar10_data_dir):
 
 def test_train_batches_have_the_right_shapes_and_dtypes(cifar):
     source, info, data_dir = cifar
-    for normalization in data.NORMALIZATIONS:
+    for normalization in ('pixel_mean', 'channel'):
         preprocess = data.make_preprocess(
             info, train=True, data_dir=data_dir, normalization=normalization
         )
@@ -162,7 +166,7 @@ def test_process_shards_are_disjoint_and_cover_the_split():
 
 def test_global_batches_and_their_augmentation_do_not_depend_on_the_topology():
     source = synthetic_source(64)
-    preprocess = data.Preprocess(SYNTHETIC_INFO, train=True, augmentation='paper', mean=np.zeros(3))
+    preprocess = data.make_preprocess(SYNTHETIC_INFO, train=True, normalization='none')
     one = _take(data.train_dataset(source, preprocess, batch_size=16, seed=3), 6)  # 1.5 epochs
     for count in (2, 4):
         slices = [
@@ -294,6 +298,40 @@ def test_device_cifar_augmentation_matches_the_host_statistics():
     assert 0.45 < device[:, 2].mean() < 0.55
 
 
+def _erased_boxes(images, fill):
+    """(top, left, bottom, right) of the pixels equal to `fill` in each image (one box each)."""
+    boxes = []
+    for image in np.asarray(images):
+        rows, cols = np.nonzero(np.all(image == np.asarray(fill), axis=-1))
+        boxes.append((rows.min(), cols.min(), rows.max() + 1, cols.max() + 1))
+    return np.array(boxes)
+
+
+def test_cutout_erases_one_clipped_square_on_host_and_device_alike():
+    fill = (125, 123, 114)  # CIFAR-10's mean colour: the square normalises to zero
+    image = np.full((32, 32, 3), 7, np.uint8)
+    rng = np.random.default_rng(0)
+    host = _erased_boxes([augment.cutout(image, rng, fill=fill) for _ in range(3000)], fill)
+    batch = jnp.asarray(np.repeat(image[None], 3000, axis=0))
+    device = _erased_boxes(augment.cutout_batch(batch, jax.random.key(0), fill=fill), fill)
+    for boxes in (host, device):
+        heights, widths = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        assert heights.max() == widths.max() == 16  # never larger; clipped at the border
+        assert heights.min() == widths.min() == 8  # a centre on the edge keeps half
+        # Centres uniform over the image: a box touches the top edge 9/32 of the time.
+        assert 0.24 < np.mean(boxes[:, 0] == 0) < 0.33
+    assert abs(np.mean(host[:, 2] - host[:, 0]) - np.mean(device[:, 2] - device[:, 0])) < 0.3
+    # Everything else is untouched, and the chain runs it after the crop.
+    erased = augment.cutout(image, np.random.default_rng(1), fill=fill)
+    assert (
+        np.count_nonzero(np.all(erased == 7, axis=-1))
+        + np.count_nonzero(np.all(erased == np.asarray(fill), axis=-1))
+        == 32 * 32
+    )
+    ops = augment.parse_chain('pad_crop_flip+cutout')
+    assert [op.name for op in ops] == ['pad_crop_flip', 'cutout']
+
+
 def test_in_memory_batches_cover_each_epoch_and_depend_only_on_key_and_step():
     n, batch_size = 64, 16
     images = jnp.asarray(np.stack([r['image'] for r in synthetic_source(n)]))
@@ -327,7 +365,9 @@ def test_load_arrays_decodes_the_split(cifar10_data_dir):
 
 # --- ImageNet-style images of varied sizes ---------------------------------------------------
 
-IMAGENET_INFO = data.DatasetInfo('fake_imagenet', 5, None, {'train': 4})
+IMAGENET_INFO = data.DatasetInfo(
+    'fake_imagenet', 5, None, {'train': 4}, spec=datasets.spec('imagenet2012')
+)
 
 
 def _varied_source():
@@ -339,7 +379,7 @@ def _varied_source():
     ]
 
 
-@pytest.mark.parametrize('augmentation', ['paper', 'inception'])
+@pytest.mark.parametrize('augmentation', ['default', 'inception_crop_flip'])
 def test_imagenet_train_batches_from_varied_sizes(augmentation):
     preprocess = data.make_preprocess(
         IMAGENET_INFO, train=True, augmentation=augmentation, normalization='channel'
@@ -390,9 +430,11 @@ def test_global_batch_is_sharded_over_the_data_axis():
 # --- Bad input -------------------------------------------------------------------------------
 
 
-def test_unknown_dataset_lists_what_is_there(tmp_path):
-    (tmp_path / 'some_dataset').mkdir()
-    with pytest.raises(ValueError, match=r"unknown dataset 'cifar11'.*\(found: some_dataset\)"):
+def test_an_unknown_dataset_lists_the_registered_ones(tmp_path):
+    (tmp_path / 'cifar11').mkdir()  # prepared or not: a dataset must be described to be used
+    with pytest.raises(
+        ValueError, match=r"unknown dataset 'cifar11': expected one of cifar10, cifar10_jpeg"
+    ):
         data.open_split('cifar11', 'train', str(tmp_path))
     with pytest.raises(ValueError, match='dataset name must be a TFDS name'):
         data.open_split('../etc', 'train', str(tmp_path))
@@ -442,7 +484,7 @@ def test_batch_size_must_divide_over_devices_and_processes():
     mesh = sharding.data_mesh()
     with pytest.raises(ValueError, match='batch_size 12 is not divisible by the 8 devices'):
         sharding.local_batch_size(12, mesh)
-    with pytest.raises(ValueError, match='batch_size must be a positive int, got 0'):
+    with pytest.raises(ValueError, match='batch_size 0 is not a positive int'):
         sharding.local_batch_size(0, mesh)
     with pytest.raises(ValueError, match='batch_size must be a positive int'):
         data.train_dataset(synthetic_source(8), _identity(), batch_size=0, seed=0)
@@ -471,13 +513,73 @@ def test_malformed_records_are_named(image, label, message):
 
 
 def test_bad_options():
-    with pytest.raises(ValueError, match=r"augmentation 'autoaugment' is invalid"):
-        data.make_preprocess(IMAGENET_INFO, train=True, augmentation='autoaugment')
-    with pytest.raises(ValueError, match=r"normalization 'zca' is invalid"):
+    with pytest.raises(
+        ValueError, match=r"unknown augmentation 'autoaugment' in 'flip\+autoaugment'"
+    ):
+        data.make_preprocess(IMAGENET_INFO, train=True, augmentation='flip+autoaugment')
+    with pytest.raises(ValueError, match=r"normalization 'zca' is invalid; expected one of pixel"):
         data.make_preprocess(IMAGENET_INFO, train=True, normalization='zca')
-    with pytest.raises(ValueError, match="'inception' is for ImageNet-sized images"):
+    with pytest.raises(
+        ValueError, match="'inception_crop_flip' is for imagenet datasets; synthetic is a cifar"
+    ):
         data.make_preprocess(
-            SYNTHETIC_INFO, train=True, augmentation='inception', normalization='channel'
+            SYNTHETIC_INFO, train=True, augmentation='inception_crop_flip', normalization='channel'
         )
     with pytest.raises(ValueError, match='num_workers must be an int >= 0'):
         data.train_dataset(synthetic_source(8), _identity(), batch_size=4, seed=0, num_workers=-1)
+
+
+# --- A dataset described as data: docs/extending.md's example ---------------------------------
+
+
+@pytest.mark.slow
+def test_a_dataset_described_as_data_trains_end_to_end(tmp_path):
+    from configs import smoke
+    from resnet_jax import config as config_lib
+    from resnet_jax import trainer
+
+    written = make_tfds_dataset(tmp_path / 'tfds', 'svhn_cropped', {'train': 64, 'test': 32})
+    source, info = data.open_split('svhn_cropped', 'train', str(tmp_path / 'tfds'))
+    assert (len(source), info.num_classes, info.image_shape) == (64, 10, (32, 32, 3))
+    np.testing.assert_array_equal(source[5]['image'], written['train']['image'][5])
+    assert info.family == 'cifar' and info.spec.mean == datasets.SVHN_MEAN
+    # Its default augmentation is the spec's: crops, never a flip.
+    preprocess = data.make_preprocess(info, train=True, normalization='channel')
+    assert [op.name for op in preprocess.ops] == ['pad_crop']
+
+    config = smoke.get_config()
+    config_lib.apply_overrides(
+        config,
+        {
+            'dataset.name': 'svhn_cropped',
+            'dataset.data_dir': str(tmp_path / 'tfds'),
+            'dataset.train_split': 'train',
+            'dataset.eval_split': 'test',
+            'dataset.normalization': 'channel',
+            'total_steps': 2,
+            'eval_every_steps': 2,
+        },
+    )
+    final = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert final['eval/num_examples'] == 32
+    recorded = json.loads((tmp_path / 'run' / 'config.json').read_text())
+    assert recorded['dataset']['name'] == 'svhn_cropped'
+
+
+def test_the_pixel_mean_is_kept_between_runs_and_measured_again_for_new_files(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv(data.CACHE_DIR_ENV, str(tmp_path / 'cache'))
+    written = make_tfds_dataset(tmp_path / 'tfds', 'svhn_cropped', {'train': 40, 'test': 8})
+    data_dir = str(tmp_path / 'tfds')
+    mean = data.pixel_mean('svhn_cropped', data_dir)
+    np.testing.assert_allclose(mean, written['train']['image'].mean(axis=0), rtol=1e-6)
+    (cached,) = (tmp_path / 'cache' / 'pixel_mean').iterdir()
+    np.save(cached, np.full_like(mean, 7.0))  # what a later run finds is what it uses
+    data.pixel_mean.cache_clear()
+    np.testing.assert_array_equal(data.pixel_mean('svhn_cropped', data_dir), 7.0)
+    (train_file,) = data.dataset_info('svhn_cropped', data_dir).files['train']
+    os.utime(train_file)  # prepared again: a new file, measured again
+    data.pixel_mean.cache_clear()
+    np.testing.assert_allclose(data.pixel_mean('svhn_cropped', data_dir), mean, rtol=1e-6)
+    assert len(list((tmp_path / 'cache' / 'pixel_mean').iterdir())) == 2

@@ -5,15 +5,14 @@ import pathlib
 import subprocess
 import sys
 
-import numpy as np
 import portpicker
 import pytest
-from synthetic_data import example_indices, synthetic_source
+from synthetic_data import example_indices, synthetic_info, synthetic_source
 
 from resnet_jax import data
 
-_INFO = data.DatasetInfo('synthetic', 10, (32, 32, 3), {'train': 0})
-_PREPROCESS = data.Preprocess(_INFO, train=False, augmentation='none', mean=np.zeros(3))
+_INFO = synthetic_info()
+_PREPROCESS = data.make_preprocess(_INFO, train=False, augmentation='none', normalization='none')
 
 WORKER = pathlib.Path(__file__).parent / 'workers' / 'data_worker.py'
 

@@ -24,6 +24,11 @@ def _shape(name):
 
 
 @functools.cache
+def _deep(name):
+    """Over 100 layers: tracing one takes seconds, so its tests run in the full tier only."""
+    return int(''.join(c for c in name if c.isdigit()) or 0) > 100
+
+
 def _abstract_variables(name, **options):
     model = rj.create_model(name, num_classes=_classes(name), **options)
     return jax.eval_shape(lambda: rj.init_variables(model, jax.random.key(0), _shape(name)))
@@ -63,8 +68,8 @@ def _blocks(flat):
 # --- The registry ----------------------------------------------------------------------------
 
 
-def test_model_names_are_the_papers():
-    assert set(rj.MODEL_NAMES) == {
+def test_model_names_are_the_papers_and_resnet_d():
+    assert set(rj.MODEL_NAMES) - {'resnet50d', 'resnet101d'} == {
         'resnet18',
         'resnet34',
         'resnet50',
@@ -89,7 +94,7 @@ def test_model_names_are_the_papers():
 
 @pytest.mark.parametrize(
     'name',
-    [pytest.param(n, marks=pytest.mark.slow) if n == 'resnet1202' else n for n in rj.MODEL_NAMES],
+    [pytest.param(n, marks=pytest.mark.slow) if _deep(n) else n for n in rj.MODEL_NAMES],
 )
 def test_output_shape_for_every_name(name):
     model = rj.create_model(name, num_classes=7)
@@ -105,7 +110,11 @@ def test_output_shape_for_every_name(name):
 
 @pytest.mark.parametrize(
     'name,options',
-    [('resnet20', {}), ('plain20', {}), pytest.param('resnet50', {}, marks=pytest.mark.slow)],
+    [
+        ('resnet20', {}),
+        pytest.param('plain20', {}, marks=pytest.mark.slow),
+        pytest.param('resnet50', {}, marks=pytest.mark.slow),
+    ],
 )
 def test_forward_backward_runs_and_is_finite(name, options):
     model = rj.create_model(name, num_classes=5, **options)
@@ -163,7 +172,9 @@ def test_imagenet_params_equal_torchvision(name):
     assert rj.count_params(_abstract_variables(name)['params']) == TORCHVISION_PARAMS[name]
 
 
-@pytest.mark.parametrize('name', sorted(TABLE6_PARAMS))
+@pytest.mark.parametrize(
+    'name', [pytest.param(n, marks=pytest.mark.slow) if _deep(n) else n for n in TABLE6_PARAMS]
+)
 def test_cifar_params_match_table6(name):
     printed = TABLE6_PARAMS[name]
     decimals = len(printed.rstrip('M').split('.')[1])
@@ -202,7 +213,9 @@ def test_shortcut_options_add_exactly_their_projections():
     )
 
 
-@pytest.mark.parametrize('name', sorted(TABLE1_GMACS))
+@pytest.mark.parametrize(
+    'name', [pytest.param(n, marks=pytest.mark.slow) if _deep(n) else n for n in TABLE1_GMACS]
+)
 def test_multiply_adds_within_5_percent_of_table1(name):
     model = rj.create_model(name, num_classes=1000)
     gmacs = rj.count_flops(model, IMAGENET_SHAPE) / 1e9
@@ -225,6 +238,7 @@ def test_multiply_adds_agree_with_xla_cost_analysis(name):
     assert 0.9 * ours < xla < 1.01 * ours
 
 
+@pytest.mark.slow
 def test_multiply_adds_follow_the_options():
     count = lambda name, **kw: rj.count_flops(
         rj.create_model(name, num_classes=1000, **kw), IMAGENET_SHAPE
@@ -244,6 +258,7 @@ def test_multiply_adds_follow_the_options():
 # --- Architecture ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cifar_stages_run_at_32_16_8_with_widths_16_32_64():
     model = rj.create_model('resnet20', num_classes=10)
     variables = rj.init_variables(model, jax.random.key(0), CIFAR_SHAPE)
@@ -256,6 +271,7 @@ def test_cifar_stages_run_at_32_16_8_with_widths_16_32_64():
     assert len(convs) + 1 == 20  # 6n+2 weighted layers: 19 convolutions and the head.
 
 
+@pytest.mark.slow
 def test_imagenet_stem_and_stages_follow_table1():
     model = rj.create_model('resnet50', num_classes=1000)
     variables = rj.init_variables(model, jax.random.key(0), SMALL_IMAGENET_SHAPE)
@@ -268,6 +284,7 @@ def test_imagenet_stem_and_stages_follow_table1():
 
 
 @pytest.mark.parametrize('stride_on,strided', [('1x1', 'conv1'), ('3x3', 'conv2')])
+@pytest.mark.slow
 def test_stride_on_puts_the_stride_where_asked(stride_on, strided):
     model = rj.create_model('resnet50', num_classes=10, stride_on=stride_on)
     variables = rj.init_variables(model, jax.random.key(0), SMALL_IMAGENET_SHAPE)
@@ -321,7 +338,7 @@ def test_defaults_are_the_papers():
     assert rj.create_model('plain20', num_classes=10).shortcut is None
 
 
-@pytest.mark.parametrize('name', ['resnet20', 'resnet50'])
+@pytest.mark.parametrize('name', ['resnet20', pytest.param('resnet50', marks=pytest.mark.slow)])
 def test_zero_init_residual_makes_every_branch_zero(name):
     model = rj.create_model(name, num_classes=10, zero_init_residual=True)
     shape = CIFAR_SHAPE if name == 'resnet20' else SMALL_IMAGENET_SHAPE
@@ -372,6 +389,7 @@ def test_plain_nets_have_no_shortcut():
 # --- BatchNorm state -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_running_statistics_change_only_in_train_mode():
     model = rj.create_model('resnet20', num_classes=10)
     variables = rj.init_variables(model, jax.random.key(0), CIFAR_SHAPE)
@@ -416,6 +434,7 @@ def test_bn_momentum_and_epsilon_reach_batchnorm():
     np.testing.assert_allclose(flat['stem_bn'], expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
     model = rj.create_model('resnet20', num_classes=10, dtype=jnp.bfloat16)
     variables = rj.init_variables(model, jax.random.key(0), CIFAR_SHAPE)
@@ -436,6 +455,21 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
 # --- Scanned blocks --------------------------------------------------------------------------
 
 
+@pytest.fixture
+def narrow_bottleneck_net():
+    """A network registered by a test, as a user would add one (docs/extending.md), and removed
+    afterwards so that the registry tables the docs show stay the library's own."""
+    models.register_model(
+        'narrow_bottleneck_net',
+        family='imagenet',
+        stage_sizes=(2, 2, 2, 2),
+        block_cls=models.Bottleneck,
+        widths=(4, 8, 16, 32),
+    )
+    yield
+    del models.MODELS['narrow_bottleneck_net']
+
+
 def _float64(tree):
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
 
@@ -446,15 +480,21 @@ def _float64(tree):
         ('resnet20', {}, CIFAR_SHAPE),
         ('plain20', {}, CIFAR_SHAPE),
         ('resnet20', {'shortcut': 'C', 'zero_init_residual': False}, CIFAR_SHAPE),
-        # 48 pixels leave 2x2 maps in the last stage, as 64 do, at half the (float64) cost; at
-        # 1x1, train-mode BatchNorm over 3 examples is too ill-conditioned even for float64.
-        pytest.param('resnet50', {'stride_on': '3x3'}, (48, 48, 3), marks=pytest.mark.slow),
+        # Bottlenecks with an ImageNet stem, at a sixteenth of resnet50's widths (float64
+        # convolutions are slow); 48 pixels leave 2x2 maps in the last stage: at 1x1, train-mode
+        # BatchNorm over 3 examples is too ill-conditioned even for float64.
+        pytest.param(
+            'narrow_bottleneck_net', {'stride_on': '3x3'}, (48, 48, 3), marks=pytest.mark.slow
+        ),
     ],
 )
-def test_scanned_and_unrolled_nets_agree(name, options, shape):
+@pytest.mark.slow
+def test_scanned_and_unrolled_nets_agree(name, options, shape, request):
     """The two layouts compute the same function: checked in float64, where only rounding at
     1e-16 separates them. (In float32 the train-mode gradients of a batch of 3 differ by up to
     1.4% between machines: BatchNorm over 3 examples is badly conditioned, not wrong.)"""
+    if name == 'narrow_bottleneck_net':
+        request.getfixturevalue('narrow_bottleneck_net')
     with jax.enable_x64(True):
         options = {**options, 'dtype': jnp.float64}
         unrolled = rj.create_model(name, num_classes=10, **options)
@@ -466,8 +506,9 @@ def test_scanned_and_unrolled_nets_agree(name, options, shape):
         assert jax.tree.map(np.shape, stacked) == jax.tree.map(lambda x: x.shape, expected)
         images = _images(shape, batch=3).astype(jnp.float64)
         for train in (False, True):
-            logits_u, stats_u = rj.apply_model(unrolled, variables, images, train=train)
-            logits_s, stats_s = rj.apply_model(scanned, stacked, images, train=train)
+            apply = jax.jit(rj.apply_model, static_argnames=('model', 'train'))
+            logits_u, stats_u = apply(unrolled, variables, images, train=train)
+            logits_s, stats_s = apply(scanned, stacked, images, train=train)
             assert logits_u.dtype == logits_s.dtype == jnp.float64
             scale = float(np.abs(logits_u).max())
             np.testing.assert_allclose(logits_s, logits_u, rtol=0, atol=1e-10 * scale)
@@ -487,10 +528,10 @@ def test_scanned_and_unrolled_nets_agree(name, options, shape):
             )
             return jnp.sum(logits * jnp.arange(logits.shape[-1]))
 
-        grads_u = jax.grad(functools.partial(loss, unrolled))(
+        grads_u = jax.jit(jax.grad(functools.partial(loss, unrolled)))(
             variables['params'], variables['batch_stats']
         )
-        grads_s = jax.grad(functools.partial(loss, scanned))(
+        grads_s = jax.jit(jax.grad(functools.partial(loss, scanned)))(
             stacked['params'], stacked['batch_stats']
         )
         grads_s = weights.to_unrolled({'params': jax.device_get(grads_s)})['params']
@@ -513,6 +554,7 @@ def test_scanned_and_unrolled_nets_agree(name, options, shape):
     ],
 )
 @jax.enable_x64(True)
+@pytest.mark.slow
 def test_loop_convolution_matches_lax_in_value_and_gradients(kernel, padding, strides):
     # float64: the two compute the same function, so they must agree to rounding at 1e-16.
     x = jax.random.normal(jax.random.key(0), (3, 9, 8, 5), jnp.float64)
@@ -541,6 +583,7 @@ def test_loop_convolution_matches_lax_in_value_and_gradients(kernel, padding, st
 
 
 @jax.enable_x64(True)
+@pytest.mark.slow
 def test_loop_convolution_gradients_under_vmap_match_lax():
     # bn_group_size vmaps the model over groups of the batch, and with it this convolution.
     xs = jax.random.normal(jax.random.key(0), (2, 3, 6, 6, 4), jnp.float64)
@@ -560,6 +603,7 @@ def test_loop_convolution_gradients_under_vmap_match_lax():
         np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_scanned_train_step_runs_its_loop_convolutions_in_canonical_form():
     """Inside a loop, XLA's CPU backend runs fast only NHWC x HWIO convolutions (see
     models.loop_conv_general_dilated); a transposed one there cost a 10x slower step."""
@@ -572,7 +616,7 @@ def test_scanned_train_step_runs_its_loop_convolutions_in_canonical_form():
     shape = (16, 16, 3)
     params = jax.eval_shape(lambda: rj.init_variables(model, jax.random.key(0), shape))['params']
     tx, schedule = optim.create_optimizer(
-        optim.PAPER_CIFAR_SGD, params, total_steps=10, steps_per_epoch=1
+        optim.OptimizerConfig(), params, total_steps=10, steps_per_epoch=1
     )
     state = jax.eval_shape(lambda: create_train_state(model, tx, 0, shape))
     batch = {
@@ -612,7 +656,7 @@ def test_unknown_option_lists_the_valid_ones():
 @pytest.mark.parametrize(
     'option,value',
     [
-        ('shortcut', 'D'),
+        ('shortcut', 'E'),
         ('shortcut', 'a'),
         ('stride_on', '2x2'),
         ('zero_init_residual', 1),
@@ -663,6 +707,7 @@ def test_bad_images_raise_a_clear_error(images, message):
         jax.jit(lambda v, x: rj.apply_model(model, v, x, train=True))(variables, images)
 
 
+@pytest.mark.slow
 def test_input_channels_option():
     model = rj.create_model('resnet20', num_classes=10, input_channels=1)
     variables = rj.init_variables(model, jax.random.key(0), (28, 28, 1))
@@ -684,6 +729,7 @@ def test_count_params_counts_scalars():
     assert rj.count_params({}) == 0
 
 
+@pytest.mark.slow
 def test_batchnorm_over_a_sharded_batch_uses_global_statistics():
     # Under jit with the batch split over 8 devices, BN reduces over the global batch (SyncBN)
     # with no pmean: the sharded step equals the single-device one.
@@ -701,3 +747,49 @@ def test_batchnorm_over_a_sharded_batch_uses_global_statistics():
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats_8, stats_1
     )
+
+
+# --- ResNet-D: docs/extending.md's worked example ---------------------------------------------
+
+
+def test_resnet_d_pools_then_projects_and_has_a_deep_stem():
+    model = rj.create_model('resnet50d', num_classes=10)
+    assert (model.stem, model.shortcut, model.stride_on) == ('deep', 'D', '3x3')
+    params = jax.eval_shape(
+        lambda: rj.init_variables(model, jax.random.key(0), SMALL_IMAGENET_SHAPE)
+    )['params']
+    # Three 3x3 stem convolutions at widths 32, 32, 64.
+    assert [params[f'stem_conv{i}']['kernel'].shape for i in (1, 2, 3)] == [
+        (3, 3, 3, 32),
+        (3, 3, 32, 32),
+        (3, 3, 32, 64),
+    ]
+    # The shortcut of a strided block: a 2x2 average pool, then a 1x1 projection at stride 1.
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 256))
+    shortcut = models.Shortcut('D', 512, 2, conv=_plain_conv, norm=_identity_norm)
+    out, _ = shortcut.init_with_output(jax.random.key(2), x)
+    pooled = x.reshape(2, 4, 2, 4, 2, 256).mean(axis=(2, 4))
+    kernel = shortcut.init(jax.random.key(2), x)['params']['proj_conv']['kernel'][0, 0]
+    np.testing.assert_allclose(out, pooled @ kernel, rtol=1e-5, atol=1e-5)
+    # Where only the width changes (the first block), no pool; the same shape: the identity.
+    same = models.Shortcut('D', 256, 1, conv=_plain_conv, norm=_identity_norm)
+    assert jnp.array_equal(same.init_with_output(jax.random.key(2), x)[0], x)
+    # Any ImageNet net takes the new stem and shortcut as options.
+    rj.create_model('resnet18', num_classes=10, stem='deep', shortcut='D')
+
+
+def _plain_conv(features, kernel_size, strides=(1, 1), **kwargs):
+    import flax.linen as nn
+
+    return nn.Conv(features, kernel_size, strides, use_bias=False, padding='VALID', **kwargs)
+
+
+def _identity_norm(**kwargs):
+    import flax.linen as nn
+
+    class Identity(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return x
+
+    return Identity(**kwargs)

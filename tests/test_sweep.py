@@ -3,8 +3,6 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -28,7 +26,7 @@ def test_overrides_parse_each_value_as_its_fields_type():
         {
             'batch_size': '64',
             'optimizer.learning_rate': '1',  # an int where a float lives becomes a float
-            'optimizer.boundaries': '[600, 900]',
+            'optimizer.boundaries': '(600, 900)',
             'model.scan_blocks': 'true',
             'dataset.test_split': '',
             'dataset.eval_split': 'test[:2000]',
@@ -37,7 +35,7 @@ def test_overrides_parse_each_value_as_its_fields_type():
     assert config.batch_size == 64
     assert config.optimizer.learning_rate == 1.0
     assert isinstance(config.optimizer.learning_rate, float)
-    assert config.optimizer.boundaries == [600, 900]
+    assert config.optimizer.boundaries == (600, 900)
     assert config.model.scan_blocks is True
     assert config.dataset.test_split == ''
     assert config.dataset.eval_split == 'test[:2000]'
@@ -213,11 +211,9 @@ def test_report_reads_curves_as_errors(tmp_path):
     assert '\\* no test-split result yet: the last error on the eval split.' in table
 
 
-def test_sweep_and_report_command_lines_fail_with_one_clear_line(tmp_path):
+def test_sweep_and_report_command_lines_fail_with_one_clear_line(tmp_path, run_process):
     def run(*args):
-        return subprocess.run(
-            [sys.executable, '-m', *args], cwd=REPO, capture_output=True, text=True, timeout=300
-        )
+        return run_process(['-m', *args])
 
     bad_config = run(
         'resnet_jax.sweep', '--config=configs/nope.py', '--models=resnet20', f'--workdir={tmp_path}'

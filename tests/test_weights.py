@@ -1,7 +1,7 @@
 """Weight conversion: logit parity with torchvision and Keras, file loading, and every error.
 
-The references are independent implementations (torchvision's ResNet in PyTorch, Keras's
-ResNet in keras.applications); scripts/weight_parity.py builds them with random weights and
+The references are independent implementations (torchvision's and timm's ResNets in PyTorch,
+Keras's in keras.applications); resnet_jax.parity builds them with random weights and
 non-trivial BatchNorm statistics.
 """
 
@@ -9,20 +9,18 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
-import torchvision
 
 import resnet_jax as rj
-import weight_parity  # scripts/, on pytest's pythonpath
-from resnet_jax import weights
+from resnet_jax import parity, weights
 
 TOLERANCE = 1e-4  # max abs difference of float32 logits of order 1
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name,reference,image_size,scan_blocks', weight_parity.CASES)
-def test_logits_match_the_reference(name, reference, image_size, scan_blocks):
-    result = weight_parity.parity(name, reference, image_size, scan_blocks)
+@pytest.mark.parametrize('name,reference,image_size,scan_blocks', parity.CASES)
+def test_logits_match_the_reference(name, reference, image_size, scan_blocks, torch, keras):
+    del torch, keras  # the references need both
+    result = parity.parity(name, reference, image_size, scan_blocks)
     assert 0.5 < result['logit_std'] < 2.0  # logits of order 1, so the tolerance means something
     assert result['max_abs_diff'] < TOLERANCE
 
@@ -31,7 +29,9 @@ def test_logits_match_the_reference(name, reference, image_size, scan_blocks):
 
 
 @pytest.fixture(scope='module')
-def resnet18_state_dict():
+def resnet18_state_dict(torch):
+    import torchvision
+
     torch.manual_seed(0)
     return torchvision.models.resnet18().state_dict()
 
@@ -49,7 +49,9 @@ def _assert_same_variables(a, b):
         np.testing.assert_array_equal(flat_a[key], flat_b[key])
 
 
-def test_load_state_dict_from_pth_and_safetensors(tmp_path, resnet18_state_dict, resnet18_model):
+def test_load_state_dict_from_pth_and_safetensors(
+    tmp_path, resnet18_state_dict, resnet18_model, torch
+):
     from safetensors.numpy import save_file
 
     direct = weights.from_torchvision(resnet18_state_dict, resnet18_model)
@@ -72,7 +74,8 @@ class _Exploit:
         return (open, (self.marker, 'w'))
 
 
-def test_load_state_dict_never_executes_pickled_code(tmp_path):
+def test_load_state_dict_never_executes_pickled_code(tmp_path, torch):
+    del torch  # reading .pth files needs it
     marker = tmp_path / 'pwned'
     path = tmp_path / 'evil.pth'
     with open(path, 'wb') as f:
@@ -82,7 +85,7 @@ def test_load_state_dict_never_executes_pickled_code(tmp_path):
     assert not marker.exists()
 
 
-def test_load_state_dict_bad_paths(tmp_path):
+def test_load_state_dict_bad_paths(tmp_path, torch):
     with pytest.raises(ValueError, match='does not exist or is not a file'):
         weights.load_state_dict(tmp_path / 'missing.pth')
     other = tmp_path / 'weights.h5'
@@ -101,7 +104,7 @@ def test_load_state_dict_bad_paths(tmp_path):
 @pytest.mark.parametrize(
     'name,options,message',
     [
-        ('resnet20', {}, 'need an ImageNet ResNet .* with the CIFAR stem'),
+        ('resnet20', {}, "need an ImageNet ResNet .* with the 'cifar' stem"),
         ('resnet50', {}, r"stride on the 3x3 .* stride_on='3x3', got stride_on='1x1'"),
         ('resnet18', {'shortcut': 'C'}, r"shortcut='B', got shortcut='C'"),
         ('resnet18', {'bn_epsilon': 1e-3}, r'epsilon=1e-05: build the model with .* got 0.001'),
@@ -114,7 +117,9 @@ def test_from_torchvision_rejects_a_model_of_another_shape(name, options, messag
         weights.from_torchvision({}, model)
 
 
-def test_from_torchvision_names_missing_and_unexpected_entries(resnet18_state_dict, resnet18_model):
+def test_from_torchvision_names_missing_and_unexpected_entries(
+    resnet18_state_dict, resnet18_model, torch
+):
     state = dict(resnet18_state_dict)
     del state['layer2.1.conv2.weight']
     with pytest.raises(ValueError, match=r'missing 1: layer2\.1\.conv2\.weight'):
@@ -154,9 +159,7 @@ def test_from_torchvision_accepts_numpy_arrays(resnet18_state_dict, resnet18_mod
 
 
 @pytest.fixture(scope='module')
-def keras_resnet50():
-    import keras
-
+def keras_resnet50(keras):
     return keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3))
 
 
@@ -196,9 +199,7 @@ def test_from_keras_names_missing_layers(keras_resnet50):
         weights.from_keras(keras_resnet50, model)
 
 
-def test_from_keras_rejects_headless_and_v2_models():
-    import keras
-
+def test_from_keras_rejects_headless_and_v2_models(keras):
     model = rj.create_model('resnet50', num_classes=1000, bn_epsilon=weights.KERAS_BN_EPSILON)
     headless = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(64, 64, 3))
     with pytest.raises(ValueError, match='missing 1: predictions'):

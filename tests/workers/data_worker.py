@@ -19,7 +19,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from synthetic_data import example_indices, synthetic_source
+from synthetic_data import example_indices, synthetic_info, synthetic_source
 
 from resnet_jax import data, sharding
 
@@ -34,8 +34,8 @@ def main():
         initialization_timeout=60,
         heartbeat_timeout_seconds=10,
     )
-    info = data.DatasetInfo('synthetic', 10, (32, 32, 3), {'train': 0})
-    preprocess = data.Preprocess(info, train=False, augmentation='none', mean=np.zeros(3))
+    info = synthetic_info()
+    preprocess = data.make_preprocess(info, train=False, augmentation='none', normalization='none')
     mesh = sharding.data_mesh()
     source = synthetic_source(64)
     local = sharding.local_batch_size(16, mesh)
