@@ -9,7 +9,9 @@ caller fetches them late so the host never waits on the accelerator between step
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,14 +52,7 @@ def make_train_step(
         parameters and BatchNorm statistics, after every step.
     """
 
-    def forward(variables, images):
-        if not bn_group_size:
-            return models.apply_model(model, variables, images, train=True)
-        groups = images.reshape(-1, bn_group_size, *images.shape[1:])
-        logits, stats = jax.vmap(lambda x: models.apply_model(model, variables, x, train=True))(
-            groups
-        )
-        return logits.reshape(-1, logits.shape[-1]), jax.tree.map(lambda x: x.mean(0), stats)
+    forward = functools.partial(train_forward, model, bn_group_size=bn_group_size)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         def loss_fn(params):
@@ -84,13 +79,7 @@ def make_train_step(
                 ema=jax.tree.map(average, state.ema, new_state.variables())
             )
         if skip_nonfinite:
-            keep = lambda new, old: jnp.where(finite, new, old)
-            new_state = new_state.replace(
-                params=jax.tree.map(keep, new_state.params, state.params),
-                batch_stats=jax.tree.map(keep, new_state.batch_stats, state.batch_stats),
-                opt_state=jax.tree.map(keep, new_state.opt_state, state.opt_state),
-                ema=jax.tree.map(keep, new_state.ema, state.ema),
-            )
+            new_state = _keep_where_finite(finite, new_state, state)
         step_metrics = {
             'loss': loss,
             'top1_acc': metrics.top_k_correct(logits, batch['label'], 1).mean(),
@@ -102,6 +91,29 @@ def make_train_step(
         return new_state, step_metrics
 
     return train_step
+
+
+def train_forward(
+    model: models.ResNet, variables: dict[str, Any], images: jax.Array, *, bn_group_size: int = 0
+) -> tuple[jax.Array, Any]:
+    """Train-mode logits and new BatchNorm statistics, of the whole batch or of its groups of
+    `bn_group_size` examples (statistics averaged over the groups)."""
+    if not bn_group_size:
+        return models.apply_model(model, variables, images, train=True)
+    groups = images.reshape(-1, bn_group_size, *images.shape[1:])
+    logits, stats = jax.vmap(lambda x: models.apply_model(model, variables, x, train=True))(groups)
+    return logits.reshape(-1, logits.shape[-1]), jax.tree.map(lambda x: x.mean(0), stats)
+
+
+def _keep_where_finite(finite: jax.Array, new: TrainState, old: TrainState) -> TrainState:
+    """`new` where the step was finite, else `old` (the step counter advances either way)."""
+    keep = lambda n, o: jnp.where(finite, n, o)
+    return new.replace(
+        params=jax.tree.map(keep, new.params, old.params),
+        batch_stats=jax.tree.map(keep, new.batch_stats, old.batch_stats),
+        opt_state=jax.tree.map(keep, new.opt_state, old.opt_state),
+        ema=jax.tree.map(keep, new.ema, old.ema),
+    )
 
 
 def make_eval_step(model: models.ResNet) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:

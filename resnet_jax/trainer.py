@@ -1,34 +1,31 @@
-"""train_and_evaluate(config, workdir): the whole training run, phases in order.
+"""train_and_evaluate(config, workdir): build, loop, finish.
 
-1. Validate the config and open the data (nothing is written before both pass).
-2. Build the mesh, the model, the optimizer and the abstract state; derive its shardings.
-3. Restore the newest good checkpoint of the workdir, or initialise the state directly on the
-   devices; the data stream starts at the state's step.
-4. Train: one jitted step per global batch; metrics fetched only when logged; eval and
-   checkpoints on schedule; stop cleanly at a preemption sync point.
-5. Final eval on the validation and test splits, wait for pending saves, one summary line.
+1. Build (`build_run`): validate the config and open the data before the workdir is touched;
+   then the workdir's lock, the model, optimizer and shardings, the newest good checkpoint (or
+   a state initialised directly on the devices), the jitted steps, the metric writer.
+2. Loop: one jitted train step per global batch, then each periodic action in turn
+   (resnet_jax.actions: preemption, non-finite check, log, eval, the caller's own, checkpoint,
+   progress) until the last step or an action stops it.
+3. Finish: the final eval on the validation and test splits, pending saves waited for, one
+   summary line.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import functools
 import logging
 import os
-import signal
-import sys
-import threading
-import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import optax
-import tqdm
 from jax.sharding import NamedSharding, PartitionSpec
 
-from resnet_jax import checkpoint, data, metrics, optim, paths, sharding, steps
+from resnet_jax import actions, checkpoint, data, metrics, optim, paths, sharding, steps
 from resnet_jax import config as config_lib
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.train_state import TrainState, create_train_state
@@ -96,52 +93,6 @@ def _restore_latest_good(
     return None, {}
 
 
-class _PreemptionWatch:
-    """Has a preemption notice (SIGTERM, or Ctrl-C) arrived? Every process gets the same answer.
-
-    Multi-process: JAX's preemption sync manager (started by jax.distributed.initialize)
-    catches SIGTERM and picks a step every process reaches; Orbax asks it. SIGINT is turned into
-    a SIGTERM to this process, so Ctrl-C also saves and exits. One process: a handler for both
-    signals sets a flag, checked between steps.
-    """
-
-    def __init__(self, manager: Any):
-        self._manager = manager
-        self._signalled = False
-        self._previous: dict[int, Any] = {}
-        if threading.current_thread() is not threading.main_thread():
-            return
-        if jax.process_count() == 1:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._on_signal)
-        else:
-            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._forward_sigint)
-
-    def _on_signal(self, signum, frame):
-        del frame
-        if self._signalled and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the save
-        self._signalled = True
-        logger.warning(
-            'got %s: stopping at the next step and saving it', signal.Signals(signum).name
-        )
-
-    @staticmethod
-    def _forward_sigint(signum, frame):
-        del signum, frame
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    def reached(self, step: int) -> bool:
-        if jax.process_count() == 1:
-            return self._signalled
-        return self._manager.reached_preemption(step)
-
-    def close(self) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        self._previous = {}
-
-
 def _close(iterator: Any) -> None:
     close = getattr(iterator, 'close', None)  # Grain's multiprocess iterators hold workers
     if close:
@@ -176,12 +127,6 @@ def evaluate_split(
     }
 
 
-def _mean(records: list[dict[str, Any]]) -> dict[str, float]:
-    # In float64 whatever the records hold (device float32, or floats from a checkpoint), so a
-    # resumed run logs bit-for-bit what an uninterrupted one does.
-    return {k: float(np.mean(np.asarray([r[k] for r in records], np.float64))) for k in records[0]}
-
-
 def build_training(
     config: ml_collections.ConfigDict, info: data.DatasetInfo, num_train_examples: int
 ) -> tuple[Any, optax.GradientTransformation, optax.Schedule, Any]:
@@ -209,51 +154,6 @@ def build_training(
     return model, tx, schedule, init
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains and evaluates as `config` says; resumes from `workdir` if it holds a checkpoint.
-
-    Returns:
-      The final validation (and test) metrics.
-    """
-    # 1. Everything that can be wrong is checked before the workdir is touched.
-    config_lib.validate(config, jax.device_count(), jax.process_count())
-    ds = config.dataset
-    train_source, info = data.open_split(ds.name, ds.train_split, ds.data_dir, download=ds.download)
-    eval_source, _ = data.open_split(ds.name, ds.eval_split, ds.data_dir)
-    test_source = data.open_split(ds.name, ds.test_split, ds.data_dir)[0] if ds.test_split else None
-    mesh = sharding.data_mesh()
-    local_batch = sharding.local_batch_size(config.batch_size, mesh)
-    local_eval_batch = sharding.local_batch_size(config.eval_batch_size, mesh)
-    if len(train_source) < config.batch_size:
-        raise ValueError(
-            f'batch_size {config.batch_size} exceeds the {len(train_source)} examples of '
-            f'{ds.train_split!r}'
-        )
-    model, tx, schedule, init = build_training(config, info, len(train_source))
-    identity = workdir_lib.identity(config, model)
-    workdir = paths.writable_dir(workdir, 'workdir')
-    lock = _lock_workdir(workdir)
-    try:
-        _check_run_config(workdir, config, identity)
-        return _train_in(
-            config,
-            workdir,
-            lock,
-            identity,
-            mesh,
-            info,
-            model,
-            tx,
-            schedule,
-            init,
-            (train_source, eval_source, test_source),
-            local_batch,
-            local_eval_batch,
-        )
-    finally:
-        lock.release()
-
-
 def _lock_workdir(workdir: str) -> workdir_lib.WorkdirLock:
     """Process 0 takes the workdir's lock; every process learns whether it got it."""
     lock = workdir_lib.WorkdirLock(workdir)
@@ -276,70 +176,50 @@ def _lock_workdir(workdir: str) -> workdir_lib.WorkdirLock:
     return lock
 
 
-def _train_in(
-    config,
-    workdir,
-    lock,
-    identity,
-    mesh,
-    info,
-    model,
-    tx,
-    schedule,
-    init,
-    sources,
-    local_batch,
-    local_eval_batch,
-):
+@dataclasses.dataclass
+class Run:
+    """What `build_run` made: the pieces the loop and the final phase use."""
+
+    ctx: actions.Context
+    state: TrainState
+    first_step: int
+    meta: dict[str, Any]  # of the restored checkpoint ({} on a fresh start)
+    train_step: Any
+    batches: Any  # iterator of this process's slices of the global batches
+    mesh: Any
+    has_test: bool
+    closers: list[Any]  # called in reverse order when the run ends
+
+
+def _open_data(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], data.DatasetInfo]:
+    """The sources of the train/eval/test splits and the dataset's info; ValueError if bad."""
     ds = config.dataset
-    train_source, eval_source, test_source = sources
-    # 2. Abstract state and its shardings.
-    abstract_state = jax.eval_shape(init)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state_shardings = sharding.state_shardings(
-        abstract_state, mesh, fsdp=config.fsdp, fsdp_min_size=config.fsdp_min_size
-    )
-
-    train_preprocess = data.make_preprocess(
-        info,
-        train=True,
-        data_dir=ds.data_dir,
-        augmentation=ds.augmentation,
-        normalization=ds.normalization,
-    )
-    eval_preprocess = data.make_preprocess(
-        info, train=False, data_dir=ds.data_dir, normalization=ds.normalization
-    )
-    # 3. Resume from the newest good checkpoint, or initialise directly on the devices.
-    checkpoint_dir = os.path.join(workdir, 'checkpoints')
-    manager = checkpoint.create_manager(
-        checkpoint_dir,
-        save_every_steps=config.checkpoint_every_steps,
-        keep=config.keep_checkpoints,
-    )
-    target = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
-    try:
-        state, meta = _restore_latest_good(manager, target, identity)
-    except BaseException:
-        manager.close()
-        raise
-    if state is None:
-        state = jax.jit(init, out_shardings=state_shardings)()
-    else:
-        logger.info('resumed from %s at step %d', checkpoint_dir, int(jax.device_get(state.step)))
-    # The data stream is a function of the step: resuming needs no iterator state.
-    train_iter = iter(
-        data.train_dataset(
-            train_source,
-            train_preprocess,
-            batch_size=local_batch,
-            seed=config.seed,
-            start_batch=int(jax.device_get(state.step)),
-            num_workers=ds.num_workers,
+    train, info = data.open_split(ds.name, ds.train_split, ds.data_dir, download=ds.download)
+    sources = {'train': train, 'eval': data.open_split(ds.name, ds.eval_split, ds.data_dir)[0]}
+    if ds.test_split:
+        sources['test'] = data.open_split(ds.name, ds.test_split, ds.data_dir)[0]
+    if len(train) < config.batch_size:
+        raise ValueError(
+            f'batch_size {config.batch_size} exceeds the {len(train)} examples of '
+            f'{ds.train_split!r}'
         )
-    )
+    return sources, info
 
+
+def _initial_state(config, manager, init, state_shardings, identity):
+    """The newest good checkpoint's state and meta, or a new state made on the devices."""
+    target = checkpoint.abstract_with_shardings(jax.eval_shape(init), state_shardings)
+    state, meta = _restore_latest_good(manager, target, identity)
+    if state is None:
+        return jax.jit(init, out_shardings=state_shardings)(), {}
+    logger.info('resumed from %s at step %d', manager.directory, int(jax.device_get(state.step)))
+    return state, meta
+
+
+def _compile_steps(config, model, tx, schedule, mesh, state_shardings):
+    """The jitted train and eval steps with their shardings (the train state donated)."""
     batch_sharding = sharding.batch_sharding(mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
     train_step = jax.jit(
         steps.make_train_step(
             model,
@@ -359,162 +239,159 @@ def _train_in(
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=replicated,
     )
-    run_eval = functools.partial(
-        evaluate_split,
-        eval_step,
-        batch_size=local_eval_batch,
-        mesh=mesh,
-        num_workers=ds.num_workers,
+    return train_step, eval_step
+
+
+def build_run(config: ml_collections.ConfigDict, workdir: str, closers: list) -> Run:
+    """Everything a run needs, checked before the workdir is touched; registers what must be
+    closed (the lock, the checkpoint manager, the writer, the data workers) in `closers`."""
+    config_lib.validate(config, jax.device_count(), jax.process_count())
+    sources, info = _open_data(config)
+    mesh = sharding.data_mesh()
+    model, tx, schedule, init = build_training(config, info, len(sources['train']))
+    identity = workdir_lib.identity(config, model)
+    workdir = paths.writable_dir(workdir, 'workdir')
+    lock = _lock_workdir(workdir)
+    closers.append(lock.release)
+    _check_run_config(workdir, config, identity)
+
+    state_shardings = sharding.state_shardings(
+        jax.eval_shape(init), mesh, fsdp=config.fsdp, fsdp_min_size=config.fsdp_min_size
     )
-
-    # 4. Train.
-    step = int(jax.device_get(state.step))
-    first_step = step
-    writer = metrics.MetricWriter(workdir, resume_step=step)
-    preemption = _PreemptionWatch(manager)
-    # A progress bar on a terminal; in a log file (a cluster job), one line per log interval.
-    interactive = jax.process_index() == 0 and sys.stderr.isatty()
-    progress = tqdm.tqdm(
-        total=config.total_steps,
-        initial=step,
-        disable=not interactive,
-        unit='step',
-        dynamic_ncols=True,
+    checkpoint_dir = os.path.join(workdir, 'checkpoints')
+    manager = checkpoint.create_manager(
+        checkpoint_dir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
     )
-    # Metrics of the steps since the last log line (on device until logged); a checkpoint
-    # carries them, so the first log line after a resume averages the same steps as without.
-    pending: list[dict[str, Any]] = list(meta.get('pending_train_metrics', []))
-    unchecked: list[tuple[int, Any]] = []  # (step, nonfinite flag) not yet fetched
-    skipped = 0
-    interval_start, interval_steps = time.perf_counter(), 0  # for images/s: this process only
-    eval_metrics: dict[str, float] = {}
-    preempted = False
-    final: dict[str, float] = {}
+    closers.append(manager.close)
+    state, meta = _initial_state(config, manager, init, state_shardings, identity)
+    closers.append(lambda: _wait_for_saves(manager))
+    first_step = int(jax.device_get(state.step))
+    writer = metrics.MetricWriter(workdir, resume_step=first_step)
+    closers.append(writer.close)
 
-    def check_finite() -> None:
-        """Fetches the non-finite flags of the steps since the last check; stops or counts."""
-        nonlocal skipped, unchecked
-        flags = jax.device_get([flag for _, flag in unchecked])
-        bad = [s for (s, _), flag in zip(unchecked, flags, strict=True) if flag]
-        unchecked = []
-        if bad and config.nonfinite == 'stop':
-            raise FloatingPointError(
-                f'the loss or the gradients are not finite at step {bad[0]}; stopped without '
-                f'saving it. The last checkpoint is step {manager.latest_step()} in '
-                f'{checkpoint_dir}. Lower the learning rate, or set nonfinite=skip.'
-            )
-        skipped += len(bad)
-        if bad and skipped > config.max_skipped_steps:
-            raise FloatingPointError(
-                f'{skipped} updates skipped for non-finite values (the last at step {bad[-1]}), '
-                f'more than max_skipped_steps={config.max_skipped_steps}. The last checkpoint '
-                f'is step {manager.latest_step()} in {checkpoint_dir}.'
-            )
+    ds = config.dataset
+    preprocess = {
+        train: data.make_preprocess(
+            info,
+            train=train,
+            data_dir=ds.data_dir,
+            augmentation=ds.augmentation,
+            normalization=ds.normalization,
+        )
+        for train in (True, False)
+    }
+    # The data stream is a function of the step: resuming needs no iterator state.
+    batches = iter(
+        data.train_dataset(
+            sources['train'],
+            preprocess[True],
+            batch_size=sharding.local_batch_size(config.batch_size, mesh),
+            seed=config.seed,
+            start_batch=first_step,
+            num_workers=ds.num_workers,
+        )
+    )
+    closers.append(lambda: _close(batches))
+    train_step, eval_step = _compile_steps(config, model, tx, schedule, mesh, state_shardings)
 
+    def evaluate(state: TrainState, split: str) -> dict[str, float]:
+        return evaluate_split(
+            eval_step,
+            state,
+            sources[split],
+            preprocess[False],
+            batch_size=sharding.local_batch_size(config.eval_batch_size, mesh),
+            mesh=mesh,
+            prefix=split,
+            num_workers=ds.num_workers,
+        )
+
+    ctx = actions.Context(
+        config, workdir, checkpoint_dir, manager, writer, lock, identity, evaluate
+    )
+    return Run(ctx, state, first_step, meta, train_step, batches, mesh, 'test' in sources, closers)
+
+
+def _wait_for_saves(manager: Any) -> None:
     try:
-        while step < config.total_steps:
-            batch = sharding.global_batch(next(train_iter), mesh)
-            state, step_metrics = train_step(state, batch)
-            step += 1
-            interval_steps += 1
-            pending.append(step_metrics)
-            unchecked.append((step, step_metrics['nonfinite']))
-            last = step == config.total_steps
-            preempted = preemption.reached(step)
-            evaluated = step % config.eval_every_steps == 0 or last
-            saving = last or preempted or manager.should_save(step)
-            if step % config.log_every_steps == 0 or last or saving:
-                check_finite()  # the one sync point of the interval; nothing non-finite is saved
-            if step % config.log_every_steps == 0 or last:
-                records = [r for r in jax.device_get(pending) if not r.pop('nonfinite')]
-                record = {f'train/{k}': v for k, v in _mean(records).items()} if records else {}
-                record['train/skipped_steps'] = float(len(pending) - len(records))
-                # The first interval after a (re)start includes compilation.
-                elapsed = time.perf_counter() - interval_start
-                record['train/images_per_sec'] = interval_steps * config.batch_size / elapsed
-                writer.write(step, record)
-                progress.set_postfix(
-                    loss=f'{record.get("train/loss", float("nan")):.3f}',
-                    acc=f'{record.get("train/top1_acc", float("nan")):.3f}',
-                    img_s=f'{record["train/images_per_sec"]:.0f}',
-                )
-                if not interactive:
-                    logger.info(
-                        'step %d/%d: loss %.4f, top-1 %.4f, %.0f images/s',
-                        step,
-                        config.total_steps,
-                        record.get('train/loss', float('nan')),
-                        record.get('train/top1_acc', float('nan')),
-                        record['train/images_per_sec'],
-                    )
-                pending = []
-                interval_start, interval_steps = time.perf_counter(), 0
-            if evaluated:
-                eval_metrics = run_eval(state, eval_source, eval_preprocess, prefix='eval')
-                writer.write(step, eval_metrics)
-            if saving:
-                if lock.lost:
-                    raise workdir_lib.WorkdirInUse(
-                        f'another trainer took over {workdir!r} (its lock was judged stale); '
-                        f'stopped at step {step} without saving'
-                    )
-                logged_later = [
-                    {k: float(v) for k, v in r.items()} for r in jax.device_get(pending)
-                ]
-                meta = {'identity': identity, 'pending_train_metrics': logged_later}
-                try:
-                    checkpoint.save(
-                        manager,
-                        step,
-                        state,
-                        meta=meta,
-                        metrics=eval_metrics if evaluated else None,
-                        force=last or preempted,
-                    )
-                    if preempted or last:
-                        checkpoint.wait(manager)
-                except checkpoint.SaveError:
-                    with contextlib.suppress(Exception):
-                        manager.wait_until_finished()  # earlier saves may still be committing
-                    raise
-            progress.update(1)
-            if preempted:
-                logger.warning(
-                    'preempted: saved step %d in %s; rerun the same command to resume',
-                    step,
-                    checkpoint_dir,
-                )
-                break
-        # 5. Final metrics and summary.
-        if not preempted:
-            if not eval_metrics:
-                # Rerun of a finished workdir: nothing to train; report the checkpoint's metrics.
-                eval_metrics = run_eval(state, eval_source, eval_preprocess, prefix='eval')
-            final = dict(eval_metrics)
-            if test_source is not None:
-                test = run_eval(state, test_source, eval_preprocess, prefix='test')
-                final.update(test)
-                if not writer.recorded(step, 'test/'):  # a rerun of a finished run: once only
-                    writer.write(step, test)
-    finally:
-        preemption.close()
-        progress.close()
-        try:
-            checkpoint.wait(manager)
-        except checkpoint.SaveError as e:
-            logger.error('%s', e)
-        manager.close()
-        writer.close()
-        _close(train_iter)
-    if preempted:
-        return {'preempted_at_step': float(step)}
+        checkpoint.wait(manager)
+    except checkpoint.SaveError as e:
+        logger.error('%s', e)
+
+
+def run_loop(run: Run, loop: actions.Loop, sequence: list[actions.Action]) -> actions.Loop:
+    """Train steps until the last step or until an action sets `loop.stop`."""
+    while not loop.last:
+        batch = sharding.global_batch(next(run.batches), run.mesh)
+        loop.state, step_metrics = run.train_step(loop.state, batch)
+        loop.record_step(step_metrics)
+        for action in sequence:
+            action(run.ctx, loop)
+        if loop.stop:
+            break
+    return loop
+
+
+def finish(run: Run, loop: actions.Loop) -> dict[str, float]:
+    """The final validation (and test) metrics; the test ones written once per step."""
+    ctx = run.ctx
+    # A rerun of a finished workdir trains nothing: it reports the checkpoint's metrics.
+    final = dict(loop.eval_metrics or ctx.evaluate(loop.state, 'eval'))
+    if run.has_test:
+        test = ctx.evaluate(loop.state, 'test')
+        final.update(test)
+        if not ctx.writer.recorded(loop.step, 'test/'):
+            ctx.writer.write(loop.step, test)
     summary = ', '.join(f'{k} {v:.4f}' for k, v in sorted(final.items()) if 'num_examples' not in k)
     logger.info(
         'done at step %d (%d this run): %s; wrote %s and %s',
-        step,
-        step - first_step,
+        loop.step,
+        loop.step - run.first_step,
         summary,
-        os.path.join(workdir, 'metrics.jsonl'),
-        os.path.join(workdir, 'checkpoints'),
+        ctx.writer.path,
+        ctx.checkpoint_dir,
     )
     return final
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    extra_actions: Sequence[actions.Action] = (),
+) -> dict[str, float]:
+    """Trains and evaluates as `config` says; resumes from `workdir` if it holds a checkpoint.
+
+    Args:
+      extra_actions: called after every step, after the eval and before the checkpoint
+        (resnet_jax.actions; docs/extending.md).
+
+    Returns:
+      The final validation (and test) metrics, or {'preempted_at_step': N} when a preemption
+      notice stopped the run (its step is saved).
+    """
+    closers: list[Any] = []
+    try:
+        run = build_run(config, workdir, closers)
+        watch = actions.PreemptionWatch(run.ctx.manager)
+        closers.append(watch.close)
+        progress = actions.Progress(config.total_steps, run.first_step)
+        closers.append(progress.close)
+        pending = list(run.meta.get('pending_train_metrics', []))
+        loop = actions.Loop(run.state, run.first_step, config.total_steps, pending)
+        sequence = [
+            actions.PreemptionCheck(watch),
+            actions.NonFiniteCheck(),
+            actions.TrainLog(),
+            actions.Evaluate(),
+            *extra_actions,
+            actions.Checkpoint(),
+            progress,
+        ]
+        loop = run_loop(run, loop, sequence)
+        if loop.preempted:
+            return {'preempted_at_step': float(loop.step)}
+        return finish(run, loop)
+    finally:
+        for close in reversed(closers):
+            close()

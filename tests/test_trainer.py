@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
-from synthetic_data import synthetic_source
+from synthetic_data import synthetic_info, synthetic_source
 
 import resnet_jax as rj
 from configs import cifar10, smoke
@@ -54,6 +54,7 @@ def _tiny_batch(n=8, seed=0):
 # --- Steps -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_step_does_not_retrace():
     model, tx, schedule, state = _tiny_setup()
     step = jax.jit(steps.make_train_step(model, tx, schedule), donate_argnums=0)
@@ -71,6 +72,7 @@ def test_train_step_does_not_retrace():
     }
 
 
+@pytest.mark.slow
 def test_a_tiny_net_overfits_one_batch():
     model, tx, schedule, state = _tiny_setup('adam', 0.01)
     step = jax.jit(steps.make_train_step(model, tx, schedule))
@@ -82,6 +84,7 @@ def test_a_tiny_net_overfits_one_batch():
     assert losses[-1] < losses[0] / 2, losses
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_the_single_device_step():
     model, tx, schedule, state = _tiny_setup()
     train_step = steps.make_train_step(model, tx, schedule)
@@ -103,6 +106,7 @@ def test_sharded_step_equals_the_single_device_step():
     np.testing.assert_allclose(eight_metrics['loss'], one_metrics['loss'], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_step_sums_only_real_examples():
     model, _, _, state = _tiny_setup()
     batch = {**_tiny_batch(8), 'mask': jnp.array([True] * 5 + [False] * 3)}
@@ -116,7 +120,7 @@ def test_eval_step_sums_only_real_examples():
 # --- Optimizers and schedules ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize('name', [*optim.NAMED_OPTIMIZERS, 'adam', 'rmsprop', 'adagrad'])
+@pytest.mark.parametrize('name', [*optim.OPTIMIZERS, 'adam', 'rmsprop', 'adagrad'])
 @pytest.mark.parametrize('mode', optim.WEIGHT_DECAY_MODES)
 def test_every_named_optimizer_is_one_config_change(name, mode):
     cfg = smoke.get_config().optimizer
@@ -205,8 +209,8 @@ def test_the_papers_schedules():
     assert float(schedule(0)) == 0.0 and float(schedule(400)) == pytest.approx(0.1)
     assert float(schedule(1000)) < 1e-6
     with c.unlocked():
-        c.optimizer.boundaries = []
-        c.optimizer.boundaries_epochs = [2]
+        c.optimizer.boundaries = ()
+        c.optimizer.boundaries_epochs = (2,)
     schedule = optim.learning_rate_schedule(c.optimizer, c.total_steps, 351)
     assert float(schedule(701)) == pytest.approx(0.1) and float(schedule(702)) == pytest.approx(
         0.01
@@ -228,13 +232,16 @@ def test_every_cifar_config_validates(name):
         ('batch_size', 0, 'batch_size=0; expected a positive int'),
         ('total_steps', -5, 'total_steps=-5; expected a positive int'),
         ('dtype', 'float16', "dtype='float16'; expected one of float32, bfloat16"),
-        ('model.name', 'resnet19', "model.name='resnet19'; expected one of resnet18"),
-        ('model.shortcut', 'D', "model.shortcut='D'"),
+        ('model.name', 'resnet19', "unknown model name 'resnet19'; expected one of resnet18"),
+        ('model.shortcut', 'E', "option shortcut='E' is invalid; expected a registered shortcut"),
+        ('model.stem', 'wide', "option stem='wide' is invalid; expected a registered stem"),
         ('optimizer.name', 'adamm', "optimizer.name='adamm'; expected one of sgd"),
         ('optimizer.schedule', 'step', "optimizer.schedule='step'"),
         ('optimizer.learning_rate', -0.1, 'optimizer.learning_rate=-0.1; expected > 0'),
         ('optimizer.warmup_steps', 70_000, 'warmup_steps=70000 must be below total_steps'),
-        ('dataset.augmentation', 'autoaugment', "dataset.augmentation='autoaugment'"),
+        ('dataset.augmentation', 'autoaugment', "dataset: unknown augmentation 'autoaugment'"),
+        ('dataset.name', 'mnist', "dataset: unknown dataset 'mnist': expected one of cifar10"),
+        ('dataset.normalization', 'zca', "dataset.normalization='zca'; expected one of"),
     ],
 )
 def test_validate_names_the_bad_value(field, value, message):
@@ -251,6 +258,7 @@ def test_cifar10_config_rejects_an_imagenet_model():
 # --- Checkpoints -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_fewer_devices(tmp_path):
     *_, state = _tiny_setup()
     mesh8 = sharding.data_mesh()
@@ -279,11 +287,7 @@ def test_checkpoint_restores_onto_fewer_devices(tmp_path):
 
 def test_the_train_stream_resumes_at_any_batch():
     source = synthetic_source(32)
-    preprocess = data.Preprocess(
-        data.DatasetInfo('synthetic', 10, (32, 32, 3), {}),
-        train=True,
-        mean=np.zeros(3),
-    )
+    preprocess = data.make_preprocess(synthetic_info(), train=True, normalization='none')
     whole = iter(data.train_dataset(source, preprocess, batch_size=4, seed=0))
     batches = [next(whole) for _ in range(11)]  # into the second epoch
     resumed = iter(data.train_dataset(source, preprocess, batch_size=4, seed=0, start_batch=9))
@@ -432,6 +436,7 @@ def test_evaluate_restores_prints_errors_and_exports(cifar10_data_dir, tmp_path)
         evaluate.restore_state(wrong_model, str(workdir))
 
 
+@pytest.mark.slow
 def test_the_moving_average_covers_params_and_batch_stats_and_is_what_eval_uses():
     model, _, _, _ = _tiny_setup()
     cfg = _with(smoke.get_config(), **{'optimizer.ema_decay': 0.5}).optimizer
@@ -456,6 +461,7 @@ def test_the_moving_average_covers_params_and_batch_stats_and_is_what_eval_uses(
     assert float(with_ema['loss']) == float(averaged['loss']) != float(raw['loss'])
 
 
+@pytest.mark.slow
 def test_fsdp_rule_shards_large_arrays_and_gives_the_same_step():
     model, tx, schedule, state = _tiny_setup()
     mesh = sharding.data_mesh()
@@ -487,6 +493,7 @@ def test_fsdp_rule_shards_large_arrays_and_gives_the_same_step():
         np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_bn_group_size_normalises_each_group_with_its_own_statistics():
     model, tx, schedule, state = _tiny_setup()
     batch = _tiny_batch(16)
@@ -553,6 +560,7 @@ def test_gradient_clipping_bounds_the_update():
     np.testing.assert_allclose(optax.tree.norm(updates), 0.1 * 1.0, rtol=1e-6)  # lr x max norm
 
 
+@pytest.mark.slow
 def test_bfloat16_train_step_keeps_float32_state():
     config = _with(smoke.get_config(), dtype='bfloat16')
     model = config_lib.create_model_from_config(config, num_classes=10)
@@ -571,9 +579,12 @@ def test_bfloat16_train_step_keeps_float32_state():
     assert np.isfinite(float(metrics['loss']))
 
 
-def test_the_plain_paper_optimizer_matches_the_base_config():
+def test_the_config_optimizer_section_is_the_optimizer_defaults():
+    import dataclasses
+
     base = config_lib.base_config().optimizer.to_dict()
-    assert vars(optim.PAPER_CIFAR_SGD) == {**base, 'kwargs': {}}
+    assert base == dataclasses.asdict(optim.OptimizerConfig())
+    assert base['name'] == 'momentum' and base['learning_rate'] == 0.1  # the paper's
 
 
 @pytest.mark.slow
@@ -601,3 +612,65 @@ def test_evaluate_exports_what_it_evaluated_the_moving_average(cifar10_data_dir,
     logits, _ = rj.apply_model(model, exported, batch['image'], train=False)
     top1 = float(np.mean(np.argmax(logits, -1) == batch['label']))
     assert result['test[:32]/top1_acc'] == pytest.approx(top1)
+
+
+# --- Extensions: docs/extending.md's worked examples ------------------------------------------
+
+
+@pytest.mark.slow
+def test_gradient_centralisation_removes_each_kernels_mean():
+    tx = optim.centralize_gradients()
+    grads = {
+        'conv': {'kernel': jax.random.normal(jax.random.key(0), (3, 3, 4, 8)) + 5.0},
+        'bn': {'scale': jnp.arange(8.0)},
+    }
+    out, _ = tx.update(grads, tx.init(grads))
+    kernel = grads['conv']['kernel']
+    np.testing.assert_allclose(
+        out['conv']['kernel'], kernel - kernel.mean(axis=(0, 1, 2), keepdims=True), atol=1e-6
+    )
+    np.testing.assert_allclose(out['conv']['kernel'].mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_array_equal(out['bn']['scale'], grads['bn']['scale'])  # vectors unchanged
+    # As an optimizer: a train step runs, and its update is centralised too (lr 0.1, no decay).
+    model, _, _, _ = _tiny_setup()
+    cfg = _with(
+        smoke.get_config(), **{'optimizer.name': 'momentum_gc', 'optimizer.weight_decay': 0.0}
+    ).optimizer
+    params = jax.eval_shape(lambda: rj.init_variables(model, jax.random.key(0), TINY_SHAPE))
+    tx, schedule = optim.create_optimizer(cfg, params['params'], total_steps=10, steps_per_epoch=1)
+    state = create_train_state(model, tx, 0, TINY_SHAPE)
+    new, metrics = jax.jit(steps.make_train_step(model, tx, schedule))(state, _tiny_batch())
+    delta = (
+        new.params['stage1']['block1']['conv1']['kernel']
+        - state.params['stage1']['block1']['conv1']['kernel']
+    )
+    np.testing.assert_allclose(delta.mean(axis=(0, 1, 2)), 0.0, atol=1e-6)
+    assert np.isfinite(float(metrics['loss']))
+
+
+def _extending_example(name):
+    """A class defined in docs/extending.md's last Python block, as the docs show it."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(REPO) / 'docs' / 'extending.md').read_text()
+    namespace: dict = {}
+    exec(re.findall(r'```python\n(.*?)```', text, re.S)[-1], namespace)
+    return namespace[name]
+
+
+@pytest.mark.slow
+def test_an_extra_action_runs_in_the_loop_and_writes_once_per_step(cifar10_data_dir, tmp_path):
+    weight_norms = _extending_example('WeightNorms')
+    config = _smoke(cifar10_data_dir, total_steps=4, **{'checkpoint_every_steps': 2})
+    workdir = tmp_path / 'run'
+    trainer.train_and_evaluate(config, str(workdir), extra_actions=[weight_norms(every=2)])
+    records = [r for r in _records(workdir) if 'weights/head' in r]
+    assert [r['step'] for r in records] == [2, 4]
+    assert all(r['weights/stage1/block1/conv1'] > 0 for r in records)
+    # Interrupted after step 4's records but before its checkpoint: written again, once.
+    import shutil
+
+    shutil.rmtree(workdir / 'checkpoints' / '4')
+    trainer.train_and_evaluate(config, str(workdir), extra_actions=[weight_norms(every=2)])
+    assert [r['step'] for r in _records(workdir) if 'weights/head' in r] == [2, 4]

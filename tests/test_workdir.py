@@ -4,8 +4,6 @@ import json
 import logging
 import os
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -13,12 +11,6 @@ import pytest
 from configs import smoke
 from resnet_jax import config as config_lib
 from resnet_jax import workdir
-
-
-def _dead_pid():
-    proc = subprocess.Popen([sys.executable, '-c', 'pass'])
-    proc.wait()
-    return proc.pid
 
 
 def _foreign_lock(path, *, host, pid, age_seconds=0.0):
@@ -43,9 +35,9 @@ def test_one_lock_per_workdir_and_the_second_names_the_first(tmp_path):
     assert not (tmp_path / workdir.LOCK_FILE).exists()
 
 
-def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over(tmp_path, caplog):
+def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over(tmp_path, caplog, run_process):
     caplog.set_level(logging.WARNING, logger='resnet_jax')
-    pid = _dead_pid()
+    pid = int(run_process(['-c', 'import os; print(os.getpid())']).stdout)  # gone now
     _foreign_lock(tmp_path / workdir.LOCK_FILE, host=socket.gethostname(), pid=pid)
     with workdir.WorkdirLock(str(tmp_path)) as lock:
         assert json.loads((tmp_path / workdir.LOCK_FILE).read_text())['token'] == lock.token
