@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11+ and make:
 #   make train   create .venv, install the package, run the main job
 #   make test    create .venv, install with the dev and parity extras, lint, run every test
+# After an edit: make test-fast (no real data, torch, Keras or subprocesses; about a minute).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ SHARED ?= ../shared
 DATA_DIR ?= $(HOME)/.cache/resnet_jax/tfds
 CIFAR10 := $(DATA_DIR)/cifar10_jpeg/1.0.0/dataset_info.json
 
-.PHONY: train test lint format data model-table
+.PHONY: train test test-fast lint format data tables
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +51,9 @@ test: $(VENV)/.installed-dev $(CIFAR10)
 	$(PY) -m ruff format --check .
 	RESNET_JAX_DATA_DIR=$(DATA_DIR) $(PY) -m pytest
 
+test-fast: $(VENV)/.installed-dev
+	$(PY) -m pytest -m fast -q
+
 lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
@@ -58,5 +62,6 @@ format: $(VENV)/.installed-dev
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-model-table: $(VENV)/.installed-base
-	$(PY) scripts/model_table.py --write README.md
+# Rewrites every generated table of docs/ and results/ (a test fails when one is stale).
+tables: $(VENV)/.installed-base
+	$(PY) -m resnet_jax.tables

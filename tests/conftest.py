@@ -1,12 +1,20 @@
-"""Test set-up: 8 simulated CPU devices, Keras on JAX, and the real CIFAR-10 on disk.
+"""Test set-up: 8 simulated CPU devices, Keras on JAX, the real CIFAR-10 on disk, and tiers.
 
 The environment variables must be set before JAX (or Keras) is first imported, which is why
 they live here, at the top of the first module pytest loads.
+
+Tiers: a test is `fast` unless it is marked slow or asks for one of the fixtures in
+`NEEDS_MORE_THAN_THIS_PROCESS` (the real data, PyTorch, Keras, a subprocess); every other test
+is `full`. `make test-fast` runs `-m fast` (seconds after an edit); `make test` runs both. The
+split follows from what each test asks for, never from a list kept by hand, and a fast test
+that starts a subprocess without asking fails.
 """
 
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import tarfile
 
 os.environ['XLA_FLAGS'] = (
@@ -45,3 +53,78 @@ def extract_cifar10(data_dir: pathlib.Path = DATA_DIR) -> pathlib.Path:
 @pytest.fixture(scope='session')
 def cifar10_data_dir() -> pathlib.Path:
     return extract_cifar10()
+
+
+NEEDS_MORE_THAN_THIS_PROCESS = {
+    'cifar10_data_dir': 'the real CIFAR-10 copy',
+    'torch': 'PyTorch',
+    'keras': 'Keras',
+    'run_process': 'a subprocess',
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    del config
+    for item in items:
+        fixtures = set(getattr(item, 'fixturenames', ()))
+        heavy = (
+            not isinstance(item, pytest.Function)  # notebooks (nbmake)
+            or item.get_closest_marker('slow') is not None
+            or fixtures & NEEDS_MORE_THAN_THIS_PROCESS.keys()
+        )
+        item.add_marker(pytest.mark.full if heavy else pytest.mark.fast)
+
+
+# Programs that library imports run to find shared libraries, not test work.
+LIBRARY_PROBES = {'ldconfig', 'gcc', 'cc', 'objdump', 'ld'}
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_stay_in_this_process(request, monkeypatch):
+    if request.node.get_closest_marker('fast') is None:
+        return
+
+    real_popen = subprocess.Popen
+
+    def refuse(args, *rest, **kwargs):
+        program = os.path.basename(str(args if isinstance(args, (str, bytes)) else args[0]))
+        if program in LIBRARY_PROBES:  # ctypes.util.find_library, run by some imports
+            return real_popen(args, *rest, **kwargs)
+        raise AssertionError(
+            f'a fast test started a subprocess ({program}): ask for the run_process fixture '
+            '(which puts the test in the full tier)'
+        )
+
+    monkeypatch.setattr(subprocess, 'Popen', refuse)
+
+
+@pytest.fixture
+def run_process():
+    """run([args...]) -> CompletedProcess: a Python command from the repository root, bounded."""
+
+    def run(argv, *, timeout=300, env=None, cwd=REPO, executable=sys.executable):
+        command = [executable, *argv] if executable else list(argv)
+        return subprocess.run(
+            command,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    return run
+
+
+@pytest.fixture(scope='session')
+def torch():
+    import torch
+
+    return torch
+
+
+@pytest.fixture(scope='session')
+def keras():
+    import keras
+
+    return keras

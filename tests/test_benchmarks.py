@@ -45,6 +45,7 @@ def test_compile_time_benchmark():
     assert times['unrolled']['step_s'] > 0 and times['scanned']['step_s'] > 0
 
 
+@pytest.mark.usefixtures('run_process')
 def test_benchmarks_reject_bad_flags():
     result = subprocess.run(
         [sys.executable, 'benchmarks/train_step.py', '--devices=3', '--batch_size=8'],

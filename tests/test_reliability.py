@@ -637,6 +637,7 @@ def test_malformed_records_stop_training_with_one_clear_error(
         (['--num_processes=2'], 'no command; expected e.g. -- train.py'),
     ],
 )
+@pytest.mark.usefixtures('run_process')
 def test_the_launcher_rejects_bad_input_with_one_line(args, message):
     result = subprocess.run(
         [sys.executable, str(LAUNCH), *args], capture_output=True, text=True, timeout=60
