@@ -38,7 +38,7 @@ def compile_seconds(name: str, scan_blocks: bool, steps_to_time: int = 0) -> dic
     model = rj.create_model(name, num_classes=num_classes, scan_blocks=scan_blocks)
     params = jax.eval_shape(lambda: rj.init_variables(model, jax.random.key(0), shape))['params']
     tx, schedule = optim.create_optimizer(
-        optim.PAPER_CIFAR_SGD, params, total_steps=1000, steps_per_epoch=100
+        optim.OptimizerConfig(), params, total_steps=1000, steps_per_epoch=100
     )
     state = jax.eval_shape(lambda: create_train_state(model, tx, 0, shape))
     batch = {

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import data
+from resnet_jax import data, datasets
 
 
 def _rate(iterator, batches: int, batch_size: int) -> float:
@@ -103,9 +103,11 @@ def main() -> None:
     print(f'  (decode once: {decode_s:.1f} s)')
 
     jpegs = JpegSource(512)
-    imagenet_info = data.DatasetInfo('jpeg_bench', 1000, None, {'train': len(jpegs)})
+    imagenet_info = data.DatasetInfo(
+        'jpeg_bench', 1000, None, {'train': len(jpegs)}, spec=datasets.spec('imagenet2012')
+    )
     inception = data.make_preprocess(
-        imagenet_info, train=True, augmentation='inception', normalization='channel'
+        imagenet_info, train=True, augmentation='inception_crop_flip', normalization='channel'
     )
     for n in workers:
         dataset = data.train_dataset(jpegs, inception, batch_size=64, seed=0, num_workers=n)

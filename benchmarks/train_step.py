@@ -22,13 +22,13 @@ import platform
 import statistics
 import time
 
+import flax_reference
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-import flax_reference
 import resnet_jax as rj
 from resnet_jax import optim, sharding, steps
 from resnet_jax.train_state import create_train_state
@@ -67,7 +67,7 @@ def bench_ours(args, devices) -> dict:
     mesh = sharding.data_mesh(devices)
     params = jax.eval_shape(lambda: rj.init_variables(model, jax.random.key(0), shape))['params']
     tx, schedule = optim.create_optimizer(
-        optim.PAPER_CIFAR_SGD, params, total_steps=1000, steps_per_epoch=100
+        optim.OptimizerConfig(), params, total_steps=1000, steps_per_epoch=100
     )
     abstract = jax.eval_shape(lambda: create_train_state(model, tx, 0, shape))
     shardings = sharding.state_shardings(abstract, mesh)

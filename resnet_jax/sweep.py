@@ -158,7 +158,7 @@ def _write_record(run_dir: str, record: dict[str, Any]) -> None:
 
 def parameter_count(config: ml_collections.ConfigDict, num_classes: int) -> int:
     model = config_lib.create_model_from_config(config, num_classes)
-    shape = (32, 32, 3) if config.model.name in models.CIFAR_MODELS else (224, 224, 3)
+    shape = (32, 32, 3) if models.family(config.model.name) == 'cifar' else (224, 224, 3)
     variables = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), shape))
     return models.count_params(variables['params'])
 

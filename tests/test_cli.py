@@ -413,21 +413,10 @@ def test_ctrl_c_saves_the_step_and_exits_0_like_sigterm(tmp_path, cifar10_data_d
     assert not (run / workdir.LOCK_FILE).exists()  # released on the way out
 
 
-def test_make_data_with_a_missing_or_damaged_archive_is_one_error_line(tmp_path):
+def test_make_data_with_a_missing_or_damaged_archive_is_one_error_line(tmp_path, run_process):
     def make(shared):
-        return subprocess.run(
-            [
-                'make',
-                '--no-print-directory',
-                'data',
-                f'SHARED={shared}',
-                f'DATA_DIR={tmp_path / "tfds"}',
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-        )
+        argv = ['make', '--no-print-directory', 'data', f'SHARED={shared}']
+        return run_process([*argv, f'DATA_DIR={tmp_path / "tfds"}'], executable=None)
 
     missing = make(tmp_path / 'nothing')
     assert missing.returncode != 0

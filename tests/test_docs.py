@@ -5,6 +5,8 @@ import re
 
 import pytest
 
+from resnet_jax import parity, tables
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOP_DIRS = (
     'tests',
@@ -72,3 +74,64 @@ def test_the_checker_sees_references():
         ('tests/test_cli.py', 'test_verbose_adds_the_traceback')
     ]
     assert TEST_NAME.findall(sample) == ['test_nope']
+
+
+# --- Examples and generated tables -------------------------------------------------------------
+
+
+def _python_blocks(path):
+    return re.findall(r'```python\n(.*?)```', (REPO / path).read_text(), re.S)
+
+
+@pytest.mark.parametrize('path', ['README.md', 'docs/models.md', 'docs/weights.md'])
+@pytest.mark.slow
+def test_python_examples_run(path):
+    namespace: dict = {}
+    for block in _python_blocks(path):  # later blocks build on earlier ones, as a reader would
+        exec(compile(block, str(REPO / path), 'exec'), namespace)
+
+
+def test_the_data_example_runs(cifar10_data_dir):
+    (block,) = _python_blocks('docs/data.md')
+    default = "os.path.expanduser('~/.cache/resnet_jax/tfds')"
+    assert default in block
+    namespace: dict = {}
+    exec(
+        compile(block.replace(default, repr(str(cifar10_data_dir))), 'docs/data.md', 'exec'),
+        namespace,
+    )
+    assert namespace['batch']['image'].shape == (128, 32, 32, 3)
+
+
+@pytest.mark.parametrize(
+    'path, marker, make',
+    [b for b in tables.BLOCKS if b[1] != 'model-table'] + tables.results_blocks(),
+    ids=lambda x: x if isinstance(x, str) else '',
+)
+def test_generated_tables_are_current(path, marker, make):
+    assert tables.read_block(REPO / path, marker) == make(), (
+        f'{path}: the {marker} block is stale; run python -m resnet_jax.tables'
+    )
+
+
+@pytest.mark.slow
+def test_the_model_table_is_current():
+    assert tables.read_block(REPO / 'docs/models.md', 'model-table') == tables.model_table(), (
+        'docs/models.md: the model table is stale; run python -m resnet_jax.tables'
+    )
+
+
+def test_the_weight_parity_table_is_filled_and_within_tolerance():
+    table = tables.read_block(REPO / 'docs/weights.md', 'weight-parity')
+    rows = [line for line in table.splitlines() if line.startswith('| resnet')]
+    assert [row.split('|')[1:3] for row in rows] == [
+        [f' {name} ', f' {reference} '] for name, reference, _, _ in parity.CASES
+    ]
+    for row in rows:
+        assert float(row.split('|')[4]) < 1e-4, row
+    assert 'Measured by `python -m resnet_jax.parity`' in table
+
+
+def test_readme_stays_a_front_page():
+    lines = (REPO / 'README.md').read_text().splitlines()
+    assert len(lines) <= 160, len(lines)

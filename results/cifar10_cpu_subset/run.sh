@@ -21,11 +21,11 @@ python -m resnet_jax.sweep --config=configs/cifar10.py \
   --config.batch_size=64 \
   --config.optimizer.learning_rate=0.05 \
   --config.total_steps=1000 \
-  --config.optimizer.boundaries='[500, 750]' \
+  --config.optimizer.boundaries='(500, 750)' \
   --config.log_every_steps=50 \
   --config.eval_every_steps=200 \
   --config.checkpoint_every_steps=500 \
   --config.eval_batch_size=500
 
 python -m resnet_jax.report --workdir="$SWEEP_DIR" --out="$OUT"
-python scripts/readme_results.py "$OUT" --write README.md
+python -m resnet_jax.tables  # the READMEs quote table.md

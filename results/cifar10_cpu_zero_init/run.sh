@@ -24,10 +24,11 @@ python -m resnet_jax.sweep --config=configs/cifar10.py \
   --config.batch_size=64 \
   --config.optimizer.learning_rate=0.05 \
   --config.total_steps=1200 \
-  --config.optimizer.boundaries='[600, 900]' \
+  --config.optimizer.boundaries='(600, 900)' \
   --config.log_every_steps=50 \
   --config.eval_every_steps=200 \
   --config.checkpoint_every_steps=400 \
   --config.eval_batch_size=500
 
 python -m resnet_jax.report --workdir="$SWEEP_DIR" --out="$OUT"
+python -m resnet_jax.tables  # the READMEs quote table.md
