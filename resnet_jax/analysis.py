@@ -1,0 +1,221 @@
+"""The paper's Figure 7: the standard deviation of every 3x3 layer's response.
+
+    python -m resnet_jax.analysis --workdir=SWEEP_DIR [--out=DIR] [--split=test]
+
+Section 4.2: "the responses are the outputs of each 3x3 layer, after BN and before other
+nonlinearity (ReLU/addition)". For each run of a sweep (or one train.py workdir) this restores
+the newest checkpoint, runs the test split through the network in eval mode, and measures the
+standard deviation of each such response over all images, positions and channels. It writes:
+
+  figure7.csv   run, model, layer (1 = the stem's 3x3), module path, std;
+  figure7.png   top: std by layer index; bottom: the same sorted in descending order.
+
+The paper's observations: residual functions respond less than the plain nets' layers (they are
+closer to zero), and the deeper the ResNet, the smaller its responses.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_jax import cli, data, models, weights
+from resnet_jax import workdir as workdir_lib
+
+
+def _response_pattern(model: models.ResNet) -> re.Pattern:
+    """The BatchNorms that follow a 3x3 convolution: the CIFAR stem's, both of a basic block's
+    (bn2 is the residual function's output, before the addition), a bottleneck's middle one.
+    Projections are 1x1, the ImageNet stem 7x7."""
+    layers = ['/bn2$'] if issubclass(model.block_cls, models.Bottleneck) else ['/bn1$', '/bn2$']
+    if model.stem == 'cifar':
+        layers.append('^stem_bn$')
+    return re.compile('|'.join(layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class Responses:
+    run: str
+    model: str
+    layers: list[str]  # module paths, in the network's order
+    stds: list[float]
+
+    @property
+    def plain(self) -> bool:
+        return self.model.startswith('plain')
+
+
+def _ordered(paths: Iterable[str]) -> list[str]:
+    """Module paths in the order the network runs them: the stem, then stage, block, layer."""
+    natural = lambda p: [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', p)]
+    return sorted(paths, key=lambda p: (not p.startswith('stem'), natural(p)))
+
+
+def layer_response_stds(
+    model: models.ResNet, variables: dict[str, Any], batches: Iterable[dict[str, np.ndarray]]
+) -> tuple[list[str], list[float]]:
+    """(module paths, std of each one's response) over every real example of `batches`.
+
+    Args:
+      model: a network of basic blocks (the CIFAR nets, ResNet-18/34); scanned models are
+        analysed in their unrolled form.
+      variables: its {'params', 'batch_stats'}.
+      batches: preprocessed eval batches with 'image' and 'mask'.
+    """
+    if model.scan_blocks:
+        model, variables = model.clone(scan_blocks=False), weights.to_unrolled(variables)
+    pattern = _response_pattern(model)
+
+    @jax.jit
+    def sums(variables, images, mask):
+        _, state = model.apply(
+            variables,
+            images,
+            train=False,
+            capture_intermediates=lambda mdl, _: pattern.search(_path(mdl)) is not None,
+            mutable=['intermediates'],
+        )
+        out = {}
+        for path, value in _flatten(state['intermediates']):
+            x = value.astype(jnp.float32)
+            weight = mask.astype(jnp.float32)[:, None, None, None] * jnp.ones_like(x)
+            out[path] = jnp.stack([jnp.sum(weight), jnp.sum(x * weight), jnp.sum(x * x * weight)])
+        return out
+
+    totals: dict[str, np.ndarray] = {}
+    for batch in batches:
+        for path, s in jax.device_get(sums(variables, batch['image'], batch['mask'])).items():
+            totals[path] = totals.get(path, 0) + np.asarray(s, np.float64)
+    if not totals:
+        raise ValueError('no batches: the split is empty')
+    paths = _ordered(totals)
+    stds = []
+    for path in paths:
+        n, total, squares = totals[path]
+        stds.append(float(np.sqrt(max(squares / n - (total / n) ** 2, 0.0))))
+    return paths, stds
+
+
+def _path(module: Any) -> str:
+    return '/'.join(str(p) for p in module.scope.path)
+
+
+def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> Iterable[tuple[str, Any]]:
+    for key, value in tree.items():
+        if key == '__call__':
+            yield '/'.join(prefix), value[0]
+        else:
+            yield from _flatten(value, (*prefix, key))
+
+
+def analyse_run(run_dir: str, split: str = 'test') -> Responses:
+    """The responses of a train.py workdir's newest checkpoint on `split`."""
+    from resnet_jax import evaluate
+
+    config = workdir_lib.read_config(run_dir)
+    model, state, _, info = evaluate.restore_state(config, run_dir)
+    ds = config.dataset
+    source, _ = data.open_split(ds.name, split, ds.data_dir)
+    preprocess = data.make_preprocess(
+        info, train=False, data_dir=ds.data_dir, normalization=ds.normalization
+    )
+    batches = data.eval_dataset(
+        source, preprocess, batch_size=500, process_count=1, process_index=0
+    )
+    layers, stds = layer_response_stds(model, jax.device_get(state.eval_variables()), batches)
+    return Responses(os.path.basename(os.path.normpath(run_dir)), config.model.name, layers, stds)
+
+
+def find_run_dirs(workdir: str) -> list[str]:
+    """The train.py workdirs in `workdir` (its subdirectories, or itself) with checkpoints."""
+    if not os.path.isdir(workdir):
+        raise ValueError(f'--workdir {workdir!r} is not a directory')
+    candidates = [os.path.join(workdir, d) for d in sorted(os.listdir(workdir))] + [workdir]
+    found = [d for d in candidates if os.path.isdir(os.path.join(d, 'checkpoints'))]
+    if not found:
+        raise ValueError(
+            f'no checkpoints in {workdir!r} or its subdirectories; expected the --workdir of '
+            'resnet_jax.sweep or train.py (run with checkpoints kept)'
+        )
+    return found
+
+
+def write_csv(responses: Sequence[Responses], path: str) -> None:
+    with open(path, 'w', newline='') as f:
+        out = csv.writer(f)
+        out.writerow(['run', 'model', 'layer', 'module', 'std'])
+        for r in responses:
+            for i, (layer, std) in enumerate(zip(r.layers, r.stds, strict=True), 1):
+                out.writerow([r.run, r.model, i, layer, f'{std:.6f}'])
+
+
+def plot_figure7(responses: Sequence[Responses], path: str, title: str = '') -> None:
+    """Two panels as in the paper: std by layer index, and sorted in descending order."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6.5))
+    ordered = sorted(responses, key=lambda r: (not r.plain, len(r.stds), r.run))
+    colors = plt.cm.tab10(np.arange(len(ordered)) % 10)
+    for color, r in zip(colors, ordered, strict=True):
+        style = '--' if r.plain else '-'
+        index = np.arange(1, len(r.stds) + 1)
+        top.plot(index, r.stds, style, color=color, label=r.run, linewidth=1.4)
+        bottom.plot(index, sorted(r.stds, reverse=True), style, color=color, linewidth=1.4)
+    top.set_xlabel('layer index (original)')
+    bottom.set_xlabel('layer index (sorted by magnitude)')
+    for ax in (top, bottom):
+        ax.set_ylabel('std')
+        ax.grid(alpha=0.3)
+    top.legend(fontsize=8, title='dashed: plain, solid: ResNet', title_fontsize=8)
+    if title:
+        top.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_figure7(workdir: str, out: str, split: str = 'test') -> tuple[str, str]:
+    """Analyses every run of `workdir`; writes figure7.csv and figure7.png into `out`."""
+    from resnet_jax import paths
+
+    run_dirs = find_run_dirs(os.path.abspath(os.path.expanduser(workdir)))
+    out = paths.writable_dir(out, '--out')
+    responses = [analyse_run(d, split) for d in run_dirs]
+    csv_path, png_path = os.path.join(out, 'figure7.csv'), os.path.join(out, 'figure7.png')
+    write_csv(responses, csv_path)
+    plot_figure7(responses, png_path, f'std of 3x3 layer responses (after BN) on {split}')
+    return csv_path, png_path
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    csv_path, png_path = write_figure7(FLAGS.workdir, FLAGS.out or FLAGS.workdir, FLAGS.split)
+    print(f'wrote {csv_path} and {png_path}')
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string('workdir', None, 'A sweep directory (or one train.py workdir).')
+    flags.DEFINE_string('out', None, 'Where figure7.csv and figure7.png go (default: --workdir).')
+    flags.DEFINE_string('split', 'test', 'The split whose images are run through the networks.')
+    flags.mark_flags_as_required(['workdir'])
+
+
+if __name__ == '__main__':
+    _define_flags()
+    cli.run(main)
