@@ -2,8 +2,9 @@
 
     python train.py --config=configs/cifar10.py:resnet20 --workdir=DIR [--config.x=y ...]
 
-Multi-process (GPU clusters without auto-detection): --coordinator_address=HOST:PORT
---num_processes=N --process_id=I. On a Cloud TPU pod or under SLURM, pass none: JAX detects them.
+Multi-process: on a Cloud TPU VM pod, GKE, SLURM or Open MPI pass nothing (JAX detects the
+cluster; resnet_jax.cluster decides); elsewhere --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I on every process.
 Bad input exits non-zero with one `error:` line (`--verbose` adds the traceback) and leaves the
 workdir untouched. SIGTERM or Ctrl-C saves the current step and exits 0; rerun to resume.
 """
@@ -25,29 +26,22 @@ flags.DEFINE_integer('process_id', None, 'This process (multi-process).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _in_a_cluster(env) -> bool:
-    """True on a multi-host Cloud TPU slice or in a multi-task SLURM job."""
-    tpu_hosts = env.get('TPU_WORKER_HOSTNAMES', '')
-    return ',' in tpu_hosts or int(env.get('SLURM_NTASKS', '1')) > 1
-
-
 def main(argv):
     del argv
     import jax
 
-    timeouts = {
-        'initialization_timeout': FLAGS.config.distributed.initialization_timeout_seconds,
-        'heartbeat_timeout_seconds': FLAGS.config.distributed.heartbeat_timeout_seconds,
-    }
-    if FLAGS.coordinator_address or FLAGS.num_processes:
-        jax.distributed.initialize(
-            coordinator_address=FLAGS.coordinator_address,
-            num_processes=FLAGS.num_processes,
-            process_id=FLAGS.process_id,
-            **timeouts,
-        )
-    elif _in_a_cluster(os.environ):
-        jax.distributed.initialize(**timeouts)  # JAX reads the TPU pod / SLURM environment
+    from resnet_jax import cluster
+
+    startup = cluster.decide(
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+    )
+    cluster.start(
+        startup,
+        initialization_timeout=FLAGS.config.distributed.initialization_timeout_seconds,
+        heartbeat_timeout_seconds=FLAGS.config.distributed.heartbeat_timeout_seconds,
+    )
     from resnet_jax import trainer
 
     try:

@@ -1,8 +1,10 @@
 """Tests of the trainer: steps, optimizer and schedules by config, checkpoints, configs, CLI."""
 
 import os
+import re
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -285,6 +287,49 @@ def test_checkpoint_restores_onto_fewer_devices(tmp_path):
     )
 
 
+def test_fingerprints_are_written_off_the_training_thread(tmp_path, monkeypatch):
+    """Hashing a step reads all of it: never on the thread that trains."""
+    hashed_on = []
+    digest = checkpoint.content_digest
+    monkeypatch.setattr(
+        checkpoint,
+        'content_digest',
+        lambda step_dir: hashed_on.append(threading.current_thread().name) or digest(step_dir),
+    )
+    state = {'w': np.arange(4.0, dtype=np.float32)}
+    manager = checkpoint.create_manager(str(tmp_path), save_every_steps=1, keep=3)
+    for step in (1, 2, 3):  # each save fingerprints the steps committed before it
+        checkpoint.save(manager, step, state, meta={}, force=True)
+    assert threading.current_thread().name not in hashed_on
+    assert hashed_on and all(name.startswith('fingerprint') for name in hashed_on)
+    checkpoint.wait(manager)  # joins the background work, then fingerprints the last step
+    manager.close()
+    assert all(checkpoint.has_fingerprint(str(tmp_path), s) for s in (1, 2, 3))
+    assert all(checkpoint.verify(str(tmp_path), s) is None for s in (1, 2, 3))
+
+
+@pytest.mark.parametrize(
+    'setting, expected',
+    [('auto', '{cache}/xla'), ('~/xla_here', '{home}/xla_here'), ('gs://b/xla', 'gs://b/xla')],
+)
+def test_the_compilation_cache_goes_where_the_config_says(monkeypatch, tmp_path, setting, expected):
+    monkeypatch.setenv('RESNET_JAX_CACHE_DIR', str(tmp_path))
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        path = trainer.enable_compilation_cache(setting)
+        assert path == expected.format(cache=tmp_path, home=tmp_path / 'home')
+        assert jax.config.jax_compilation_cache_dir == path
+    finally:
+        jax.config.update('jax_compilation_cache_dir', before)
+
+
+def test_an_empty_compilation_cache_dir_turns_it_off():
+    before = jax.config.jax_compilation_cache_dir
+    assert trainer.enable_compilation_cache('') is None
+    assert jax.config.jax_compilation_cache_dir == before
+
+
 def test_the_train_stream_resumes_at_any_batch():
     source = synthetic_source(32)
     preprocess = data.make_preprocess(synthetic_info(), train=True, normalization='none')
@@ -536,13 +581,38 @@ def test_bn_group_size_normalises_each_group_with_its_own_statistics():
         config_lib.validate(config, device_count=8, process_count=1)
 
 
-def test_train_py_joins_a_cluster_only_when_there_is_one():
-    import train  # the repo root is on pytest's pythonpath
+def _all_reduces_in_a_resnet50_step(bn_group_size):
+    """All-reduce ops in the compiled ResNet-50 train step on 8 devices, batch 16 (2 each)."""
+    config = smoke.get_config()
+    model = rj.create_model('resnet50', num_classes=10)
+    shape = (32, 32, 3)
+    params = jax.eval_shape(lambda: rj.init_variables(model, jax.random.key(0), shape))
+    tx, schedule = optim.create_optimizer(
+        config.optimizer, params['params'], total_steps=100, steps_per_epoch=10
+    )
+    mesh = sharding.data_mesh()
+    abstract = jax.eval_shape(lambda: create_train_state(model, tx, 0, shape))
+    shardings = sharding.state_shardings(abstract, mesh)
+    batch = {
+        'image': jax.ShapeDtypeStruct((16, *shape), jnp.float32),
+        'label': jax.ShapeDtypeStruct((16,), jnp.int32),
+    }
+    step = jax.jit(
+        steps.make_train_step(model, tx, schedule, bn_group_size=bn_group_size),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+    )
+    hlo = step.lower(abstract, batch).compile().as_text()
+    return len(re.findall(r'^\s*%\S+ = .*?\ball-reduce(?:-start)?\(', hlo, re.M))
 
-    assert not train._in_a_cluster({})
-    assert not train._in_a_cluster({'SLURM_NTASKS': '1', 'TPU_WORKER_HOSTNAMES': 'localhost'})
-    assert train._in_a_cluster({'SLURM_NTASKS': '4'})
-    assert train._in_a_cluster({'TPU_WORKER_HOSTNAMES': 't1-w-0,t1-w-1'})
+
+@pytest.mark.slow
+def test_batchnorm_spans_within_a_device_leave_a_handful_of_all_reduces():
+    """Global statistics need an all-reduce per BatchNorm layer in every step (latency-bound
+    across the hosts of a pod); spans of the per-device batch need none of them."""
+    global_statistics = _all_reduces_in_a_resnet50_step(0)
+    per_device_spans = _all_reduces_in_a_resnet50_step(2)
+    assert global_statistics >= 53, global_statistics  # ResNet-50 has 53 BatchNorm layers
+    assert per_device_spans <= 5, per_device_spans  # the gradients and the metrics
 
 
 def test_gradient_clipping_bounds_the_update():
