@@ -45,6 +45,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.nonfinite = 'stop'
     c.max_skipped_steps = 100  # 'skip' still stops after this many skips in one run
 
+    # XLA's persistent compilation cache: a restarted run skips compiling what it compiled
+    # before. 'auto': <cache dir>/xla (RESNET_JAX_CACHE_DIR, default ~/.cache/resnet_jax); a
+    # path (local or gs://, shared by the hosts of a pod); '' turns it off.
+    c.compilation_cache_dir = 'auto'
+
     # Multi-process runs (train.py passes these to jax.distributed.initialize).
     c.distributed = ml_collections.ConfigDict()
     c.distributed.initialization_timeout_seconds = 300  # all processes must join within this

@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from resnet_jax import actions, checkpoint, data, metrics, optim, paths, sharding, steps
@@ -71,7 +72,7 @@ def _restore_latest_good(
     directory = os.fspath(manager.directory)
     set_aside = []
     for step in sorted(manager.all_steps(), reverse=True):
-        problem = checkpoint.verify(directory, step)
+        problem = _verify_once(directory, step)
         if problem is None:
             try:
                 meta = checkpoint.read_meta(manager, step)
@@ -91,6 +92,17 @@ def _restore_latest_good(
     if set_aside:
         raise ValueError(f'no usable checkpoint in {directory!r}: ' + '; '.join(set_aside))
     return None, {}
+
+
+def _verify_once(directory: str, step: int) -> str | None:
+    """Process 0 checks the step's fingerprint and tells the others: the files are read once,
+    not by every host of a pod."""
+    problem = checkpoint.verify(directory, step) if jax.process_index() == 0 else None
+    if jax.process_count() > 1:
+        bad = multihost_utils.broadcast_one_to_all(np.int32(problem is not None))
+        if bad and problem is None:
+            problem = 'process 0 found its files do not match the fingerprint written at save'
+    return problem
 
 
 def _close(iterator: Any) -> None:
@@ -242,10 +254,24 @@ def _compile_steps(config, model, tx, schedule, mesh, state_shardings):
     return train_step, eval_step
 
 
+def enable_compilation_cache(setting: str) -> str | None:
+    """Points XLA's persistent compilation cache at `setting` ('auto', a path, '' = off)."""
+    if not setting:
+        return None
+    if setting == 'auto':
+        setting = os.path.join(data.cache_dir(), 'xla')
+    path = setting if '://' in setting else os.path.expanduser(setting)
+    jax.config.update('jax_compilation_cache_dir', path)
+    # Steps compile in seconds to minutes; the many tiny eager ops are not worth a file each.
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+    return path
+
+
 def build_run(config: ml_collections.ConfigDict, workdir: str, closers: list) -> Run:
     """Everything a run needs, checked before the workdir is touched; registers what must be
     closed (the lock, the checkpoint manager, the writer, the data workers) in `closers`."""
     config_lib.validate(config, jax.device_count(), jax.process_count())
+    enable_compilation_cache(config.compilation_cache_dir)
     sources, info = _open_data(config)
     mesh = sharding.data_mesh()
     model, tx, schedule, init = build_training(config, info, len(sources['train']))
