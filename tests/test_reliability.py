@@ -167,7 +167,7 @@ def _read_until_pids(proc, count):
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_resume_exactly_after_sigterm(tmp_path, cifar10_data_dir):
-    """2 processes x 2 devices == 1 process x 4 devices; SIGTERM to all, then exact resume."""
+    """2 processes x 2 devices == 1 process x 4 devices; SIGTERM to one, then exact resume."""
     # Two topologies sum the gradient all-reduce in different orders: float32 rounding that an
     # unstable run (learning rate 0.01 on batches of 16) amplifies to 1% by step 4 on some
     # CPUs. At 0.001 the runs stay within 5e-5 of each other; a wrong batch would move the loss
@@ -191,12 +191,12 @@ def test_two_processes_train_like_one_and_resume_exactly_after_sigterm(tmp_path,
     assert checkpoint.verify(str(two / 'checkpoints'), 12) is None
     assert checkpoint.has_fingerprint(str(two / 'checkpoints'), 12)
 
-    # SIGTERM to every process: they agree on a step, save it, and exit 0.
+    # SIGTERM to process 1 only, as when one host of a pod is preempted: both processes agree
+    # on a step, save it, and exit 0.
     launcher = _launch(interrupted, cifar10_data_dir, **run)
     pids, head = _read_until_pids(launcher, 2)
     _wait_for_step(interrupted, 3, launcher)
-    for pid in pids:
-        os.kill(pid, signal.SIGTERM)
+    os.kill(pids[1], signal.SIGTERM)
     out, _ = launcher.communicate(timeout=TIMEOUT)
     out = head + out
     assert launcher.returncode == 0, out[-3000:]
