@@ -72,6 +72,13 @@ class DatasetInfo:
 
 
 def _check_data_dir(data_dir: str) -> str:
+    if '://' in os.fspath(data_dir):
+        raise ValueError(
+            f'data_dir {data_dir!r} is a cloud storage URL; the input pipeline reads local '
+            f'files: copy the prepared dataset to local disk (gcloud storage cp -r '
+            f'{os.fspath(data_dir).rstrip("/")}/DATASET /mnt/tfds/) or mount the bucket, and pass '
+            'that path'
+        )
     data_dir = os.path.expanduser(os.fspath(data_dir))
     if not os.path.exists(data_dir):
         raise ValueError(f'data_dir {data_dir!r} does not exist; expected a TFDS data directory')

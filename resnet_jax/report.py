@@ -109,6 +109,7 @@ def _read_json(path: str) -> dict[str, Any]:
 
 def find_runs(workdir: str) -> list[RunLog]:
     """Every run under `workdir` (its subdirectories, or `workdir` itself), plain nets first."""
+    paths.check_local(workdir, '--workdir')
     if not os.path.isdir(workdir):
         raise ValueError(f'--workdir {workdir!r} is not a directory')
     candidates = [os.path.join(workdir, d) for d in sorted(os.listdir(workdir))] + [workdir]

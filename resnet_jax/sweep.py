@@ -228,6 +228,7 @@ def sweep(
     module = load_config_module(config_file)
     names = expand_models(models_spec if isinstance(models_spec, str) else ','.join(models_spec))
     runs = plan_runs(module, names, grid, overrides or {})
+    paths.check_local(workdir, '--workdir')
     check_runs(runs, os.path.abspath(os.path.expanduser(workdir)))  # before anything is created
     workdir = paths.writable_dir(workdir, '--workdir')
     with WorkdirLock(workdir):  # one sweep per directory; each run also locks its own

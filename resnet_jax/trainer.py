@@ -271,6 +271,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, closers: list) ->
     """Everything a run needs, checked before the workdir is touched; registers what must be
     closed (the lock, the checkpoint manager, the writer, the data workers) in `closers`."""
     config_lib.validate(config, jax.device_count(), jax.process_count())
+    paths.check_local(workdir, 'workdir')
     enable_compilation_cache(config.compilation_cache_dir)
     sources, info = _open_data(config)
     mesh = sharding.data_mesh()

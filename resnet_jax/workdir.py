@@ -27,6 +27,8 @@ from typing import Any
 
 import ml_collections
 
+from resnet_jax import paths
+
 logger = logging.getLogger('resnet_jax')
 
 CONFIG_FILE = 'config.json'
@@ -42,6 +44,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     Raises:
       ValueError: naming the file, if the workdir has none or it is not a config.
     """
+    paths.check_local(workdir, 'workdir')
     path = os.path.join(os.path.expanduser(workdir), CONFIG_FILE)
     try:
         with open(path) as f:

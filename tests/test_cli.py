@@ -118,6 +118,26 @@ CASES = [
         "config file 'configs/nope.py' does not exist; expected e.g. configs/cifar10.py",
     ),
     (
+        'gs-workdir',
+        lambda t, d, w, x: (_train('gs://my-bucket/run', d), None),
+        1,
+        "workdir 'gs://my-bucket/run' is a cloud storage URL, which resnet_jax cannot use yet; "
+        'mount the bucket (e.g. gcsfuse my-bucket /mnt/my-bucket)',
+    ),
+    (
+        'gs-data-dir',
+        lambda t, d, w, x: (_train(t / 'run', 'gs://my-bucket/tfds'), t / 'run'),
+        1,
+        "data_dir 'gs://my-bucket/tfds' is a cloud storage URL; the input pipeline reads local "
+        'files: copy the prepared dataset to local disk',
+    ),
+    (
+        'gs-workdir-evaluate',
+        lambda t, d, w, x: (_evaluate('gs://my-bucket/run'), None),
+        1,
+        "workdir 'gs://my-bucket/run' is a cloud storage URL",
+    ),
+    (
         'config-syntax-error',
         lambda t, d, w, x: (
             _train(t / 'run', d, config=_write(t / 'bad.py', 'def get_config(:\n')),

@@ -10,7 +10,7 @@ import pytest
 
 from configs import smoke
 from resnet_jax import config as config_lib
-from resnet_jax import workdir
+from resnet_jax import trainer, workdir
 
 
 def _foreign_lock(path, *, host, pid, age_seconds=0.0):
@@ -105,3 +105,16 @@ def test_identity_tells_same_shaped_networks_apart():
         workdir.check_identity(base, identity(**{'dataset.normalization': 'channel'}), 'x')
     with pytest.raises(ValueError, match=r'model.bn_epsilon'):
         workdir.check_identity(base, identity(**{'model.bn_epsilon': 1e-3}), 'x')
+
+
+@pytest.mark.parametrize('url', ['gs://bucket/run', 's3://bucket/run'])
+def test_a_storage_url_workdir_is_refused_and_no_local_folder_appears(tmp_path, monkeypatch, url):
+    """os.makedirs would make ./gs:/bucket/run and keep the checkpoints on one VM's disk."""
+    monkeypatch.chdir(tmp_path)
+    config = smoke.get_config()
+    config_lib.apply_overrides(config, {'dataset.data_dir': str(tmp_path)})
+    with pytest.raises(ValueError, match=rf"workdir '{url}' is a cloud storage URL"):
+        trainer.train_and_evaluate(config, url)
+    with pytest.raises(ValueError, match='mount the bucket'):
+        workdir.read_config(url)
+    assert list(tmp_path.iterdir()) == []
