@@ -412,6 +412,18 @@ def _channel(info: DatasetInfo, data_dir: str | None) -> tuple[np.ndarray, np.nd
     return np.asarray(info.spec.mean, np.float32), np.asarray(info.spec.std, np.float32)
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # of RGB in [0, 1]
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@register_normalization('imagenet')
+def _imagenet(info: DatasetInfo, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel with ImageNet's statistics, whatever the dataset: what torchvision-style
+    trainers use, so what weights trained by them expect (e.g. the converted CIFAR nets)."""
+    del info, data_dir
+    return 255 * np.asarray(IMAGENET_MEAN, np.float32), 255 * np.asarray(IMAGENET_STD, np.float32)
+
+
 def _check_choice(value: Any, registry: dict, what: str) -> None:
     if value not in registry:
         raise ValueError(f'{what} {value!r} is invalid; expected one of {", ".join(registry)}')

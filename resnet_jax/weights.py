@@ -196,7 +196,11 @@ _TORCHVISION_STEM = {'stem_conv': 'conv1', 'stem_bn': 'bn1'}
 
 
 def _torch_name(
-    path: tuple[str, ...], stem: Mapping[str, str], downsample: int
+    path: tuple[str, ...],
+    stem: Mapping[str, str],
+    downsample: int,
+    projection: str = 'downsample',
+    head: str = 'fc',
 ) -> tuple[str, bool]:
     """The PyTorch name of one of our variables, and whether it is a conv kernel.
 
@@ -204,20 +208,22 @@ def _torch_name(
       stem: our stem modules -> theirs.
       downsample: the index of the projection conv in `downsample` (0 in torchvision; 1 in
         timm's average-pool shortcuts, where index 0 is the pool).
+      projection: the name of a block's projection Sequential ('shortcut' in CIFAR code).
+      head: the name of the classifier ('linear' in CIFAR code).
     """
     _, *module, leaf = path
     if module == ['head']:
-        return ('fc.weight' if leaf == 'kernel' else 'fc.bias'), False
+        return (f'{head}.weight' if leaf == 'kernel' else f'{head}.bias'), False
     if module[0] in stem:
         torch_module = stem[module[0]]
     else:
         stage, block, *rest = module
         prefix = f'layer{stage[len("stage") :]}.{int(block[len("block") :]) - 1}'
-        projection = {
-            'proj_conv': f'downsample.{downsample}',
-            'proj_bn': f'downsample.{downsample + 1}',
+        ours = {
+            'proj_conv': f'{projection}.{downsample}',
+            'proj_bn': f'{projection}.{downsample + 1}',
         }
-        torch_module = f'{prefix}.{projection.get(rest[-1], rest[-1])}'
+        torch_module = f'{prefix}.{ours.get(rest[-1], rest[-1])}'
     if leaf == 'kernel':
         return f'{torch_module}.weight', True
     return f'{torch_module}.{_BN_SUFFIX[leaf]}', False
@@ -327,13 +333,47 @@ def from_timm(state_dict: Mapping[str, Any], model: ResNet) -> Variables:
     return _from_torch(state_dict, model, name_of, 'timm state_dict')
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a torchvision checkpoint without executing pickled code.
+def from_torch_cifar(state_dict: Mapping[str, Any], model: ResNet) -> Variables:
+    """Converts a PyTorch CIFAR ResNet (the layout of akamaster/pytorch_resnet_cifar10 and most
+    CIFAR code) into variables for one of our CIFAR nets.
 
-    `.safetensors` files are read with safetensors (torch not needed); `.pt`/`.pth`/`.bin`
-    with `torch.load(..., weights_only=True)`, which refuses anything but tensors and
-    containers. A checkpoint that wraps the weights as {'state_dict': ...} or {'model': ...}
-    is unwrapped.
+    Their names: `conv1`, `bn1`, `layerS.B.conv1|bn1|conv2|bn2` (S = 1..3, B from 0), the
+    projection of option B/C blocks `layerS.B.shortcut.0|1`, and `linear`. Option A shortcuts
+    have no parameters, as ours; both zero-pad the new channels evenly on each side.
+
+    Args:
+      state_dict: names to tensors or arrays (`load_state_dict` reads .safetensors, .th, .pth).
+      model: `create_model('resnetN', num_classes=...)` with the shortcut option the weights
+        were trained with (A for the paper's CIFAR nets, the default).
+
+    Raises:
+      ValueError: a model that is not a CIFAR ResNet, or missing, unexpected or mis-shaped
+        entries (all of them named in the message).
+    """
+    _require(
+        isinstance(model, ResNet) and model.stem == 'cifar',
+        'PyTorch CIFAR weights need a CIFAR ResNet from create_model (resnet20, resnet32, ...), '
+        f'got {type(model).__name__}'
+        + (f' with the {model.stem!r} stem' if isinstance(model, ResNet) else ''),
+    )
+    _require(
+        model.bn_epsilon == TORCHVISION_BN_EPSILON,
+        f'PyTorch BatchNorm uses epsilon={TORCHVISION_BN_EPSILON}: build the model with '
+        f'bn_epsilon={TORCHVISION_BN_EPSILON}, got {model.bn_epsilon}',
+    )
+    name_of = functools.partial(
+        _torch_name, stem=_TORCHVISION_STEM, downsample=0, projection='shortcut', head='linear'
+    )
+    return _from_torch(state_dict, model, name_of, 'PyTorch CIFAR state_dict', head='linear.weight')
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a PyTorch checkpoint without executing pickled code.
+
+    `.safetensors` files are read with safetensors (torch not needed); `.pt`/`.pth`/`.th`/
+    `.bin` with `torch.load(..., weights_only=True)`, which refuses anything but tensors and
+    containers. A checkpoint that wraps the weights as {'state_dict': ..., other entries} or
+    {'model': ...} is unwrapped, and DataParallel's `module.` prefix is removed.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -342,10 +382,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         from safetensors.numpy import load_file
 
         return dict(load_file(path))
-    if not path.endswith(('.pt', '.pth', '.bin')):
+    if not path.endswith(('.pt', '.pth', '.th', '.bin')):
         raise ValueError(
-            f'weights file {path!r} has an unknown extension; expected .safetensors, .pt, .pth '
-            'or .bin'
+            f'weights file {path!r} has an unknown extension; expected .safetensors, .pt, .pth, '
+            '.th or .bin'
         )
     try:
         import torch
@@ -357,11 +397,13 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         raise ValueError(f'cannot read {path!r} as a weights-only torch checkpoint: {e}') from e
-    for wrapper in ('state_dict', 'model'):
-        if isinstance(state, Mapping) and set(state) == {wrapper}:
+    for wrapper in ('state_dict', 'model'):  # beside e.g. 'best_prec1', 'epoch'
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]
     if not isinstance(state, Mapping):
         raise ValueError(f'{path!r} holds a {type(state).__name__}, expected a state dict')
+    if state and all(k.startswith('module.') for k in state):  # saved from DataParallel
+        state = {k[len('module.') :]: v for k, v in state.items()}
     return {k: _to_numpy(v) for k, v in state.items()}
 
 

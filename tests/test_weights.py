@@ -5,13 +5,15 @@ Keras's in keras.applications); resnet_jax.parity builds them with random weight
 non-trivial BatchNorm statistics.
 """
 
+import pathlib
 import pickle
 
+import jax
 import numpy as np
 import pytest
 
 import resnet_jax as rj
-from resnet_jax import parity, weights
+from resnet_jax import data, parity, weights
 
 TOLERANCE = 1e-4  # max abs difference of float32 logits of order 1
 
@@ -226,3 +228,113 @@ def test_converters_fill_scanned_models(resnet18_state_dict):
 def test_converters_are_reachable_from_the_package():
     assert rj.weights.from_torchvision is weights.from_torchvision
     assert rj.weights.from_keras is weights.from_keras
+
+
+# --- Trained CIFAR nets in PyTorch's CIFAR layout (../shared/models/akamaster_cifar10) ---------
+
+AKAMASTER = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'models' / 'akamaster_cifar10'
+
+
+def _akamaster(depth):
+    if not AKAMASTER.exists():
+        pytest.fail(f'{AKAMASTER} is missing: the tests need the shared trained CIFAR nets')
+    return weights.load_state_dict(AKAMASTER / f'resnet{depth}.safetensors')
+
+
+def _first_test_images(data_dir, count):
+    """Test images 0..count-1 in the dataset's order, normalised as the weights were trained."""
+    source, info = data.open_split('cifar10_jpeg', f'test[:{count}]', str(data_dir))
+    preprocess = data.make_preprocess(info, train=False, normalization='imagenet')
+    return np.stack([preprocess(source[i])['image'] for i in range(count)])
+
+
+def test_trained_cifar_nets_reproduce_their_pytorch_logits(cifar10_data_dir):
+    """Their own PyTorch models' logits on 256 test images, from the converted weights: the
+    layout mapping, option A's zero padding and the input normalisation all have to be right.
+    Logits have std ~6; float32 convolutions in another order differ by ~1e-5 of that."""
+    references = np.load(AKAMASTER / 'reference_logits_test0-255.npz')
+    images = _first_test_images(cifar10_data_dir, 256)
+    for depth in (20, 32, 44, 56):
+        model = rj.create_model(f'resnet{depth}', num_classes=10)
+        variables = weights.from_torch_cifar(_akamaster(depth), model)
+        logits, _ = jax.jit(lambda v, x, m=model: rj.apply_model(m, v, x, train=False))(
+            variables, images
+        )
+        expected = references[f'r{depth}']
+        scale = float(np.std(expected))
+        np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4 * scale)
+        assert (np.argmax(logits, -1) == np.argmax(expected, -1)).mean() == 1.0
+
+
+def test_torch_cifar_weights_name_every_missing_extra_and_misshaped_entry():
+    state = _akamaster(20)
+    model = rj.create_model('resnet20', num_classes=10)
+    broken = dict(state)
+    del broken['layer2.1.conv1.weight']
+    broken['layer9.0.conv1.weight'] = broken['conv1.weight']
+    with pytest.raises(ValueError, match=r'missing 1: layer2\.1\.conv1\.weight'):
+        weights.from_torch_cifar(broken, model)
+    extra = {**state, 'layer1.0.shortcut.0.weight': state['conv1.weight']}
+    with pytest.raises(ValueError, match=r'1 unexpected entries.*layer1\.0\.shortcut\.0\.weight'):
+        weights.from_torch_cifar(extra, model)
+    with pytest.raises(
+        ValueError,
+        match=r'linear\.weight has shape \(64, 100\) \(as params/head/kernel\), '
+        r'expected \(64, 10\)',
+    ):
+        weights.from_torch_cifar({**state, 'linear.weight': np.zeros((100, 64), np.float32)}, model)
+    with pytest.raises(ValueError, match=r"need a CIFAR ResNet.*with the 'imagenet' stem"):
+        weights.from_torch_cifar(state, rj.create_model('resnet18', num_classes=10))
+
+
+def test_option_b_cifar_weights_use_their_shortcut_projections():
+    """A CIFAR net with projections (option B): `layerS.0.shortcut.0|1` where the shape changes."""
+    model = rj.create_model('resnet20', num_classes=10, shortcut='B')
+    shapes = jax.eval_shape(lambda: rj.init_variables(model, jax.random.key(0), (32, 32, 3)))
+    state = {}
+    rng = np.random.default_rng(0)
+    for name, shape in _torch_cifar_names(shapes).items():
+        state[name] = rng.normal(size=shape).astype(np.float32)
+    variables = weights.from_torch_cifar(state, model)
+    kernel = variables['params']['stage2']['block1']['shortcut']['proj_conv']['kernel']
+    np.testing.assert_array_equal(kernel, state['layer2.0.shortcut.0.weight'].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        variables['batch_stats']['stage3']['block1']['shortcut']['proj_bn']['var'],
+        state['layer3.0.shortcut.1.running_var'],
+    )
+
+
+def _torch_cifar_names(shapes):
+    """PyTorch CIFAR name -> PyTorch shape for every variable of `shapes`, written out here
+    independently of the converter."""
+    names = {}
+    suffix = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+        keys = [k.key for k in path]
+        _, *module, last = keys
+        if module == ['head']:
+            name = 'linear.weight' if last == 'kernel' else 'linear.bias'
+            shape = leaf.shape[::-1] if last == 'kernel' else leaf.shape
+        else:
+            if module[0] in ('stem_conv', 'stem_bn'):
+                torch_module = {'stem_conv': 'conv1', 'stem_bn': 'bn1'}[module[0]]
+            else:
+                stage, block, *_, layer = module  # projections sit in a shortcut module
+                layer = {'proj_conv': 'shortcut.0', 'proj_bn': 'shortcut.1'}.get(layer, layer)
+                torch_module = f'layer{stage[5:]}.{int(block[5:]) - 1}.{layer}'
+            if last == 'kernel':
+                name, shape = f'{torch_module}.weight', tuple(np.array(leaf.shape)[[3, 2, 0, 1]])
+            else:
+                name, shape = f'{torch_module}.{suffix[last]}', leaf.shape
+        names[name] = shape
+    return names
+
+
+def test_original_th_files_load_without_their_wrapper_and_dataparallel_prefix(tmp_path, torch):
+    """akamaster's .th files: {'state_dict': {'module.conv1.weight': ...}, 'best_prec1': ...}."""
+    state = {f'module.{k}': torch.from_numpy(v) for k, v in _akamaster(20).items()}
+    torch.save({'state_dict': state, 'best_prec1': 91.78}, tmp_path / 'resnet20-12fca82f.th')
+    loaded = weights.load_state_dict(tmp_path / 'resnet20-12fca82f.th')
+    assert set(loaded) == set(_akamaster(20))
+    model = rj.create_model('resnet20', num_classes=10)
+    weights.from_torch_cifar(loaded, model)  # every entry used, none missing
