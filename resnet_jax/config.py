@@ -45,6 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.nonfinite = 'stop'
     c.max_skipped_steps = 100  # 'skip' still stops after this many skips in one run
 
+    # A fresh run starts from these weights (resnet_jax.pretrained): a PyTorch state dict file
+    # or another run's workdir; '' = the paper's initialisation. A resumed run ignores it.
+    c.init_from = ''
+
     # XLA's persistent compilation cache: a restarted run skips compiling what it compiled
     # before. 'auto': <cache dir>/xla (RESNET_JAX_CACHE_DIR, default ~/.cache/resnet_jax); a
     # path (local or gs://, shared by the hosts of a pod); '' turns it off.

@@ -26,7 +26,17 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from resnet_jax import actions, checkpoint, data, metrics, optim, paths, sharding, steps
+from resnet_jax import (
+    actions,
+    checkpoint,
+    data,
+    metrics,
+    optim,
+    paths,
+    pretrained,
+    sharding,
+    steps,
+)
 from resnet_jax import config as config_lib
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.train_state import TrainState, create_train_state
@@ -218,14 +228,30 @@ def _open_data(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], data.
     return sources, info
 
 
-def _initial_state(config, manager, init, state_shardings, identity):
+def _initial_state(config, model, manager, init, state_shardings, identity):
     """The newest good checkpoint's state and meta, or a new state made on the devices."""
     target = checkpoint.abstract_with_shardings(jax.eval_shape(init), state_shardings)
     state, meta = _restore_latest_good(manager, target, identity)
     if state is None:
-        return jax.jit(init, out_shardings=state_shardings)(), {}
+        state = jax.jit(init, out_shardings=state_shardings)()
+        if config.get('init_from'):  # absent from the config.json of older runs
+            state = _start_from_weights(config.init_from, model, state, state_shardings)
+        return state, {}
     logger.info('resumed from %s at step %d', manager.directory, int(jax.device_get(state.step)))
     return state, meta
+
+
+def _start_from_weights(
+    path: str, model: Any, state: TrainState, state_shardings: Any
+) -> TrainState:
+    """`state` with the model's variables (and their moving average) loaded from `path`."""
+    fresh = jax.device_get(state.variables())
+    loaded = pretrained.load_variables(path, model, fresh)
+    state = state.replace(params=loaded['params'], batch_stats=loaded['batch_stats'])
+    if state.ema is not None:
+        state = state.replace(ema=loaded)
+    logger.info('initialised from %s', path)
+    return jax.device_put(state, state_shardings)
 
 
 def _compile_steps(config, model, tx, schedule, mesh, state_shardings):
@@ -272,7 +298,11 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, closers: list) ->
     closed (the lock, the checkpoint manager, the writer, the data workers) in `closers`."""
     config_lib.validate(config, jax.device_count(), jax.process_count())
     paths.check_local(workdir, 'workdir')
-    enable_compilation_cache(config.compilation_cache_dir)
+    if config.get('init_from') and not checkpoint.committed_steps(
+        os.path.join(os.path.expanduser(workdir), 'checkpoints')
+    ):
+        pretrained.check_path(config.init_from)  # a resumed run never reads it
+    enable_compilation_cache(config.get('compilation_cache_dir', 'auto'))
     sources, info = _open_data(config)
     mesh = sharding.data_mesh()
     model, tx, schedule, init = build_training(config, info, len(sources['train']))
@@ -290,7 +320,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, closers: list) ->
         checkpoint_dir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
     )
     closers.append(manager.close)
-    state, meta = _initial_state(config, manager, init, state_shardings, identity)
+    state, meta = _initial_state(config, model, manager, init, state_shardings, identity)
     closers.append(lambda: _wait_for_saves(manager))
     first_step = int(jax.device_get(state.step))
     writer = metrics.MetricWriter(workdir, resume_step=first_step)

@@ -1,0 +1,134 @@
+"""Starting a run from weights made elsewhere: `config.init_from=PATH`.
+
+PATH is a PyTorch state dict (.pth, .pt, .th, .bin or .safetensors; the converter follows the
+model: `weights.from_torch_cifar` for CIFAR nets, `from_timm` for ResNet-D, `from_torchvision`
+otherwise) or another run's workdir (its latest checkpoint; the moving average where that run
+kept one). A head of another size is re-initialised, with a log line; every other variable must
+load, or the run stops naming what is missing or mismatched. Only a fresh run reads PATH: a
+resumed one continues from its own checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from resnet_jax import weights
+from resnet_jax.models import ResNet
+
+logger = logging.getLogger('resnet_jax')
+
+Variables = dict[str, Any]
+TORCH_SUFFIXES = ('.pth', '.pt', '.th', '.bin', '.safetensors')
+
+
+def check_path(path: str) -> None:
+    """Raises ValueError unless `path` is a weights file of a known kind or a run's workdir."""
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        if not os.path.isdir(os.path.join(path, 'checkpoints')):
+            raise ValueError(
+                f"init_from {path!r} is a directory without checkpoints/; expected a run's "
+                'workdir or a weights file'
+            )
+        return
+    if not os.path.isfile(path):
+        raise ValueError(
+            f'init_from {path!r} does not exist; expected a weights file '
+            f"({', '.join(TORCH_SUFFIXES)}) or a run's workdir"
+        )
+    if not path.endswith(TORCH_SUFFIXES):
+        raise ValueError(
+            f'init_from {path!r} is not a known weights file; expected one of '
+            f"{', '.join(TORCH_SUFFIXES)} or a run's workdir"
+        )
+
+
+def _torch_converter(model: ResNet):
+    if model.stem == 'cifar':
+        return weights.from_torch_cifar
+    if model.stem == 'deep':
+        return weights.from_timm
+    return weights.from_torchvision
+
+
+def _torch_head_classes(state: dict[str, np.ndarray]) -> int | None:
+    for name in ('linear.weight', 'fc.weight'):
+        if name in state:
+            return int(np.shape(state[name])[0])
+    return None
+
+
+def _from_torch_file(path: str, model: ResNet) -> tuple[Variables, int | None]:
+    state = weights.load_state_dict(path)
+    classes = _torch_head_classes(state)
+    source_model = (
+        model if classes in (None, model.num_classes) else model.clone(num_classes=classes)
+    )
+    return _torch_converter(model)(state, source_model), classes
+
+
+def _from_workdir(path: str) -> tuple[Variables, int]:
+    from resnet_jax import evaluate  # the trainer imports this module
+    from resnet_jax import workdir as workdir_lib
+
+    config = workdir_lib.read_config(path)
+    _, state, step, _ = evaluate.restore_state(config, path)
+    variables = jax.device_get(state.eval_variables())
+    logger.info('init_from: %s at step %d', path, step)
+    return variables, int(np.shape(variables['params']['head']['bias'])[0])
+
+
+def load_variables(path: str, model: ResNet, fresh: Variables) -> Variables:
+    """`model`'s variables from `path`, the head taken from `fresh` where the class count differs.
+
+    Args:
+      fresh: the new run's own initial variables (for a re-initialised head).
+    Raises:
+      ValueError: naming what does not fit.
+    """
+    check_path(path)
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        loaded, classes = _from_workdir(path)
+    else:
+        loaded, classes = _from_torch_file(path, model)
+    loaded = {k: dict(v) for k, v in loaded.items()}
+    if classes is not None and classes != model.num_classes:
+        logger.warning(
+            'init_from: %s has a head of %d classes, this run %d: the head is re-initialised',
+            path,
+            classes,
+            model.num_classes,
+        )
+        loaded['params']['head'] = fresh['params']['head']
+    expected, got = _shapes(fresh), _shapes(loaded)
+    if expected != got:
+        differ = sorted(set(expected.items()) ^ set(got.items()))[:6]
+        raise ValueError(
+            f'init_from {path!r} does not fit this model ({model.stem} stem, '
+            f'scan_blocks={model.scan_blocks}): {len(differ)}+ variables differ, e.g. '
+            + ', '.join(f'{k} {v}' for k, v in differ)
+        )
+    dtypes = {k: np.asarray(v).dtype for k, v in _leaves(fresh).items()}
+    out: Variables = {}
+    for key, value in _leaves(loaded).items():
+        node = out
+        *parents, leaf = key
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = np.asarray(value, dtypes[key])
+    return out
+
+
+def _leaves(tree: Any) -> dict[tuple[str, ...], Any]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(str(getattr(k, 'key', k)) for k in path): leaf for path, leaf in flat}
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    return {'/'.join(k): tuple(np.shape(v)) for k, v in _leaves(tree).items()}

@@ -1,0 +1,113 @@
+"""Starting a run from weights made elsewhere (`config.init_from`, resnet_jax.pretrained)."""
+
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+import resnet_jax as rj
+from configs import smoke
+from resnet_jax import checkpoint, evaluate, pretrained, trainer, weights
+from resnet_jax import config as config_lib
+
+AKAMASTER = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'models' / 'akamaster_cifar10'
+RESNET20 = AKAMASTER / 'resnet20.safetensors'
+
+
+def _fresh(model):
+    return jax.device_get(rj.init_variables(model, jax.random.key(7), (32, 32, 3)))
+
+
+def _flat(tree):
+    return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.fixture
+def resnet20_file():
+    if not RESNET20.exists():
+        pytest.fail(f'{RESNET20} is missing: the tests need the shared trained CIFAR nets')
+    return str(RESNET20)
+
+
+def test_a_torch_file_loads_every_variable(resnet20_file):
+    model = rj.create_model('resnet20', num_classes=10)
+    loaded = pretrained.load_variables(resnet20_file, model, _fresh(model))
+    expected = weights.from_torch_cifar(weights.load_state_dict(resnet20_file), model)
+    assert _flat(loaded).keys() == _flat(expected).keys()
+    for key, value in _flat(expected).items():
+        np.testing.assert_array_equal(_flat(loaded)[key], value)
+
+
+def test_a_head_of_another_size_is_reinitialised_with_a_log_line(resnet20_file, caplog):
+    model = rj.create_model('resnet20', num_classes=100)
+    fresh = _fresh(model)
+    loaded = pretrained.load_variables(resnet20_file, model, fresh)
+    np.testing.assert_array_equal(
+        loaded['params']['head']['kernel'], fresh['params']['head']['kernel']
+    )
+    source = weights.load_state_dict(resnet20_file)
+    np.testing.assert_array_equal(
+        loaded['params']['stem_conv']['kernel'], source['conv1.weight'].transpose(2, 3, 1, 0)
+    )
+    assert 'a head of 10 classes, this run 100: the head is re-initialised' in caplog.text
+
+
+def test_weights_of_another_network_name_what_does_not_fit(resnet20_file):
+    model = rj.create_model('resnet32', num_classes=10)
+    with pytest.raises(
+        ValueError, match=r'PyTorch CIFAR state_dict does not fit the model: missing'
+    ):
+        pretrained.load_variables(resnet20_file, model, _fresh(model))
+
+
+@pytest.mark.parametrize(
+    'make, message',
+    [
+        (
+            lambda t: t / 'nothing.pth',
+            "init_from '.*nothing.pth' does not exist; expected a weights",
+        ),
+        (lambda t: t, "is a directory without checkpoints/; expected a run's workdir"),
+        (lambda t: (t / 'w.txt').write_text('x') and t / 'w.txt', 'is not a known weights file'),
+    ],
+)
+def test_a_bad_init_from_is_refused_before_the_workdir_is_touched(tmp_path, make, message):
+    config = smoke.get_config()
+    config_lib.apply_overrides(
+        config, {'init_from': str(make(tmp_path)), 'dataset.data_dir': str(tmp_path)}
+    )
+    with pytest.raises(ValueError, match=message):
+        trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert not (tmp_path / 'run').exists()
+
+
+def test_a_run_starts_from_the_trained_net_and_resumes_from_its_own_checkpoint(
+    tmp_path, cifar10_data_dir, resnet20_file
+):
+    """From the converted ResNet-20 (18.97% test error on this JPEG copy) a run that has
+    taken one step at a negligible learning rate is already that good; the rerun resumes from
+    its own checkpoint even when init_from no longer exists."""
+    copy = tmp_path / 'resnet20.safetensors'
+    copy.write_bytes(pathlib.Path(resnet20_file).read_bytes())
+    config = smoke.get_config()
+    config_lib.apply_overrides(
+        config,
+        {
+            'dataset.data_dir': str(cifar10_data_dir),
+            'dataset.normalization': 'imagenet',
+            'dataset.eval_split': 'test[:512]',
+            'init_from': str(copy),
+            'total_steps': 1,
+            'eval_every_steps': 1,
+            'optimizer.learning_rate': 1e-9,
+        },
+    )
+    result = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert result['eval/top1_acc'] > 0.72, result  # a net from the paper's init is at ~0.1
+    copy.unlink()
+    config_lib.apply_overrides(config, {'total_steps': 2})
+    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert checkpoint.latest_step(str(tmp_path / 'run' / 'checkpoints')) == 2
+    _, state, _, _ = evaluate.restore_state(config, str(tmp_path / 'run'))
+    assert int(state.step) == 2
