@@ -98,10 +98,12 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
     optimizer's by `optim.check_config` and the dataset's choices by the dataset registry and
     the augmentation and normalisation registries: each value where it is defined.
     """
+    # total_steps=0: an evaluation-only run (e.g. of init_from weights): the state is saved
+    # at step 0 and evaluated.
+    _positive_int(config.total_steps, 'total_steps', zero_ok=True)
     for field in (
         'batch_size',
         'eval_batch_size',
-        'total_steps',
         'log_every_steps',
         'eval_every_steps',
         'checkpoint_every_steps',

@@ -227,7 +227,7 @@ def check_config(cfg: Any, total_steps: int) -> None:
     )
     _require(0.0 <= cfg.ema_decay < 1.0, f'ema_decay={cfg.ema_decay}; expected [0, 1)')
     _require(
-        cfg.warmup_steps < total_steps,
+        cfg.warmup_steps == 0 or cfg.warmup_steps < total_steps,
         f'warmup_steps={cfg.warmup_steps} must be below total_steps={total_steps}',
     )
     for boundary in cfg.boundaries:

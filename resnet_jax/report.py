@@ -160,7 +160,7 @@ def plot_figure6(runs: Sequence[RunLog], path: str) -> None:
     panels = [('plain', [r for r in runs if r.plain]), ('ResNet', [r for r in runs if not r.plain])]
     panels = [(title, rs) for title, rs in panels if rs]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
-    top = max(e for r in runs for _, e in r.train + r.test)
+    top = max((e for r in runs for _, e in r.train + r.test), default=100.0)
     for ax, (title, group) in zip(axes[0], panels, strict=True):
         colors = plt.cm.viridis_r(
             [0.15 + 0.7 * i / max(1, len(group) - 1) for i in range(len(group))]

@@ -394,6 +394,11 @@ def finish(run: Run, loop: actions.Loop) -> dict[str, float]:
     ctx = run.ctx
     # A rerun of a finished workdir trains nothing: it reports the checkpoint's metrics.
     final = dict(loop.eval_metrics or ctx.evaluate(loop.state, 'eval'))
+    if not checkpoint.committed_steps(ctx.checkpoint_dir):
+        # An evaluation-only run (total_steps=0, e.g. of init_from weights): save what was
+        # evaluated, so that evaluate, analysis and a later longer run can start from it.
+        loop.eval_metrics = final
+        actions.Checkpoint()(ctx, loop)
     if run.has_test:
         test = ctx.evaluate(loop.state, 'test')
         final.update(test)

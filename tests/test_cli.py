@@ -134,7 +134,7 @@ CASES = [
     (
         'gs-workdir-evaluate',
         lambda t, d, w, x: (_evaluate('gs://my-bucket/run'), None),
-        1,
+        2,  # found while reading the flags: the workdir's config.json is the --config
         "workdir 'gs://my-bucket/run' is a cloud storage URL",
     ),
     (

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The paper's Table 6 nets, trained (in PyTorch, on the original CIFAR-10, by
+# akamaster/pytorch_resnet_cifar10), converted and evaluated here on the JPEG copy.
+#
+#   bash results/cifar10_pretrained/run.sh [RUNS_DIR]     (from the repository root, in .venv)
+#
+# Each net is an evaluation-only run (total_steps=0) started from its weights file with the
+# normalisation it was trained with (ImageNet channel statistics on [0, 1] RGB): the converted
+# state is saved at step 0 and its test error on all 10,000 JPEG test images written to
+# metrics.jsonl. table.py then puts those beside the weights' published error on the original
+# test set and the paper's. About 4 minutes on the 2-core CPU.
+set -euo pipefail
+RUNS_DIR=${1:-${HOME}/.cache/resnet_jax/sweeps/cifar10_pretrained}
+OUT=$(dirname "$0")
+WEIGHTS=${WEIGHTS:-../shared/models/akamaster_cifar10}
+
+for depth in 20 32 44 56; do
+  python train.py --config="configs/cifar10.py:resnet${depth}" --workdir="$RUNS_DIR/resnet${depth}" \
+    --config.init_from="$WEIGHTS/resnet${depth}.safetensors" \
+    --config.total_steps=0 \
+    --config.dataset.normalization=imagenet \
+    --config.dataset.train_split=train \
+    --config.dataset.eval_split='test[:500]' \
+    --config.dataset.test_split=test \
+    --config.eval_batch_size=500
+  mkdir -p "$OUT/runs/resnet${depth}"
+  cp "$RUNS_DIR/resnet${depth}/metrics.jsonl" "$RUNS_DIR/resnet${depth}/config.json" \
+    "$OUT/runs/resnet${depth}/"
+done
+python "$OUT/table.py" --runs="$OUT/runs" --weights="$WEIGHTS" --out="$OUT/table.md"
+python -m resnet_jax.tables  # README.md quotes table.md
