@@ -142,9 +142,15 @@ BLOCKS: list[tuple[str, str, Callable[[], str]]] = [
 
 def results_blocks() -> list[tuple[str, str, Callable[[], str]]]:
     """Each results/NAME/README.md quotes its table.md between `results-table` markers, and the
-    README quotes the one of results/cifar10_cpu."""
-    summary = REPO / 'results' / 'cifar10_cpu' / 'table.md'
-    blocks = [('README.md', 'results-cifar10-cpu', lambda: summary.read_text().rstrip('\n'))]
+    README quotes those of results/cifar10_cpu and results/cifar10_pretrained."""
+    blocks = [
+        (
+            'README.md',
+            f'results-{name.replace("_", "-")}',
+            lambda t=REPO / 'results' / name / 'table.md': t.read_text().rstrip('\n'),
+        )
+        for name in ('cifar10_cpu', 'cifar10_pretrained')
+    ]
     for readme in sorted((REPO / 'results').glob('*/README.md')):
         table = readme.parent / 'table.md'
         if table.exists():
