@@ -8,7 +8,7 @@
 # normalisation it was trained with (ImageNet channel statistics on [0, 1] RGB): the converted
 # state is saved at step 0 and its test error on all 10,000 JPEG test images written to
 # metrics.jsonl. table.py then puts those beside the weights' published error on the original
-# test set and the paper's. About 4 minutes on the 2-core CPU.
+# test set and the paper's; then the paper's Figure 7. About 10 minutes on the 2-core CPU.
 set -euo pipefail
 RUNS_DIR=${1:-${HOME}/.cache/resnet_jax/sweeps/cifar10_pretrained}
 OUT=$(dirname "$0")
@@ -28,4 +28,14 @@ for depth in 20 32 44 56; do
     "$OUT/runs/resnet${depth}/"
 done
 python "$OUT/table.py" --runs="$OUT/runs" --weights="$WEIGHTS" --out="$OUT/table.md"
+
+# The paper's Figure 7 for these trained ResNets, beside the plain nets trained on the CPU by
+# results/cifar10_cpu/run.sh (its checkpoints are kept in SWEEP_DIR; those present are used).
+SWEEP_DIR=${SWEEP_DIR:-${HOME}/.cache/resnet_jax/sweeps/cifar10_cpu}
+for plain in plain20 plain56; do
+  if grep -qs '"status": "finished"' "$SWEEP_DIR/$plain/run.json"; then
+    ln -sfn "$SWEEP_DIR/$plain" "$RUNS_DIR/$plain"
+  fi
+done
+python -m resnet_jax.analysis --workdir="$RUNS_DIR" --out="$OUT"
 python -m resnet_jax.tables  # README.md quotes table.md
