@@ -49,7 +49,7 @@ train: $(VENV)/.installed-base $(CIFAR10)
 test: $(VENV)/.installed-dev $(CIFAR10)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	RESNET_JAX_DATA_DIR=$(DATA_DIR) $(PY) -m pytest
+	RESNET_JAX_DATA_DIR=$(DATA_DIR) $(PY) -m pytest --durations=25  # the slowest, to keep CI short
 
 test-fast: $(VENV)/.installed-dev
 	$(PY) -m pytest -m fast -q
