@@ -8,7 +8,8 @@ the newest checkpoint, runs the test split through the network in eval mode, and
 standard deviation of each such response over all images, positions and channels. It writes:
 
   figure7.csv   run, model, layer (1 = the stem's 3x3), module path, std;
-  figure7.png   top: std by layer index; bottom: the same sorted in descending order.
+  figure7.png   top: std by layer index; bottom: the same sorted in descending order;
+  figure7.md    per run: the number of 3x3 layers and the mean and median std.
 
 The paper's observations: residual functions respond less than the plain nets' layers (they are
 closer to zero), and the deeper the ResNet, the smaller its responses.
@@ -157,6 +158,20 @@ def write_csv(responses: Sequence[Responses], path: str) -> None:
                 out.writerow([r.run, r.model, i, layer, f'{std:.6f}'])
 
 
+def summary_table(responses: Sequence[Responses]) -> str:
+    """Per run: its 3x3 layers and the mean and median std of their responses."""
+    lines = [
+        '| run | model | 3x3 layers | mean std | median std |',
+        '|---|---|---:|---:|---:|',
+    ]
+    for r in sorted(responses, key=lambda r: (not r.plain, len(r.stds), r.run)):
+        lines.append(
+            f'| {r.run} | {r.model} | {len(r.stds)} | {np.mean(r.stds):.3f} '
+            f'| {np.median(r.stds):.3f} |'
+        )
+    return '\n'.join(lines) + '\n'
+
+
 def plot_figure7(responses: Sequence[Responses], path: str, title: str = '') -> None:
     """Two panels as in the paper: std by layer index, and sorted in descending order."""
     import matplotlib
@@ -194,6 +209,8 @@ def write_figure7(workdir: str, out: str, split: str = 'test') -> tuple[str, str
     responses = [analyse_run(d, split) for d in run_dirs]
     csv_path, png_path = os.path.join(out, 'figure7.csv'), os.path.join(out, 'figure7.png')
     write_csv(responses, csv_path)
+    with open(os.path.join(out, 'figure7.md'), 'w') as f:
+        f.write(summary_table(responses))
     plot_figure7(responses, png_path, f'std of 3x3 layer responses (after BN) on {split}')
     return csv_path, png_path
 
