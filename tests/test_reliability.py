@@ -22,7 +22,7 @@ import pytest
 from synthetic_data import synthetic_source
 
 from configs import smoke
-from resnet_jax import checkpoint, data, evaluate, steps, trainer
+from resnet_jax import actions, checkpoint, data, evaluate, steps, trainer
 from resnet_jax import config as config_lib
 from resnet_jax.metrics import read_metrics
 
@@ -451,7 +451,7 @@ def test_metrics_after_any_interruption_equal_an_uninterrupted_runs(
     # Preempted at step 6: steps 5 and 6 are not logged yet; their metrics ride in the
     # checkpoint, so the line at step 8 averages 5..8 as it does without the interruption.
     with monkeypatch.context() as patch:
-        patch.setattr(trainer._PreemptionWatch, 'reached', lambda self, step: step == 6)
+        patch.setattr(actions.PreemptionWatch, 'reached', lambda self, step: step == 6)
         assert trainer.train_and_evaluate(_smoke(cifar10_data_dir, **run), str(preempted)) == {
             'preempted_at_step': 6.0
         }
