@@ -232,7 +232,7 @@ def test_every_cifar_config_validates(name):
     [
         ('batch_size', 12, 'batch_size=12 is not divisible by the 8 devices'),
         ('batch_size', 0, 'batch_size=0; expected a positive int'),
-        ('total_steps', -5, 'total_steps=-5; expected a positive int'),
+        ('total_steps', -5, 'total_steps=-5; expected a non-negative int'),
         ('dtype', 'float16', "dtype='float16'; expected one of float32, bfloat16"),
         ('model.name', 'resnet19', "unknown model name 'resnet19'; expected one of resnet18"),
         ('model.shortcut', 'E', "option shortcut='E' is invalid; expected a registered shortcut"),
