@@ -103,39 +103,38 @@ def keras_reference(name: str, image_size: int, seed: int = 0):
     return ref
 
 
+def _normalise_torch_head(ref, images: np.ndarray):
+    """Scales a torch reference's classifier so its logits on `images` have unit std; returns
+    its logits function (NHWC numpy in, numpy out)."""
+    import torch
+
+    def ref_logits(x):
+        with torch.no_grad():
+            return ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+
+    with torch.no_grad():
+        std = float(np.std(ref_logits(images)))
+        ref.fc.weight /= std
+        ref.fc.bias /= std
+    return ref_logits
+
+
 def parity(name: str, reference: str, image_size: int, scan_blocks: bool) -> dict:
     """Converts a fresh reference and compares logits; returns the measured figures."""
     images = np.random.RandomState(1).randn(2, image_size, image_size, 3).astype(np.float32)
-    if reference == 'torchvision':
-        import torch
-
-        ref = torchvision_reference(name, image_size)
-
-        def ref_logits(x):
-            with torch.no_grad():
-                return ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-
-        with torch.no_grad():
-            std = float(np.std(ref_logits(images)))
-            ref.fc.weight /= std
-            ref.fc.bias /= std
-        model = rj.create_model(name, num_classes=1000, stride_on='3x3', scan_blocks=scan_blocks)
-        variables = weights.from_torchvision(ref.state_dict(), model)
-    elif reference == 'timm':
-        import torch
-
-        ref = timm_reference(name, image_size)
-
-        def ref_logits(x):
-            with torch.no_grad():
-                return ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-
-        with torch.no_grad():
-            std = float(np.std(ref_logits(images)))
-            ref.fc.weight /= std
-            ref.fc.bias /= std
-        model = rj.create_model(name, num_classes=1000, scan_blocks=scan_blocks)
-        variables = weights.from_timm(ref.state_dict(), model)
+    if reference in ('torchvision', 'timm'):
+        ref = (torchvision_reference if reference == 'torchvision' else timm_reference)(
+            name, image_size
+        )
+        ref_logits = _normalise_torch_head(ref, images)
+        if reference == 'torchvision':
+            model = rj.create_model(
+                name, num_classes=1000, stride_on='3x3', scan_blocks=scan_blocks
+            )
+            variables = weights.from_torchvision(ref.state_dict(), model)
+        else:
+            model = rj.create_model(name, num_classes=1000, scan_blocks=scan_blocks)
+            variables = weights.from_timm(ref.state_dict(), model)
     elif reference == 'keras':
         ref = keras_reference(name, image_size)
 
