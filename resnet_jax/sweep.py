@@ -134,15 +134,47 @@ def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value
+    return flat
+
+
+def config_differences(recorded: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+    """The fields in which `config` differs from a run's recorded config, as 'key: old -> new'.
+
+    A field the record lacks was added to the config after the run started; it differs only when
+    `config` sets it away from its default (so a sweep resumes across such library upgrades).
+    """
+    old, new = _flatten(recorded), _flatten(config_json(config))
+    defaults = _flatten(config_json(config_lib.base_config()))
+    missing = object()
+    differences = []
+    for key in sorted(old.keys() | new.keys()):
+        before, after = old.get(key, missing), new.get(key, missing)
+        if before is missing and key in defaults and after == defaults[key]:
+            continue
+        if before != after:
+            shown = ['(absent)' if v is missing else repr(v) for v in (before, after)]
+            differences.append(f'{key}: {shown[0]} -> {shown[1]}')
+    return differences
+
+
 def _run_state(run_dir: str, config: ml_collections.ConfigDict) -> str:
     """'new', 'started' or 'finished'; ValueError if the directory holds another config's run."""
     record_path = os.path.join(run_dir, RUN_FILE)
     if os.path.exists(record_path):
         with open(record_path) as f:
             record = json.load(f)
-        if record['config'] != config_json(config):
+        differences = config_differences(record['config'], config)
+        if differences:
             raise ValueError(
-                f'{run_dir} holds a run of a different config; use another --workdir or delete it'
+                f'{run_dir} holds a run of a different config ({"; ".join(differences)}); '
+                'use another --workdir or delete it'
             )
         return record['status']
     return 'started' if os.path.isdir(os.path.join(run_dir, 'checkpoints')) else 'new'

@@ -180,9 +180,23 @@ def test_sweep_trains_each_run_once_resumes_unfinished_and_reports(tmp_path, cif
 
     # The same workdir with another config is refused, and nothing in it changes.
     before = (run_dir / 'run.json').read_text()
-    with pytest.raises(ValueError, match='holds a run of a different config'):
+    with pytest.raises(ValueError, match=r'holds a run of a different config \(seed: 0 -> 1\)'):
         _tiny_sweep(workdir, cifar10_data_dir, seed=1)
     assert (run_dir / 'run.json').read_text() == before
+
+
+def test_a_run_recorded_before_a_config_field_existed_still_matches():
+    config = cifar10.get_config('resnet20')
+    recorded = sweep.config_json(config)
+    del recorded['init_from']  # a field added to the config after the run started
+    assert sweep.config_differences(recorded, config) == []
+    # ... unless this invocation sets it away from its default, or changes a recorded field.
+    config.init_from = '/weights/resnet20.th'
+    config.seed = 7
+    assert sweep.config_differences(recorded, config) == [
+        "init_from: (absent) -> '/weights/resnet20.th'",
+        'seed: 0 -> 7',
+    ]
 
 
 def test_report_reads_curves_as_errors(tmp_path):
