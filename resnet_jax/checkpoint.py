@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from typing import Any
 
@@ -64,7 +63,7 @@ def create_manager(directory: str, *, save_every_steps: int, keep: int) -> ocp.C
         enable_async_checkpointing=True,
     )
     return ocp.CheckpointManager(
-        os.path.abspath(directory),
+        paths.normalize(directory),  # a local path or a gs:// URL (Orbax reads both)
         options=options,
         item_handlers={
             'state': ocp.StandardCheckpointHandler(),
@@ -204,18 +203,18 @@ def committed_steps(directory: str) -> list[int]:
 
     Reads only: unlike a CheckpointManager it never deletes the unfinished ones.
     """
-    if not os.path.isdir(directory):
+    if not paths.isdir(directory):
         return []
     return sorted(
         step
         for step in ocp.step.checkpoint_steps(directory)
-        if os.path.exists(os.path.join(directory, str(step), atomicity.COMMIT_SUCCESS_FILE))
+        if paths.exists(paths.join(directory, str(step), atomicity.COMMIT_SUCCESS_FILE))
     )
 
 
 def uncommitted_steps(directory: str) -> list[int]:
     """Steps under `directory` being written, or whose save failed or was cut off, ascending."""
-    if not os.path.isdir(directory):
+    if not paths.isdir(directory):
         return []
     done = set(committed_steps(directory))
     return sorted(s for s in ocp.step.checkpoint_steps(directory) if s not in done)
@@ -233,18 +232,14 @@ def latest_step(directory: str) -> int | None:
 def content_digest(step_dir: str) -> str:
     """SHA-256 over every file of a step (relative path and bytes), the fingerprint excluded."""
     digest = hashlib.sha256()
-    for root, dirs, files in os.walk(step_dir):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            relative = os.path.relpath(path, step_dir)
-            if relative == FINGERPRINT_FILE:
-                continue
-            digest.update(relative.encode() + b'\0')
-            with open(path, 'rb') as f:
-                for chunk in iter(lambda: f.read(1 << 20), b''):
-                    digest.update(chunk)
-            digest.update(b'\0')
+    for relative in paths.files_under(step_dir):
+        if relative == FINGERPRINT_FILE:
+            continue
+        digest.update(relative.encode() + b'\0')
+        with paths.open_file(paths.join(step_dir, relative), 'rb') as f:
+            for chunk in iter(lambda: f.read(1 << 20), b''):
+                digest.update(chunk)
+        digest.update(b'\0')
     return digest.hexdigest()
 
 
@@ -265,9 +260,9 @@ def fingerprint_new_steps(directory: str) -> None:
     if jax.process_index() != 0:
         return
     for step in committed_steps(directory):
-        step_dir = os.path.join(directory, str(step))
-        target = os.path.join(step_dir, FINGERPRINT_FILE)
-        if os.path.exists(target):
+        step_dir = paths.join(directory, str(step))
+        target = paths.join(step_dir, FINGERPRINT_FILE)
+        if paths.exists(target):
             continue
         try:
             record = {'sha256': content_digest(step_dir), 'step': step, 'time': time.time()}
@@ -278,13 +273,12 @@ def fingerprint_new_steps(directory: str) -> None:
 
 def verify(directory: str, step: int) -> str | None:
     """None if step's files match its fingerprint (or it has none yet), else what is wrong."""
-    step_dir = os.path.join(directory, str(step))
-    path = os.path.join(step_dir, FINGERPRINT_FILE)
-    if not os.path.exists(path):
+    step_dir = paths.join(directory, str(step))
+    path = paths.join(step_dir, FINGERPRINT_FILE)
+    if not paths.exists(path):
         return None
     try:
-        with open(path) as f:
-            expected = json.load(f)['sha256']
+        expected = json.loads(paths.read_text(path))['sha256']
     except (OSError, ValueError, KeyError) as e:
         return f'its fingerprint file is unreadable ({e})'
     if content_digest(step_dir) != expected:
@@ -293,13 +287,15 @@ def verify(directory: str, step: int) -> str | None:
 
 
 def has_fingerprint(directory: str, step: int) -> bool:
-    return os.path.exists(os.path.join(directory, str(step), FINGERPRINT_FILE))
+    return paths.exists(paths.join(directory, str(step), FINGERPRINT_FILE))
 
 
 def quarantine(directory: str, step: int) -> str:
     """Moves a bad step out of the manager's sight (never deletes it); returns where to."""
-    target_root = os.path.join(os.path.dirname(os.path.abspath(directory)), QUARANTINE_DIR)
-    os.makedirs(target_root, exist_ok=True)
-    target = os.path.join(target_root, f'{step}-{int(time.time())}')
-    shutil.move(os.path.join(directory, str(step)), target)
+    directory = paths.normalize(directory)
+    target_root = paths.join(directory.rsplit('/', 1)[0], QUARANTINE_DIR)
+    if not paths.is_url(target_root):
+        os.makedirs(target_root, exist_ok=True)  # object stores have no folders to make
+    target = paths.join(target_root, f'{step}-{int(time.time())}')
+    paths.move(paths.join(directory, str(step)), target)
     return target

@@ -15,7 +15,6 @@ it, so a checkpoint is never evaluated as another network.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
@@ -24,7 +23,7 @@ import jax
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from resnet_jax import checkpoint, cli, data, sharding, steps, trainer
+from resnet_jax import checkpoint, cli, data, paths, sharding, steps, trainer
 from resnet_jax import config as config_lib
 from resnet_jax import workdir as workdir_lib
 
@@ -39,8 +38,8 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, step: int | N
     ds = config.dataset
     train_source, info = data.open_split(ds.name, ds.train_split, ds.data_dir)
     model, _, _, init = trainer.build_training(config, info, len(train_source))
-    directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'checkpoints')
-    if not os.path.isdir(directory):
+    directory = paths.join(paths.normalize(workdir), 'checkpoints')
+    if not paths.isdir(directory):
         raise ValueError(f'no checkpoints in {directory!r}; expected a workdir written by train.py')
     manager = checkpoint.create_manager(directory, save_every_steps=1, keep=1)
     try:
@@ -71,13 +70,12 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, step: int | N
 def export(state: Any, path: str) -> None:
     """Writes what evaluation uses (`state.eval_variables()`) as a Flax msgpack file."""
     variables = jax.device_get(state.eval_variables())
-    with open(path, 'wb') as f:
-        f.write(flax.serialization.msgpack_serialize(variables))
+    paths.write_bytes(path, flax.serialization.msgpack_serialize(variables))
 
 
 def load_exported(path: str) -> dict[str, Any]:
     """{'params', 'batch_stats'} written by `export`, for `resnet_jax.apply_model`."""
-    with open(path, 'rb') as f:
+    with paths.open_file(path, 'rb') as f:
         return flax.serialization.msgpack_restore(f.read())
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import jax
@@ -56,16 +58,23 @@ class MetricWriter:
 
     def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.path = os.path.join(workdir, 'metrics.jsonl')
+        self.path = paths.join(workdir, 'metrics.jsonl')
         self._tensorboard = None
+        self._tensorboard_upload: tuple[str, str] | None = None
         self._records: list[dict[str, Any]] = []
         if self.enabled:
             from tensorboardX import SummaryWriter
 
             self._records = _truncate_after(self.path, resume_step)
-            self._tensorboard = SummaryWriter(
-                os.path.join(workdir, 'tensorboard'), purge_step=resume_step + 1
-            )
+            events_dir = paths.join(workdir, 'tensorboard')
+            if paths.is_url(workdir):
+                # tensorboardX's own gs:// writer needs google-cloud-storage credentials of its
+                # own and re-uploads the file on every flush anyway: the events are written to
+                # a local staging folder and the file is copied up after each write.
+                staging = tempfile.mkdtemp(prefix='resnet_jax-tensorboard-')
+                self._tensorboard_upload = (staging, events_dir)
+                events_dir = staging
+            self._tensorboard = SummaryWriter(events_dir, purge_step=resume_step + 1)
 
     def recorded(self, step: int, prefix: str) -> dict[str, float]:
         """The values under `prefix` already written at `step` (empty if none)."""
@@ -79,25 +88,41 @@ class MetricWriter:
         if not self.enabled:
             return
         record = {'step': int(step), **{k: float(np.asarray(v)) for k, v in metrics.items()}}
-        with open(self.path, 'a') as f:
-            f.write(json.dumps(record) + '\n')  # one write: a crash cuts at most this line
         self._records.append(record)
+        line = json.dumps(record) + '\n'
+        # One append locally (a crash cuts at most this line); on an object store, which cannot
+        # append, the object is replaced whole.
+        paths.append_text(
+            self.path, line, whole=lambda: ''.join(json.dumps(r) + '\n' for r in self._records)
+        )
         for key, value in record.items():
             if key != 'step':
                 self._tensorboard.add_scalar(key, value, int(step))
+        if self._tensorboard_upload:
+            self._upload_tensorboard()
+
+    def _upload_tensorboard(self) -> None:
+        self._tensorboard.flush()
+        staging, target = self._tensorboard_upload
+        for name in os.listdir(staging):
+            paths.upload(os.path.join(staging, name), paths.join(target, name))
 
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
+            if self._tensorboard_upload:
+                self._upload_tensorboard()
+                shutil.rmtree(self._tensorboard_upload[0], ignore_errors=True)
+            self._tensorboard = None
 
 
 def _truncate_after(path: str, step: int) -> list[dict[str, Any]]:
     """Rewrites `path` without the records after `step` or unreadable lines; returns the rest."""
-    if not os.path.exists(path):
+    try:
+        text = paths.read_text(path)
+    except FileNotFoundError:
         return []
     kept, dropped, bad = [], 0, []
-    with open(path) as f:
-        text = f.read()
     for number, line in enumerate(text.splitlines(), 1):
         record = _parse_line(line)
         if record is None:
@@ -139,8 +164,7 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
       ValueError: naming the file if it cannot be read.
     """
     try:
-        with open(path) as f:
-            lines = f.read().splitlines()
+        lines = paths.read_text(path).splitlines()
     except OSError as e:
         raise ValueError(f'cannot read {path}: {e.strerror or e}') from None
     records = []

@@ -1,35 +1,301 @@
-"""Output directories: created if missing, checked writable, one clear error otherwise."""
+"""Where runs keep their files: local paths and cloud storage URLs (gs://) through one layer.
+
+Every file the trainer, evaluate, sweep and report read or write outside Orbax goes through these
+functions, so a workdir on `gs://bucket/run` holds exactly what a local one does. Local paths use
+the OS (atomic renames, O_EXCL); URLs use fsspec (gcsfs for gs://, the backend etils.epath and so
+Orbax use without TensorFlow). What differs, and how it is bridged:
+
+* An object store has no rename and no append: an object upload is already all-or-nothing, so
+  `write_text` uploads it whole, and appenders (metrics.jsonl) rewrite the object.
+* Exclusive creation is a conditional upload (`ifGenerationMatch=0`), the object-store O_EXCL.
+* gcsfs caches listings; every query here drops the cache first, since Orbax, other hosts and
+  our own background threads change the bucket behind it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+# gcsfs otherwise asks every bucket whether it has a hierarchical namespace first: one extra
+# round trip per operation on GCS, and a minute of retries on an emulator that lacks the API.
+os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
+
+
+def is_url(path: Any) -> bool:
+    """Whether `path` is a URL (gs://bucket/x, s3://...) rather than a local path."""
+    scheme, sep, _ = str(path).partition('://')
+    return bool(sep) and scheme.isalnum()
 
 
 def check_local(path: str, what: str) -> None:
-    """Refuses a URL (gs://, s3://) where a local or mounted path is needed.
-
-    Without this, os.makedirs('gs://bucket/run') makes a local folder named 'gs:' and the run
-    keeps its checkpoints on one machine's disk, where a preempted VM loses them.
-    """
-    scheme, sep, rest = str(path).partition('://')
-    if sep and scheme.isalnum():
-        bucket = rest.split('/')[0] or 'BUCKET'
+    """Refuses a URL where a local or mounted path is needed (input data, --out folders)."""
+    if is_url(path):
+        bucket = str(path).partition('://')[2].split('/')[0] or 'BUCKET'
         raise ValueError(
-            f'{what} {path!r} is a cloud storage URL, which resnet_jax cannot use yet; mount the '
-            f'bucket (e.g. gcsfuse {bucket} /mnt/{bucket}) and pass the mounted path, as '
-            'docs/scaling.md shows'
+            f'{what} {path!r} is a cloud storage URL, which is not supported here; copy it to '
+            f'local disk or mount the bucket (e.g. gcsfuse {bucket} /mnt/{bucket}) and pass the '
+            'local path'
         )
 
 
-def writable_dir(path: str, what: str) -> str:
-    """The absolute path of directory `path`, created if needed.
+SUPPORTED_SCHEMES = ('gs',)  # URL schemes tested here (against a GCS emulator)
+
+
+def check_supported(path: str, what: str) -> None:
+    """Refuses a URL of a storage this layer is not tested with, before anything is written."""
+    scheme = str(path).partition('://')[0]
+    if is_url(path) and scheme not in SUPPORTED_SCHEMES:
+        raise ValueError(
+            f'{what} {path!r}: {scheme}:// is not supported; expected a local path or '
+            'gs://BUCKET/FOLDER'
+        )
+
+
+def normalize(path: str) -> str:
+    """An absolute local path (~ expanded), or the URL without a trailing slash."""
+    path = str(path)
+    if is_url(path):
+        return path.rstrip('/')
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def join(path: str, *names: str) -> str:
+    return os.path.join(str(path), *names)  # '/' on every system a URL can come from
+
+
+def _fs(path: str) -> Any:
+    """The fsspec filesystem of a URL, its listing cache dropped.
+
+    The very instance etils.epath (and so Orbax) uses: gcsfs caches listings per instance, and
+    a step we move aside must be gone from Orbax's view of the bucket too.
 
     Raises:
-      ValueError: naming `what` (e.g. 'workdir') and the path, if it is a URL, or cannot be
-        created or written.
+      ValueError: naming the URL, if its scheme has no filesystem or no credentials are found.
     """
-    check_local(path, what)
-    path = os.path.abspath(os.path.expanduser(path))
+    from etils.epath import backend
+
+    scheme = path.partition('://')[0]
+    try:
+        fs = backend.fsspec_backend.fs(path)
+    except ImportError as e:
+        raise ValueError(f'{path!r}: no filesystem for {scheme}:// is installed ({e})') from None
+    except ValueError as e:
+        raise ValueError(f'{path!r}: {scheme}:// is not a known storage scheme ({e})') from None
+    except Exception as e:  # google.auth's DefaultCredentialsError and kin
+        raise ValueError(
+            f'cannot use {path!r}: {type(e).__name__}: {e} (run `gcloud auth application-default '
+            'login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service account key)'
+        ) from None
+    if fs.protocol == 'file' or 'file' in fs.protocol:
+        raise ValueError(f'{path!r}: {scheme}:// is not a supported storage scheme (gs://)')
+    fs.invalidate_cache()
+    # gcsfs logs each failed request with a traceback before raising; the error reaches the
+    # caller anyway, which names it in one line.
+    logging.getLogger(type(fs).__module__.split('.')[0]).setLevel(logging.CRITICAL)
+    return fs
+
+
+# --- Queries --------------------------------------------------------------------------------
+
+
+def exists(path: str) -> bool:
+    return _fs(path).exists(path) if is_url(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+    return _fs(path).isdir(path) if is_url(path) else os.path.isdir(path)
+
+
+def isfile(path: str) -> bool:
+    return _fs(path).isfile(path) if is_url(path) else os.path.isfile(path)
+
+
+def listdir(path: str) -> list[str]:
+    """The names in directory `path`, sorted ([] if it does not exist)."""
+    if not is_url(path):
+        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+    fs = _fs(path)
+    if not fs.isdir(path):
+        return []
+    return sorted(entry.rstrip('/').rsplit('/', 1)[-1] for entry in fs.ls(path, detail=False))
+
+
+def age_seconds(path: str) -> float:
+    """Seconds since `path` was last written. Raises FileNotFoundError if it does not exist."""
+    if not is_url(path):
+        return time.time() - os.stat(path).st_mtime
+    modified = _fs(path).modified(path)  # FileNotFoundError too
+    return time.time() - modified.timestamp()
+
+
+def files_under(directory: str) -> list[str]:
+    """The relative paths of all files below `directory`, in os.walk order (top-down, sorted):
+    a folder's files before its sub-folders', so local and remote digests of a step agree."""
+    if is_url(directory):
+        fs = _fs(directory)
+        root = directory.partition('://')[2].rstrip('/')
+        relative = [p[len(root) + 1 :] for p in fs.find(directory) if p.startswith(root + '/')]
+    else:
+        relative = [
+            os.path.relpath(os.path.join(parent, name), directory)
+            for parent, _, names in os.walk(directory)
+            for name in names
+        ]
+
+    def walk_order(rel: str) -> tuple:
+        *folders, name = rel.split('/')
+        return (*((1, f) for f in folders), (0, name))
+
+    return sorted(relative, key=walk_order)
+
+
+# --- Reading and writing --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_file(path: str, mode: str = 'r') -> Iterator[Any]:
+    """`open` for local paths and URLs (read modes; writes go through write_text)."""
+    if is_url(path):
+        with _fs(path).open(path, mode) as f:
+            yield f
+    else:
+        with open(path, mode) as f:
+            yield f
+
+
+def read_text(path: str) -> str:
+    """The text of `path`. Raises FileNotFoundError (or OSError) like `open`."""
+    with open_file(path) as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes `path` all at once: a reader sees the old contents or the new, never part.
+
+    Local: a temporary file renamed over it. URL: one object upload, which the store commits
+    whole (there is nothing to rename).
+    """
+    if is_url(path):
+        _fs(path).pipe_file(path, data)
+        return
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+write_text_atomic = write_text  # the name the callers knew before URLs were supported
+
+
+def append_text(path: str, text: str, *, whole: Callable[[], str]) -> None:
+    """Adds `text` to the end of `path`, whose new contents are `whole()`.
+
+    Local: one append (a crash cuts at most this line). URL: object stores cannot append, so
+    the object is replaced by `whole` in one upload (metrics files are small).
+    """
+    if is_url(path):
+        write_text(path, whole())
+    else:
+        with open(path, 'a') as f:
+            f.write(text)
+
+
+def create_exclusive(path: str, text: str) -> bool:
+    """Creates `path` holding `text` if it does not exist; False if it does (atomic test)."""
+    if is_url(path):
+        try:
+            _fs(path).pipe_file(path, text.encode(), mode='create')  # ifGenerationMatch=0
+        except FileExistsError:
+            return False
+        return True
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, 'w') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+def touch(path: str) -> None:
+    """Marks `path` as written now (a heartbeat)."""
+    if is_url(path):
+        write_text(path, read_text(path))  # objects are immutable: the same bytes, new time
+    else:
+        os.utime(path)
+
+
+def remove(path: str) -> None:
+    """Removes file `path`. Raises FileNotFoundError if it does not exist."""
+    if is_url(path):
+        fs = _fs(path)
+        if not fs.exists(path):
+            raise FileNotFoundError(path)
+        fs.rm_file(path)
+    else:
+        os.remove(path)
+
+
+def move(source: str, target: str) -> None:
+    """Moves a file or folder. On an object store a copy then a delete: not atomic, so callers
+    only move what nobody else writes (a quarantined checkpoint, a lock already judged stale)."""
+    if is_url(source):
+        fs = _fs(source)
+        if not fs.exists(source):
+            raise FileNotFoundError(source)
+        # Copy then delete, by hand: gcsfs's mv tries a server-side moveTo first, which not every
+        # GCS API offers, and logs a traceback for each object when it falls back.
+        folder = fs.isdir(source)
+        fs.copy(source, target, recursive=folder)
+        fs.rm(source, recursive=folder)
+    else:
+        shutil.move(source, target)
+
+
+def copy_file(source: str, target: str) -> None:
+    """Copies a file from a local path or URL to a local path or URL."""
+    with open_file(source, 'rb') as f:
+        write_bytes(target, f.read())
+
+
+def upload(local_path: str, target: str) -> None:
+    """Copies a local file to `target` (a URL, or another local path)."""
+    if is_url(target):
+        _fs(target).put_file(local_path, target)
+    else:
+        shutil.copyfile(local_path, target)
+
+
+# --- Directories ----------------------------------------------------------------------------
+
+
+def writable_dir(path: str, what: str) -> str:
+    """`path` normalised, created if needed, and shown to be writable.
+
+    A URL is checked by writing and deleting a probe object, so a missing bucket, missing
+    credentials or an unreachable store stop the run here, before anything else is written.
+
+    Raises:
+      ValueError: naming `what` (e.g. 'workdir') and the path, with the reason.
+    """
+    check_supported(path, what)
+    path = normalize(path)
+    if is_url(path):
+        _check_bucket_writable(path, what)
+        return path
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
@@ -39,9 +305,28 @@ def writable_dir(path: str, what: str) -> str:
     return path
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Writes `path` through a temporary file and a rename: readers see all of it or none."""
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _check_bucket_writable(path: str, what: str) -> None:
+    scheme, _, rest = path.partition('://')
+    bucket = rest.split('/')[0]
+    if not bucket:
+        raise ValueError(f'{what} {path!r} names no bucket; expected {scheme}://BUCKET/FOLDER')
+    fs = _fs(path)
+    try:
+        bucket_exists = fs.exists(f'{scheme}://{bucket}')
+    except Exception as e:
+        raise ValueError(f'{what} {path!r} cannot be reached: {_reason(e)}') from None
+    if not bucket_exists:
+        raise ValueError(
+            f'{what} {path!r}: bucket {bucket!r} does not exist (or these credentials cannot see '
+            f'it); create it (gcloud storage buckets create {scheme}://{bucket}) or fix the path'
+        )
+    probe = join(path, f'.write-probe-{uuid.uuid4().hex}')
+    try:
+        fs.pipe_file(probe, b'')
+        fs.rm_file(probe)
+    except Exception as e:
+        raise ValueError(f'{what} {path!r} is not writable: {_reason(e)}') from None
+
+
+def _reason(error: BaseException) -> str:
+    return f'{type(error).__name__}: {" ".join(str(error).split())[:300]}'

@@ -18,7 +18,7 @@ import dataclasses
 import json
 import os
 import re
-import shutil
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -93,11 +93,10 @@ def read_run(run_dir: str) -> RunLog:
 
 def _read_json(path: str) -> dict[str, Any]:
     """The object in a JSON file, {} if there is none; ValueError naming a damaged one."""
-    if not os.path.exists(path):
-        return {}
     try:
-        with open(path) as f:
-            value = json.load(f)
+        value = json.loads(paths.read_text(path))
+    except FileNotFoundError:
+        return {}
     except ValueError as e:
         raise ValueError(
             f'{path} is not valid JSON ({e}); expected the file train.py wrote'
@@ -109,11 +108,11 @@ def _read_json(path: str) -> dict[str, Any]:
 
 def find_runs(workdir: str) -> list[RunLog]:
     """Every run under `workdir` (its subdirectories, or `workdir` itself), plain nets first."""
-    paths.check_local(workdir, '--workdir')
-    if not os.path.isdir(workdir):
+    paths.check_supported(workdir, '--workdir')
+    if not paths.isdir(workdir):
         raise ValueError(f'--workdir {workdir!r} is not a directory')
-    candidates = [os.path.join(workdir, d) for d in sorted(os.listdir(workdir))] + [workdir]
-    runs = [read_run(d) for d in candidates if os.path.isfile(os.path.join(d, 'metrics.jsonl'))]
+    candidates = [paths.join(workdir, d) for d in paths.listdir(workdir)] + [workdir]
+    runs = [read_run(d) for d in candidates if paths.isfile(paths.join(d, 'metrics.jsonl'))]
     if not runs:
         raise ValueError(
             f'no metrics.jsonl in {workdir!r} or its subdirectories; expected the --workdir of '
@@ -183,29 +182,32 @@ def plot_figure6(runs: Sequence[RunLog], path: str) -> None:
 
 def _copy_logs(workdir: str, runs: Sequence[RunLog], out: str) -> None:
     for r in runs:
-        source = os.path.join(workdir, r.name) if r.name != os.path.basename(workdir) else workdir
-        target = os.path.join(out, 'runs', r.name)
-        os.makedirs(target, exist_ok=True)
+        source = paths.join(workdir, r.name) if r.name != os.path.basename(workdir) else workdir
+        target = paths.join(out, 'runs', r.name)
+        if not paths.is_url(target):
+            os.makedirs(target, exist_ok=True)
         for name in ('metrics.jsonl', 'run.json'):
-            if os.path.exists(os.path.join(source, name)):
-                shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
+            if paths.exists(paths.join(source, name)):
+                paths.copy_file(paths.join(source, name), paths.join(target, name))
 
 
 def write_report(workdir: str, out: str) -> tuple[str, str]:
     """Writes table.md and figure6.png (and, out of `workdir`, runs/) into `out`."""
-    workdir = os.path.abspath(workdir)
+    workdir = paths.normalize(workdir)
     runs = find_runs(workdir)
     out = paths.writable_dir(out, '--out')
-    table_path = os.path.join(out, 'table.md')
-    figure_path = os.path.join(out, 'figure6.png')
+    table_path = paths.join(out, 'table.md')
+    figure_path = paths.join(out, 'figure6.png')
     splits = sorted(
         {f'curves: {r.eval_split}; final: {r.test_split or r.eval_split}' for r in runs}
     )
-    with open(table_path, 'w') as f:
-        f.write(markdown_table(runs))
-        f.write(f'\nTest error: {"; ".join(splits)}. Paper: Table 6, 64k iterations.\n')
-    plot_figure6(runs, figure_path)
-    if os.path.commonpath([workdir, out]) != workdir:
+    table = markdown_table(runs)
+    table += f'\nTest error: {"; ".join(splits)}. Paper: Table 6, 64k iterations.\n'
+    paths.write_text(table_path, table)
+    with tempfile.TemporaryDirectory() as staging:  # matplotlib writes local files only
+        plot_figure6(runs, os.path.join(staging, 'figure6.png'))
+        paths.upload(os.path.join(staging, 'figure6.png'), figure_path)
+    if not (out == workdir or out.startswith(workdir + '/')):
         _copy_logs(workdir, runs, out)
     return table_path, figure_path
 
@@ -216,8 +218,7 @@ def main(argv: Sequence[str]) -> None:
 
     FLAGS = flags.FLAGS
     table, figure = write_report(FLAGS.workdir, FLAGS.out or FLAGS.workdir)
-    with open(table) as f:
-        print(f.read(), end='')
+    print(paths.read_text(table), end='')
     print(f'wrote {table} and {figure}')
 
 

@@ -167,9 +167,8 @@ def config_differences(recorded: dict[str, Any], config: ml_collections.ConfigDi
 def _run_state(run_dir: str, config: ml_collections.ConfigDict) -> str:
     """'new', 'started' or 'finished'; ValueError if the directory holds another config's run."""
     record_path = os.path.join(run_dir, RUN_FILE)
-    if os.path.exists(record_path):
-        with open(record_path) as f:
-            record = json.load(f)
+    if paths.exists(record_path):
+        record = json.loads(paths.read_text(record_path))
         differences = config_differences(record['config'], config)
         if differences:
             raise ValueError(
@@ -177,13 +176,14 @@ def _run_state(run_dir: str, config: ml_collections.ConfigDict) -> str:
                 'use another --workdir or delete it'
             )
         return record['status']
-    return 'started' if os.path.isdir(os.path.join(run_dir, 'checkpoints')) else 'new'
+    return 'started' if paths.isdir(paths.join(run_dir, 'checkpoints')) else 'new'
 
 
 def _write_record(run_dir: str, record: dict[str, Any]) -> None:
     if jax.process_index() != 0:
         return
-    os.makedirs(run_dir, exist_ok=True)
+    if not paths.is_url(run_dir):
+        os.makedirs(run_dir, exist_ok=True)
     text = json.dumps(record, indent=1, sort_keys=True)
     paths.write_text_atomic(os.path.join(run_dir, RUN_FILE), text)  # never half-written
 
@@ -213,8 +213,7 @@ def run_sweep(runs: Sequence[Run], workdir: str) -> dict[str, dict[str, float]]:
         state = _run_state(run_dir, run.config)
         if state == 'finished':
             logger.info('[%d/%d] %s: finished earlier, skipped', i, len(runs), run.name)
-            with open(os.path.join(run_dir, RUN_FILE)) as f:
-                results[run.name] = json.load(f)['final']
+            results[run.name] = json.loads(paths.read_text(paths.join(run_dir, RUN_FILE)))['final']
             continue
         logger.info(
             '[%d/%d] %s: %s',
@@ -260,8 +259,8 @@ def sweep(
     module = load_config_module(config_file)
     names = expand_models(models_spec if isinstance(models_spec, str) else ','.join(models_spec))
     runs = plan_runs(module, names, grid, overrides or {})
-    paths.check_local(workdir, '--workdir')
-    check_runs(runs, os.path.abspath(os.path.expanduser(workdir)))  # before anything is created
+    paths.check_supported(workdir, '--workdir')
+    check_runs(runs, paths.normalize(workdir))  # before anything is created
     workdir = paths.writable_dir(workdir, '--workdir')
     with WorkdirLock(workdir):  # one sweep per directory; each run also locks its own
         results = run_sweep(runs, workdir)

@@ -54,8 +54,8 @@ def _check_run_config(workdir: str, config: ml_collections.ConfigDict, identity:
     line instead of a shape error from deep in Orbax (each checkpoint is checked again on its
     own record when restored: a workdir without config.json is no way around it).
     """
-    path = os.path.join(workdir, RUN_CONFIG_FILE)
-    if os.path.exists(path):
+    path = paths.join(workdir, RUN_CONFIG_FILE)
+    if paths.exists(path):
         recorded = workdir_lib.read_config(workdir)
         try:
             model = config_lib.create_model_from_config(recorded, identity['model.num_classes'])
@@ -297,9 +297,9 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, closers: list) ->
     """Everything a run needs, checked before the workdir is touched; registers what must be
     closed (the lock, the checkpoint manager, the writer, the data workers) in `closers`."""
     config_lib.validate(config, jax.device_count(), jax.process_count())
-    paths.check_local(workdir, 'workdir')
+    paths.check_supported(workdir, 'workdir')
     if config.get('init_from') and not checkpoint.committed_steps(
-        os.path.join(os.path.expanduser(workdir), 'checkpoints')
+        paths.join(paths.normalize(workdir), 'checkpoints')
     ):
         pretrained.check_path(config.init_from)  # a resumed run never reads it
     enable_compilation_cache(config.get('compilation_cache_dir', 'auto'))
@@ -315,7 +315,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, closers: list) ->
     state_shardings = sharding.state_shardings(
         jax.eval_shape(init), mesh, fsdp=config.fsdp, fsdp_min_size=config.fsdp_min_size
     )
-    checkpoint_dir = os.path.join(workdir, 'checkpoints')
+    checkpoint_dir = paths.join(workdir, 'checkpoints')
     manager = checkpoint.create_manager(
         checkpoint_dir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
     )

@@ -44,11 +44,10 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     Raises:
       ValueError: naming the file, if the workdir has none or it is not a config.
     """
-    paths.check_local(workdir, 'workdir')
-    path = os.path.join(os.path.expanduser(workdir), CONFIG_FILE)
+    paths.check_supported(workdir, 'workdir')
+    path = paths.join(paths.normalize(workdir), CONFIG_FILE)
     try:
-        with open(path) as f:
-            values = json.load(f)
+        values = json.loads(paths.read_text(path))
     except FileNotFoundError:
         raise ValueError(
             f'{path} does not exist; expected the workdir of a run started by train.py, or pass '
@@ -143,9 +142,10 @@ class WorkdirLock:
     (same host) or it has had no heartbeat for `stale_after_seconds` (any host, e.g. a
     preempted VM). `lost` turns True if another process took the lock over meanwhile.
 
-    Exclusive creation is `O_CREAT | O_EXCL`, atomic on local filesystems and NFSv3+. Object
-    stores have no such primitive in this layer; docs/reliability.md says what that means for
-    `gs://` workdirs.
+    Exclusive creation is `O_CREAT | O_EXCL` locally (atomic on local filesystems and NFSv3+)
+    and a conditional upload on `gs://` (`ifGenerationMatch=0`: of two trainers, one creates
+    the object). Taking over a stale lock on an object store is a copy and a delete, not a
+    rename: docs/reliability.md says what that leaves open.
     """
 
     def __init__(
@@ -155,7 +155,7 @@ class WorkdirLock:
         heartbeat_seconds: float = 30.0,
         stale_after_seconds: float = 600.0,
     ):
-        self.path = os.path.join(workdir, LOCK_FILE)
+        self.path = paths.join(workdir, LOCK_FILE)
         self.heartbeat_seconds = heartbeat_seconds
         self.stale_after_seconds = stale_after_seconds
         self.token = uuid.uuid4().hex
@@ -175,22 +175,13 @@ class WorkdirLock:
         }
 
     def _create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, 'w') as f:
-            json.dump(self._record(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        return True
+        return paths.create_exclusive(self.path, json.dumps(self._record()))
 
     def _read(self) -> tuple[dict[str, Any], float] | None:
         """(owner record, seconds since its last heartbeat), or None if there is no lock."""
         try:
-            age = time.time() - os.stat(self.path).st_mtime
-            with open(self.path) as f:
-                text = f.read()
+            age = paths.age_seconds(self.path)
+            text = paths.read_text(self.path)
         except FileNotFoundError:
             return None
         try:
@@ -233,7 +224,7 @@ class WorkdirLock:
             reason = self._stale_reason(owner, age)
             if reason is None:
                 raise WorkdirInUse(
-                    f'workdir {os.path.dirname(self.path)!r} is in use by another trainer '
+                    f'workdir {self.path.rsplit("/", 1)[0]!r} is in use by another trainer '
                     f'({self._describe(owner, age)}; {self.path}). Wait for it to finish or stop '
                     'it, or use another --workdir; a lock left by a crash is taken over '
                     'automatically once its process is gone or after '
@@ -248,18 +239,17 @@ class WorkdirLock:
         # meanwhile by a third is put back.
         aside = f'{self.path}.stale-{self.token}'
         try:
-            os.rename(self.path, aside)
+            paths.move(self.path, aside)
         except FileNotFoundError:
             return
-        with open(aside) as f:
-            try:
-                moved = json.load(f)
-            except ValueError:
-                moved = {}
+        try:
+            moved = json.loads(paths.read_text(aside))
+        except ValueError:
+            moved = {}
         if moved.get('token') != owner.get('token'):
-            os.rename(aside, self.path)
+            paths.move(aside, self.path)
             return
-        os.remove(aside)
+        paths.remove(aside)
         logger.warning(
             'took over the workdir lock %s of pid %s on host %s: %s',
             self.path,
@@ -280,7 +270,7 @@ class WorkdirLock:
                 logger.error('the workdir lock %s was taken over by another trainer', self.path)
                 return
             try:
-                os.utime(self.path)
+                paths.touch(self.path)
             except OSError as e:
                 logger.warning('could not refresh the workdir lock %s: %s', self.path, e)
 
@@ -296,7 +286,7 @@ class WorkdirLock:
             self._thread = None
         if self._still_ours():
             with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
+                paths.remove(self.path)
 
     def __enter__(self) -> WorkdirLock:
         self.acquire()

@@ -60,6 +60,7 @@ NEEDS_MORE_THAN_THIS_PROCESS = {
     'torch': 'PyTorch',
     'keras': 'Keras',
     'run_process': 'a subprocess',
+    'gcs_bucket': 'a GCS emulator',
 }
 
 
@@ -128,3 +129,33 @@ def keras():
     import keras
 
     return keras
+
+
+@pytest.fixture(scope='session')
+def _gcs_emulator():
+    from gcs_emulator import Emulator
+
+    emulator = Emulator()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def gcs_bucket(_gcs_emulator, monkeypatch, request):
+    """gs://BUCKET of a fresh bucket on a real GCS API (fake-gcs-server on 127.0.0.1), with this
+    process set up to reach it as a client would; subprocesses inherit the environment."""
+    import fsspec
+    import gcsfs
+    from etils.epath import backend
+
+    for name, value in _gcs_emulator.client_env().items():
+        monkeypatch.setenv(name, value)
+    # fsspec read FSSPEC_GS when it was imported; gcsfs keeps its clients: both made anew.
+    monkeypatch.setitem(fsspec.config.conf, 'gs', {'token': 'anon', 'requests_timeout': 30})
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    backend.fsspec_backend._get_filesystem.cache_clear()  # epath keeps its own
+    bucket = 'b-' + ''.join(c if c.isalnum() else '-' for c in request.node.name.lower())[:50]
+    _gcs_emulator.create_bucket(bucket.rstrip('-'))
+    yield f'gs://{bucket.rstrip("-")}'
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    backend.fsspec_backend._get_filesystem.cache_clear()

@@ -118,11 +118,11 @@ CASES = [
         "config file 'configs/nope.py' does not exist; expected e.g. configs/cifar10.py",
     ),
     (
-        'gs-workdir',
-        lambda t, d, w, x: (_train('gs://my-bucket/run', d), None),
+        's3-workdir',
+        lambda t, d, w, x: (_train('s3://my-bucket/run', d), None),
         1,
-        "workdir 'gs://my-bucket/run' is a cloud storage URL, which resnet_jax cannot use yet; "
-        'mount the bucket (e.g. gcsfuse my-bucket /mnt/my-bucket)',
+        "workdir 's3://my-bucket/run': s3:// is not supported; expected a local path or "
+        'gs://BUCKET/FOLDER',
     ),
     (
         'gs-data-dir',
@@ -132,10 +132,10 @@ CASES = [
         'files: copy the prepared dataset to local disk',
     ),
     (
-        'gs-workdir-evaluate',
-        lambda t, d, w, x: (_evaluate('gs://my-bucket/run'), None),
+        's3-workdir-evaluate',
+        lambda t, d, w, x: (_evaluate('s3://my-bucket/run'), None),
         2,  # found while reading the flags: the workdir's config.json is the --config
-        "workdir 'gs://my-bucket/run' is a cloud storage URL",
+        "workdir 's3://my-bucket/run': s3:// is not supported",
     ),
     (
         'config-syntax-error',

@@ -1,0 +1,212 @@
+"""Workdirs on gs://, against a real GCS JSON API on 127.0.0.1 (fake-gcs-server, started by the
+`gcs_bucket` fixture): training, preemption and exact resume, a corrupted checkpoint object,
+evaluate and report on the bucket, and the errors of a bucket that is not there.
+"""
+
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_reliability import TIMEOUT, _env, _smoke, _train_argv
+
+from resnet_jax import checkpoint, paths, trainer, workdir
+from resnet_jax.metrics import read_metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _losses(run_dir):
+    records = read_metrics(paths.join(str(run_dir), 'metrics.jsonl'))
+    return {r['step']: r['train/loss'] for r in records if 'train/loss' in r}
+
+
+def _objects(url):
+    fs = paths._fs(url)
+    return sorted(p.split('/', 1)[1] for p in fs.find(url))
+
+
+def _corrupt_object(step_url):
+    """Flips one byte in the middle of the largest object of a step: silent bit rot."""
+    fs = paths._fs(step_url)
+    sizes = {p: fs.size(p) for p in fs.find(step_url)}
+    target = max(sizes, key=sizes.get)
+    blob = bytearray(fs.cat_file(target))
+    blob[len(blob) // 2] ^= 0xFF
+    fs.pipe_file(target, bytes(blob))
+
+
+def test_the_path_layer_on_a_bucket(gcs_bucket):
+    run = paths.writable_dir(f'{gcs_bucket}/run/', 'workdir')
+    assert run == f'{gcs_bucket}/run'
+    assert not paths.exists(f'{run}/config.json') and paths.listdir(run) == []
+    paths.write_text(f'{run}/config.json', '{"a": 1}')
+    assert paths.read_text(f'{run}/config.json') == '{"a": 1}'
+    assert paths.create_exclusive(f'{run}/lock.json', 'mine')
+    assert not paths.create_exclusive(f'{run}/lock.json', 'theirs')  # the object-store O_EXCL
+    assert paths.read_text(f'{run}/lock.json') == 'mine'
+    assert 0 <= paths.age_seconds(f'{run}/lock.json') < 60
+    for name in ('s/b', 's/a/x', 's/a/c/z'):
+        paths.write_text(f'{run}/{name}', name)
+    assert paths.files_under(f'{run}/s') == ['b', 'a/x', 'a/c/z']  # os.walk's order
+    paths.move(f'{run}/s', f'{run}/t')
+    assert paths.listdir(run) == ['config.json', 'lock.json', 't']
+    paths.remove(f'{run}/lock.json')
+    with pytest.raises(FileNotFoundError):
+        paths.remove(f'{run}/lock.json')
+
+
+def test_the_workdir_lock_is_exclusive_on_a_bucket(gcs_bucket):
+    run = f'{gcs_bucket}/run'
+    held = workdir.WorkdirLock(run)
+    held.acquire()
+    with pytest.raises(workdir.WorkdirInUse, match=f"workdir '{run}' is in use"):
+        workdir.WorkdirLock(run).acquire()
+    held.release()
+    assert not paths.exists(f'{run}/lock.json')  # released
+
+
+def test_a_run_on_a_bucket_resumes_falls_back_and_reports(
+    gcs_bucket, cifar10_data_dir, tmp_path, monkeypatch
+):
+    """In process: preempted and resumed on gs:// like on local disk; a corrupted object sends
+    the run back to the previous checkpoint, moved aside on the bucket; evaluate and report."""
+    from resnet_jax import actions, evaluate, report
+
+    monkeypatch.chdir(tmp_path)  # a 'gs:' folder would appear here if a path went local
+    run = {'total_steps': 6, 'log_every_steps': 1, 'checkpoint_every_steps': 3}
+    local, remote = tmp_path / 'local', f'{gcs_bucket}/run'
+    trainer.train_and_evaluate(_smoke(cifar10_data_dir, **run), str(local))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(actions.PreemptionWatch, 'reached', lambda self, step: step == 4)
+        result = trainer.train_and_evaluate(_smoke(cifar10_data_dir, **run), remote)
+    assert result == {'preempted_at_step': 4.0}
+    assert checkpoint.committed_steps(f'{remote}/checkpoints') == [3, 4]
+    trainer.train_and_evaluate(_smoke(cifar10_data_dir, **run), remote)
+    assert _losses(remote) == _losses(local)  # the same curve, each step once
+    objects = _objects(remote)
+    for name in ('config.json', 'metrics.jsonl', 'checkpoints/6/fingerprint.json'):
+        assert f'run/{name}' in objects
+    assert any(o.startswith('run/tensorboard/events.out.tfevents') for o in objects)
+    assert 'run/lock.json' not in objects  # released at the end
+
+    # Bit rot in the newest step: set aside on the bucket, the run continues from step 4.
+    _corrupt_object(f'{remote}/checkpoints/6')
+    trainer.train_and_evaluate(_smoke(cifar10_data_dir, **{**run, 'total_steps': 8}), remote)
+    (aside,) = paths.listdir(f'{remote}/{checkpoint.QUARANTINE_DIR}')
+    assert aside.startswith('6-')
+    assert checkpoint.committed_steps(f'{remote}/checkpoints')[-1] == 8
+
+    config = workdir.read_config(remote)
+    _, state, step, _ = evaluate.restore_state(config, remote)
+    assert step == int(state.step) == 8
+    table, figure = report.write_report(remote, remote)
+    assert table == f'{remote}/table.md' and paths.read_text(table).startswith('| ')
+    with paths.open_file(figure, 'rb') as f:
+        assert f.read(4) == b'\x89PNG'
+    assert not os.path.exists(tmp_path / 'gs:')
+
+
+def _wait_for_step_on_bucket(run_dir, step, proc):
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f'training ended early: {proc.returncode}'
+        if paths.exists(f'{run_dir}/metrics.jsonl') and max(_losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f'{run_dir} did not reach step {step}')
+
+
+def test_the_command_lines_of_a_pod_on_a_bucket(gcs_bucket, cifar10_data_dir, run_process):
+    """train.py is preempted (SIGTERM) and rerun, then `python -m resnet_jax.evaluate` and
+    `python -m resnet_jax.report` read the bucket; no 'gs:' folder appears on local disk."""
+    remote = f'{gcs_bucket}/run'
+    run = {'total_steps': 12, 'log_every_steps': 1, 'checkpoint_every_steps': 1000}
+    proc = subprocess.Popen(
+        [sys.executable, *_train_argv(remote, cifar10_data_dir, **run)],
+        cwd=REPO,
+        env=_env(2),  # carries the emulator's client settings from os.environ
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_step_on_bucket(remote, 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, err[-2000:]
+    saved = int(re.search(r'preempted: saved step (\d+)', out).group(1))
+    assert checkpoint.committed_steps(f'{remote}/checkpoints') == [saved] and saved < 12
+    before = _losses(remote)
+
+    resumed = run_process(_train_argv(remote, cifar10_data_dir, **run), env=_env(2))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f'resumed from {remote}/checkpoints at step {saved}' in resumed.stderr
+    after = _losses(remote)
+    assert sorted(after) == list(range(1, 13))  # each step once
+    assert {s: after[s] for s in before if s <= saved} == {
+        s: v for s, v in before.items() if s <= saved
+    }
+
+    evaluated = run_process(
+        ['-m', 'resnet_jax.evaluate', f'--workdir={remote}', '--split=test[:16]'], env=_env(2)
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert 'test[:16]' in evaluated.stdout + evaluated.stderr
+    reported = run_process(['-m', 'resnet_jax.report', f'--workdir={remote}'], env=_env(2))
+    assert reported.returncode == 0, reported.stderr[-2000:]
+    assert f'wrote {remote}/table.md and {remote}/figure6.png' in reported.stdout
+    assert not (REPO / 'gs:').exists()
+
+
+@pytest.mark.parametrize(
+    'argv, message',
+    [
+        (
+            ['train.py', '--config=configs/smoke.py', '--workdir=gs://no-such-bucket/run'],
+            "error: workdir 'gs://no-such-bucket/run': bucket 'no-such-bucket' does not exist",
+        ),
+        (
+            ['-m', 'resnet_jax.evaluate', '--workdir=gs://no-such-bucket/run'],
+            'error: gs://no-such-bucket/run/config.json does not exist; expected the workdir',
+        ),
+        (
+            ['-m', 'resnet_jax.report', '--workdir=gs://no-such-bucket/run'],
+            "error: --workdir 'gs://no-such-bucket/run' is not a directory",
+        ),
+    ],
+    ids=['train', 'evaluate', 'report'],
+)
+def test_a_bucket_that_does_not_exist_is_one_clear_error(gcs_bucket, run_process, argv, message):
+    del gcs_bucket  # the emulator runs; the bucket named on the command line does not exist
+    result = run_process(argv, env=_env(1))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(message), result.stderr[-2000:]
+    assert not (REPO / 'gs:').exists()
+
+
+def test_missing_credentials_are_one_clear_error(gcs_bucket, run_process, tmp_path):
+    """A client set to use Application Default Credentials that are not there."""
+    env = {
+        **_env(1),
+        'FSSPEC_GS': json.dumps({'token': 'google_default'}),
+        'GOOGLE_APPLICATION_CREDENTIALS': str(tmp_path / 'missing-key.json'),
+    }
+    argv = ['train.py', '--config=configs/smoke.py', f'--workdir={gcs_bucket}/run']
+    result = run_process(argv, env=env)
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"error: cannot use '{gcs_bucket}/run': DefaultCredentialsError: File "
+            f'{tmp_path / "missing-key.json"} was not found'
+        )
+    ), result.stderr[-2000:]
+    assert paths.listdir(gcs_bucket) == []  # nothing written
