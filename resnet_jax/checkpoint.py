@@ -76,12 +76,20 @@ class SaveError(RuntimeError):
     """A checkpoint could not be written (disk full, permissions); earlier ones are intact."""
 
     def __init__(self, step: int | str, directory: str, error: BaseException):
-        committed = committed_steps(directory)
-        last = f'step {committed[-1]}' if committed else 'none'
+        try:
+            committed = committed_steps(directory)
+            last = f'step {committed[-1]}' if committed else 'none'
+        except OSError as e:  # the store itself is what failed
+            last = f'unknown: the checkpoints cannot be listed now ({e})'
+        remedy = (
+            'check that the bucket is reachable and writable'
+            if paths.is_url(directory)
+            else 'free space, or point --workdir elsewhere'
+        )
         super().__init__(
             f'could not save checkpoint step {step} to {directory}: {_reason(error)}; the last '
-            f'complete checkpoint is {last}, and nothing was overwritten (free space, or point '
-            '--workdir elsewhere, and rerun to resume)'
+            f'complete checkpoint is {last}, and nothing was overwritten ({remedy}, and rerun '
+            'to resume)'
         )
 
 

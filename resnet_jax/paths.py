@@ -102,36 +102,63 @@ def _fs(path: str) -> Any:
     return fs
 
 
+class StorageError(OSError):
+    """A request to a cloud store failed after its client's retries (unreachable, denied)."""
+
+
+@contextlib.contextmanager
+def _remote(path: str, doing: str) -> Iterator[None]:
+    """Turns a client library's failure into one StorageError naming the path and the act."""
+    try:
+        yield
+    except (FileNotFoundError, FileExistsError, ValueError, StorageError):
+        raise
+    except Exception as e:
+        raise StorageError(f'could not {doing} {path}: {_reason(e)}') from e
+
+
 # --- Queries --------------------------------------------------------------------------------
 
 
+def _kind(path: str) -> str | None:
+    """'file', 'directory' or None (absent) for a URL. fsspec's exists/isdir answer False
+    for any failure; an unreachable store must not look like an empty one."""
+    with _remote(path, 'look up'):
+        try:
+            return _fs(path).info(path)['type']
+        except FileNotFoundError:
+            return None
+
+
 def exists(path: str) -> bool:
-    return _fs(path).exists(path) if is_url(path) else os.path.exists(path)
+    return _kind(path) is not None if is_url(path) else os.path.exists(path)
 
 
 def isdir(path: str) -> bool:
-    return _fs(path).isdir(path) if is_url(path) else os.path.isdir(path)
+    return _kind(path) == 'directory' if is_url(path) else os.path.isdir(path)
 
 
 def isfile(path: str) -> bool:
-    return _fs(path).isfile(path) if is_url(path) else os.path.isfile(path)
+    return _kind(path) == 'file' if is_url(path) else os.path.isfile(path)
 
 
 def listdir(path: str) -> list[str]:
     """The names in directory `path`, sorted ([] if it does not exist)."""
     if not is_url(path):
         return sorted(os.listdir(path)) if os.path.isdir(path) else []
-    fs = _fs(path)
-    if not fs.isdir(path):
+    if not isdir(path):
         return []
-    return sorted(entry.rstrip('/').rsplit('/', 1)[-1] for entry in fs.ls(path, detail=False))
+    with _remote(path, 'list'):
+        entries = _fs(path).ls(path, detail=False)
+    return sorted(entry.rstrip('/').rsplit('/', 1)[-1] for entry in entries)
 
 
 def age_seconds(path: str) -> float:
     """Seconds since `path` was last written. Raises FileNotFoundError if it does not exist."""
     if not is_url(path):
         return time.time() - os.stat(path).st_mtime
-    modified = _fs(path).modified(path)  # FileNotFoundError too
+    with _remote(path, 'look up'):
+        modified = _fs(path).modified(path)  # FileNotFoundError too
     return time.time() - modified.timestamp()
 
 
@@ -139,9 +166,10 @@ def files_under(directory: str) -> list[str]:
     """The relative paths of all files below `directory`, in os.walk order (top-down, sorted):
     a folder's files before its sub-folders', so local and remote digests of a step agree."""
     if is_url(directory):
-        fs = _fs(directory)
         root = directory.partition('://')[2].rstrip('/')
-        relative = [p[len(root) + 1 :] for p in fs.find(directory) if p.startswith(root + '/')]
+        with _remote(directory, 'list'):
+            found = _fs(directory).find(directory)
+        relative = [p[len(root) + 1 :] for p in found if p.startswith(root + '/')]
     else:
         relative = [
             os.path.relpath(os.path.join(parent, name), directory)
@@ -163,7 +191,9 @@ def files_under(directory: str) -> list[str]:
 def open_file(path: str, mode: str = 'r') -> Iterator[Any]:
     """`open` for local paths and URLs (read modes; writes go through write_text)."""
     if is_url(path):
-        with _fs(path).open(path, mode) as f:
+        with _remote(path, 'open'):
+            f = _fs(path).open(path, mode)
+        with f:
             yield f
     else:
         with open(path, mode) as f:
@@ -172,7 +202,10 @@ def open_file(path: str, mode: str = 'r') -> Iterator[Any]:
 
 def read_text(path: str) -> str:
     """The text of `path`. Raises FileNotFoundError (or OSError) like `open`."""
-    with open_file(path) as f:
+    if is_url(path):
+        with _remote(path, 'read'):
+            return _fs(path).cat_file(path).decode()
+    with open(path) as f:
         return f.read()
 
 
@@ -183,7 +216,8 @@ def write_bytes(path: str, data: bytes) -> None:
     whole (there is nothing to rename).
     """
     if is_url(path):
-        _fs(path).pipe_file(path, data)
+        with _remote(path, 'write'):
+            _fs(path).pipe_file(path, data)
         return
     tmp = path + '.tmp'
     with open(tmp, 'wb') as f:
@@ -215,7 +249,8 @@ def create_exclusive(path: str, text: str) -> bool:
     """Creates `path` holding `text` if it does not exist; False if it does (atomic test)."""
     if is_url(path):
         try:
-            _fs(path).pipe_file(path, text.encode(), mode='create')  # ifGenerationMatch=0
+            with _remote(path, 'create'):
+                _fs(path).pipe_file(path, text.encode(), mode='create')  # ifGenerationMatch=0
         except FileExistsError:
             return False
         return True
@@ -241,10 +276,10 @@ def touch(path: str) -> None:
 def remove(path: str) -> None:
     """Removes file `path`. Raises FileNotFoundError if it does not exist."""
     if is_url(path):
-        fs = _fs(path)
-        if not fs.exists(path):
+        if not exists(path):
             raise FileNotFoundError(path)
-        fs.rm_file(path)
+        with _remote(path, 'remove'):
+            _fs(path).rm_file(path)
     else:
         os.remove(path)
 
@@ -253,16 +288,21 @@ def move(source: str, target: str) -> None:
     """Moves a file or folder. On an object store a copy then a delete: not atomic, so callers
     only move what nobody else writes (a quarantined checkpoint, a lock already judged stale)."""
     if is_url(source):
-        fs = _fs(source)
-        if not fs.exists(source):
-            raise FileNotFoundError(source)
-        # Copy then delete, by hand: gcsfs's mv tries a server-side moveTo first, which not every
-        # GCS API offers, and logs a traceback for each object when it falls back.
-        folder = fs.isdir(source)
-        fs.copy(source, target, recursive=folder)
-        fs.rm(source, recursive=folder)
+        with _remote(source, f'move to {target}'):
+            _move_remote(source, target)
     else:
         shutil.move(source, target)
+
+
+def _move_remote(source: str, target: str) -> None:
+    if not exists(source):
+        raise FileNotFoundError(source)
+    fs = _fs(source)
+    # Copy then delete, by hand: gcsfs's mv tries a server-side moveTo first, which not every
+    # GCS API offers, and logs a traceback for each object when it falls back.
+    folder = isdir(source)
+    fs.copy(source, target, recursive=folder)
+    fs.rm(source, recursive=folder)
 
 
 def copy_file(source: str, target: str) -> None:
@@ -274,7 +314,8 @@ def copy_file(source: str, target: str) -> None:
 def upload(local_path: str, target: str) -> None:
     """Copies a local file to `target` (a URL, or another local path)."""
     if is_url(target):
-        _fs(target).put_file(local_path, target)
+        with _remote(target, 'upload'):
+            _fs(target).put_file(local_path, target)
     else:
         shutil.copyfile(local_path, target)
 

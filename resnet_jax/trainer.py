@@ -434,26 +434,52 @@ def train_and_evaluate(
     """
     closers: list[Any] = []
     try:
-        run = build_run(config, workdir, closers)
-        watch = actions.PreemptionWatch(run.ctx.manager)
-        closers.append(watch.close)
-        progress = actions.Progress(config.total_steps, run.first_step)
-        closers.append(progress.close)
-        pending = list(run.meta.get('pending_train_metrics', []))
-        loop = actions.Loop(run.state, run.first_step, config.total_steps, pending)
-        sequence = [
-            actions.PreemptionCheck(watch),
-            actions.NonFiniteCheck(),
-            actions.TrainLog(),
-            actions.Evaluate(),
-            *extra_actions,
-            actions.Checkpoint(),
-            progress,
-        ]
-        loop = run_loop(run, loop, sequence)
-        if loop.preempted:
-            return {'preempted_at_step': float(loop.step)}
-        return finish(run, loop)
-    finally:
-        for close in reversed(closers):
+        result = _train(config, workdir, extra_actions, closers)
+    except BaseException:
+        close_all(closers, raise_first=False)  # the error on its way out is the one to report
+        raise
+    close_all(closers, raise_first=True)
+    return result
+
+
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    extra_actions: Sequence[actions.Action],
+    closers: list[Any],
+) -> dict[str, float]:
+    run = build_run(config, workdir, closers)
+    watch = actions.PreemptionWatch(run.ctx.manager)
+    closers.append(watch.close)
+    progress = actions.Progress(config.total_steps, run.first_step)
+    closers.append(progress.close)
+    pending = list(run.meta.get('pending_train_metrics', []))
+    loop = actions.Loop(run.state, run.first_step, config.total_steps, pending)
+    sequence = [
+        actions.PreemptionCheck(watch),
+        actions.NonFiniteCheck(),
+        actions.TrainLog(),
+        actions.Evaluate(),
+        *extra_actions,
+        actions.Checkpoint(),
+        progress,
+    ]
+    loop = run_loop(run, loop, sequence)
+    if loop.preempted:
+        return {'preempted_at_step': float(loop.step)}
+    return finish(run, loop)
+
+
+def close_all(closers: list[Any], *, raise_first: bool) -> None:
+    """Calls every closer, newest first, even when some fail (a store that went away fails
+    them all): the lock, the checkpoint manager, the writer and the data workers each get
+    their chance. Failures are logged; the first is raised if `raise_first`."""
+    first = None
+    for close in reversed(closers):
+        try:
             close()
+        except Exception as e:
+            logger.warning('while closing the run: %s: %s', type(e).__name__, e)
+            first = first or e
+    if first is not None and raise_first:
+        raise first

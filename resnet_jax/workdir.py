@@ -33,6 +33,7 @@ logger = logging.getLogger('resnet_jax')
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = 'lock.json'
+_HELD_TOKENS: set[str] = set()  # the locks this process holds now
 
 
 # --- The recorded config ---------------------------------------------------------------------
@@ -195,6 +196,10 @@ class WorkdirLock:
         same_host = owner.get('host') == socket.gethostname()
         if same_host and isinstance(pid, int) and not _pid_alive(pid):
             return f'its process {pid} on this host is gone'
+        if same_host and pid == os.getpid() and owner.get('token') not in _HELD_TOKENS:
+            # A run in this very process (a notebook kernel) that ended without releasing it,
+            # e.g. because the store was unreachable: no lock object of ours holds it now.
+            return 'an earlier run in this process ended without releasing it'
         if age > self.stale_after_seconds:
             return f'it has had no heartbeat for {age:.0f} s'
         return None
@@ -259,6 +264,7 @@ class WorkdirLock:
         )
 
     def _start_heartbeat(self) -> None:
+        _HELD_TOKENS.add(self.token)
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name='workdir-lock', daemon=True)
         self._thread.start()
@@ -280,6 +286,7 @@ class WorkdirLock:
 
     def release(self) -> None:
         """Stops the heartbeat and removes the lock if it is still ours."""
+        _HELD_TOKENS.discard(self.token)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

@@ -34,10 +34,12 @@ def _free_port() -> int:
 
 
 class Emulator:
-    """One fake-gcs-server process with an in-memory store."""
+    """One fake-gcs-server process: an in-memory store, or with `root` a folder that outlives
+    the process (so a test can stop the server mid-run and start it again on the same port)."""
 
-    def __init__(self, timeout: float = 20.0):
-        port = _free_port()
+    def __init__(self, timeout: float = 20.0, *, root: str | None = None, port: int | None = None):
+        port = port or _free_port()
+        self.port, self.root = port, root
         self.url = f'http://127.0.0.1:{port}'
         # Its log goes to a file: an unread pipe fills up and stalls the server.
         self.log_path = tempfile.mktemp(prefix='fake-gcs-', suffix='.log')
@@ -46,7 +48,9 @@ class Emulator:
                 [
                     str(_binary()),
                     *('-scheme', 'http', '-host', '127.0.0.1', '-port', str(port)),
-                    *('-external-url', self.url, '-backend', 'memory', '-log-level', 'error'),
+                    *('-external-url', self.url, '-log-level', 'error'),
+                    *(('-backend', 'filesystem', '-filesystem-root', root) if root else ()),
+                    *(() if root else ('-backend', 'memory')),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

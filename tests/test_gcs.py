@@ -210,3 +210,76 @@ def test_missing_credentials_are_one_clear_error(gcs_bucket, run_process, tmp_pa
         )
     ), result.stderr[-2000:]
     assert paths.listdir(gcs_bucket) == []  # nothing written
+
+
+def _point_clients_at(emulator, monkeypatch):
+    import fsspec
+    import gcsfs
+    from etils.epath import backend
+
+    for name, value in emulator.client_env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setitem(fsspec.config.conf, 'gs', {'token': 'anon', 'requests_timeout': 30})
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def _give_up_quickly(monkeypatch):
+    """The clients' retry budgets cut to one attempt: gcsfs retries a dead store for about a
+    minute per request and TensorStore (Orbax's arrays) for about fourteen; an outage that
+    long ends the same way, later."""
+    import gcsfs
+    from gcsfs.retry import retry_request
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    once = retry_request(retries=1)(gcsfs.GCSFileSystem._request.__wrapped__)
+    monkeypatch.setattr(gcsfs.GCSFileSystem, '_request', once)
+    quick = {'max_retries': 1, 'initial_delay': '10ms', 'max_delay': '50ms'}
+    for context in ('_BASE_TS_CONTEXT', '_DEFAULT_OCDBT_TS_CONTEXT'):
+        monkeypatch.setitem(getattr(tensorstore_utils, context), 'gcs_request_retries', quick)
+
+
+@pytest.mark.slow
+def test_the_store_going_away_mid_run_is_one_error_and_the_last_checkpoint_survives(
+    cifar10_data_dir, tmp_path, monkeypatch
+):
+    from gcs_emulator import Emulator
+
+    store = tmp_path / 'store'  # the emulator's objects outlive its process
+    store.mkdir()
+    emulator = Emulator(root=str(store))
+    try:
+        emulator.create_bucket('outage')
+        _point_clients_at(emulator, monkeypatch)
+        _give_up_quickly(monkeypatch)
+        remote = 'gs://outage/run'
+        run = {'total_steps': 6, 'log_every_steps': 1, 'checkpoint_every_steps': 2}
+        real_save = checkpoint.save
+
+        def save_after_the_store_goes(manager, step, *args, **kwargs):
+            if step == 4:
+                checkpoint.wait(manager)  # step 2 committed and fingerprinted
+                emulator.stop()
+            return real_save(manager, step, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoint, 'save', save_after_the_store_goes)
+        started = time.monotonic()
+        with pytest.raises((OSError, RuntimeError)) as failure:
+            trainer.train_and_evaluate(_smoke(cifar10_data_dir, **run), remote)
+        assert time.monotonic() - started < 120
+        message = str(failure.value)  # e.g. could not look up gs://outage/run/checkpoints: ...
+        assert re.match(r'could not \w+ .*gs://outage/run', message), message
+        assert re.search('Cannot connect to host|Connect call failed', message), message
+        assert '\n' not in message
+        monkeypatch.setattr(checkpoint, 'save', real_save)
+
+        # The store comes back: step 2 is intact, and the run resumes from it.
+        emulator = Emulator(root=str(store), port=emulator.port)
+        _point_clients_at(emulator, monkeypatch)
+        assert checkpoint.committed_steps(f'{remote}/checkpoints') == [2]
+        assert checkpoint.verify(f'{remote}/checkpoints', 2) is None
+        trainer.train_and_evaluate(_smoke(cifar10_data_dir, **run), remote)
+        assert checkpoint.committed_steps(f'{remote}/checkpoints')[-1] == 6
+        assert sorted(_losses(remote)) == [1, 2, 3, 4, 5, 6]
+    finally:
+        emulator.stop()
