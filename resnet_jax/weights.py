@@ -32,7 +32,11 @@ TORCHVISION_BN_EPSILON = 1e-5
 KERAS_BN_EPSILON = 1.001e-5
 
 # Where one of our variables comes from: (the source's name for it, a function returning it).
-_Source = tuple[str, Callable[[], Any]]
+# (the source's name for a variable, a function fetching its value as stored there, and the
+# axis permutation from the source's layout to ours, None if they agree).
+_Source = tuple[str, Callable[[], Any], tuple[int, ...] | None]
+_OIHW_TO_HWIO = (2, 3, 1, 0)
+_TRANSPOSED = (1, 0)
 
 _BN_SUFFIX = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
 
@@ -124,17 +128,21 @@ def _convert(
     missing: list[str] = []
     mismatched: list[str] = []
     for path, leaf in _flatten(_unrolled_shapes(model)):
-        name, fetch = source_of(path)
+        name, fetch, layout = source_of(path)
         if name not in available:
             missing.append(name)
             continue
         used.add(name)
-        value = _to_numpy(fetch())
-        if value.shape != leaf.shape:
+        given = _to_numpy(fetch())
+        expected = leaf.shape
+        if layout is not None:  # shapes are named in the source's layout, as the user has them
+            expected = tuple(leaf.shape[layout.index(axis)] for axis in range(len(layout)))
+        if given.shape != expected:
             mismatched.append(
-                f'{name} has shape {value.shape} (as {"/".join(path)}), expected {leaf.shape}'
+                f'{name} has shape {given.shape}, expected {expected} (for {"/".join(path)})'
             )
             continue
+        value = given.transpose(layout) if layout is not None else given
         _set(variables, path, value)
     problems = []
     if missing:
@@ -244,11 +252,8 @@ def _from_torch(
 
     def source(path: tuple[str, ...]) -> _Source:
         name, is_conv = name_of(path)
-        if is_conv:  # OIHW -> HWIO
-            return name, lambda: _to_numpy(state_dict[name]).transpose(2, 3, 1, 0)
-        if name == head:  # (out, in) -> (in, out)
-            return name, lambda: _to_numpy(state_dict[name]).T
-        return name, lambda: state_dict[name]
+        layout = _OIHW_TO_HWIO if is_conv else _TRANSPOSED if name == head else None
+        return name, lambda: state_dict[name], layout
 
     # num_batches_tracked only drives PyTorch's momentum=None averaging; it has no counterpart.
     names = {k for k in state_dict if not k.endswith('num_batches_tracked')}
@@ -480,12 +485,12 @@ def from_keras(keras_model: Any, model: ResNet) -> Variables:
         _, *module, leaf = path
         layer = _keras_layer(module)
         if not layer.endswith('_bn'):  # A conv kernel, or the head's kernel and bias.
-            return layer, lambda: weights[layer][leaf == 'bias']
+            return layer, lambda: weights[layer][leaf == 'bias'], None
         if leaf != 'mean':
-            return layer, lambda: weights[layer][_KERAS_BN_INDEX[leaf]]
+            return layer, lambda: weights[layer][_KERAS_BN_INDEX[leaf]], None
         conv = weights.get(layer.removesuffix('bn') + 'conv', [])
         conv_bias = conv[1] if len(conv) > 1 else 0.0
-        return layer, lambda: weights[layer][_KERAS_BN_INDEX['mean']] - conv_bias
+        return layer, lambda: weights[layer][_KERAS_BN_INDEX['mean']] - conv_bias, None
 
     variables, used = _convert(model, source, set(weights), 'Keras model')
     unexpected = _natural_sort(set(weights) - used)

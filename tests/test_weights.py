@@ -144,7 +144,8 @@ def test_from_torchvision_names_shape_mismatches(resnet18_state_dict):
     model = rj.create_model('resnet18', num_classes=10)
     with pytest.raises(
         ValueError,
-        match=r'fc\.weight has shape \(512, 1000\) \(as params/head/kernel\), expected \(512, 10\)',
+        match=r'fc\.weight has shape \(1000, 512\), expected \(10, 512\) '
+        r'\(for params/head/kernel\)',
     ):
         weights.from_torchvision(resnet18_state_dict, model)
 
@@ -196,7 +197,7 @@ def test_from_keras_names_missing_layers(keras_resnet50):
         weights.from_keras(keras_resnet50, model)
     model = rj.create_model('resnet50', num_classes=10, bn_epsilon=weights.KERAS_BN_EPSILON)
     with pytest.raises(
-        ValueError, match=r'predictions has shape \(2048, 1000\) .* expected \(2048, 10\)'
+        ValueError, match=r'predictions has shape \(2048, 1000\), expected \(2048, 10\)'
     ):
         weights.from_keras(keras_resnet50, model)
 
@@ -279,10 +280,17 @@ def test_torch_cifar_weights_name_every_missing_extra_and_misshaped_entry():
         weights.from_torch_cifar(extra, model)
     with pytest.raises(
         ValueError,
-        match=r'linear\.weight has shape \(64, 100\) \(as params/head/kernel\), '
-        r'expected \(64, 10\)',
+        match=r'linear\.weight has shape \(100, 64\), expected \(10, 64\) '
+        r'\(for params/head/kernel\)',
     ):
         weights.from_torch_cifar({**state, 'linear.weight': np.zeros((100, 64), np.float32)}, model)
+    # Shapes are named as the file has them (OIHW), not in our layout.
+    with pytest.raises(
+        ValueError,
+        match=r'conv1\.weight has shape \(32, 3, 3, 3\), expected \(16, 3, 3, 3\) '
+        r'\(for params/stem_conv/kernel\)',
+    ):
+        weights.from_torch_cifar({**state, 'conv1.weight': np.zeros((32, 3, 3, 3))}, model)
     with pytest.raises(ValueError, match=r"need a CIFAR ResNet.*with the 'imagenet' stem"):
         weights.from_torch_cifar(state, rj.create_model('resnet18', num_classes=10))
 
