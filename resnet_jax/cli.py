@@ -167,11 +167,20 @@ def configure_logging() -> None:
     sys.unraisablehook = _unraisablehook
 
 
-def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> None:
-    """Parses flags and runs `main(argv)`; every error ends as one `error:` line."""
+def run(
+    main: Callable[[list[str]], Any],
+    argv: Sequence[str] | None = None,
+    *,
+    positional: bool = False,
+) -> None:
+    """Parses flags and runs `main(argv)`; every error ends as one `error:` line.
+
+    Args:
+      positional: whether `main` takes arguments after the flags (e.g. image paths).
+    """
 
     def guarded(args: list[str]) -> Any:
-        if len(args) > 1:
+        if len(args) > 1 and not positional:
             fail(UserError(f'unexpected arguments {args[1:]}; expected only --flags'), USAGE_ERROR)
         configure_logging()
         try:

@@ -61,6 +61,7 @@ class DatasetInfo:
         default_factory=dict, compare=False, repr=False
     )
     spec: datasets.DatasetSpec | None = dataclasses.field(default=None, compare=False, repr=False)
+    class_names: tuple[str, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
     def __post_init__(self):
         if self.spec is None:
@@ -120,6 +121,7 @@ def dataset_info(name: str, data_dir: str, *, download: bool = False) -> Dataset
         builder = tfds.builder(name, data_dir=data_dir)
         features = builder.info.features
         num_classes = int(features['label'].num_classes)
+        class_names = tuple(features['label'].names)
         shape = features['image'].shape
     except Exception as e:  # tfds raises many types for a damaged directory
         raise ValueError(
@@ -138,7 +140,7 @@ def dataset_info(name: str, data_dir: str, *, download: bool = False) -> Dataset
             f'dataset {name!r} in {data_dir} has no prepared splits (an interrupted build?); '
             f'prepare it with: {_prepare_command(base_name, data_dir)}'
         )
-    return DatasetInfo(base_name, num_classes, image_shape, splits, files, spec)
+    return DatasetInfo(base_name, num_classes, image_shape, splits, files, spec, class_names)
 
 
 def _download_and_prepare(name: str, data_dir: str) -> None:

@@ -48,7 +48,7 @@ def check_path(path: str) -> None:
         )
 
 
-def _torch_converter(model: ResNet):
+def torch_converter(model: ResNet):
     if model.stem == 'cifar':
         return weights.from_torch_cifar
     if model.stem == 'deep':
@@ -56,7 +56,7 @@ def _torch_converter(model: ResNet):
     return weights.from_torchvision
 
 
-def _torch_head_classes(state: dict[str, np.ndarray]) -> int | None:
+def torch_head_classes(state: dict[str, np.ndarray]) -> int | None:
     for name in ('linear.weight', 'fc.weight'):
         if name in state:
             return int(np.shape(state[name])[0])
@@ -65,11 +65,11 @@ def _torch_head_classes(state: dict[str, np.ndarray]) -> int | None:
 
 def _from_torch_file(path: str, model: ResNet) -> tuple[Variables, int | None]:
     state = weights.load_state_dict(path)
-    classes = _torch_head_classes(state)
+    classes = torch_head_classes(state)
     source_model = (
         model if classes in (None, model.num_classes) else model.clone(num_classes=classes)
     )
-    return _torch_converter(model)(state, source_model), classes
+    return torch_converter(model)(state, source_model), classes
 
 
 def _from_workdir(path: str) -> tuple[Variables, int]:
