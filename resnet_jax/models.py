@@ -495,6 +495,13 @@ class ResNet(nn.Module):
         'a bool',
         'blocks 2..n of each stage run through `nn.scan`: deep nets compile in seconds',
     )
+    freeze_bn: bool = _option(
+        False,
+        _is_bool,
+        'a bool',
+        'BatchNorm normalises with its running statistics in training too and never updates '
+        'them (fine-tuning on small batches)',
+    )
     input_channels: int = _option(
         3,
         lambda v: _is_int(v) and v > 0,
@@ -511,7 +518,7 @@ class ResNet(nn.Module):
         )
         norm = functools.partial(
             nn.BatchNorm,
-            use_running_average=not train,
+            use_running_average=not train or self.freeze_bn,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
             dtype=self.dtype,
@@ -767,7 +774,8 @@ def apply_model(
     variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
     if train:
         logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
-        return logits, updates['batch_stats']
+        # Nothing is updated with freeze_bn: the statistics come back as they were.
+        return logits, updates.get('batch_stats', variables['batch_stats'])
     return model.apply(variables, images, train=False), variables['batch_stats']
 
 

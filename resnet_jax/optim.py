@@ -19,6 +19,8 @@ config's `optimizer` section is made from):
     optimizer.ema_decay (0: off) an exponential moving average of the model (parameters and
         BatchNorm statistics), kept in the train state (`TrainState.ema`) and used for
         evaluation and export
+    optimizer.frozen    fine-tuning: patterns of parameter paths that get no updates
+    optimizer.backbone_lr_multiplier  fine-tuning: learning-rate factor outside the head
 
 A new optimizer is one `@register_optimizer(name)` function here (docs/extending.md).
 """
@@ -26,6 +28,7 @@ A new optimizer is one `@register_optimizer(name)` function here (docs/extending
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -64,6 +67,11 @@ class OptimizerConfig:
     warmup_mode: str = 'constant'
     warmup_learning_rate: float = 0.01
     ema_decay: float = 0.0  # e.g. 0.9999; evaluation then uses the averaged model
+    # Fine-tuning: regular expressions over parameter paths ('stem_conv/kernel',
+    # 'stage1/block1/conv1/kernel'; re.search) whose parameters get no updates, and a factor on
+    # the learning rate of every parameter outside the classifier head.
+    frozen: tuple[str, ...] = ()
+    backbone_lr_multiplier: float = 1.0
 
 
 # --- The registry ------------------------------------------------------------------------------
@@ -197,6 +205,10 @@ def _optax_optimizer(s: Setting, name: str) -> optax.GradientTransformation:
 # --- Checking and building ---------------------------------------------------------------------
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(f'invalid config: optimizer.{message}')
@@ -227,9 +239,22 @@ def check_config(cfg: Any, total_steps: int) -> None:
     )
     _require(0.0 <= cfg.ema_decay < 1.0, f'ema_decay={cfg.ema_decay}; expected [0, 1)')
     _require(
-        cfg.warmup_steps == 0 or cfg.warmup_steps < total_steps,
+        cfg.warmup_steps == 0 or total_steps == 0 or cfg.warmup_steps < total_steps,
         f'warmup_steps={cfg.warmup_steps} must be below total_steps={total_steps}',
     )
+    _require(
+        _is_number(cfg.backbone_lr_multiplier) and cfg.backbone_lr_multiplier >= 0,
+        f'backbone_lr_multiplier={cfg.backbone_lr_multiplier!r}; expected a number >= 0',
+    )
+    _require(
+        isinstance(cfg.frozen, (tuple, list)) and all(isinstance(p, str) for p in cfg.frozen),
+        f'frozen={cfg.frozen!r}; expected a tuple of regular expressions over parameter paths',
+    )
+    for pattern in cfg.frozen:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            _require(False, f'frozen has {pattern!r}, not a regular expression: {e}')
     for boundary in cfg.boundaries:
         _require(
             isinstance(boundary, int) and cfg.warmup_steps <= boundary,
@@ -296,4 +321,62 @@ def create_optimizer(
         tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask), tx)
     if cfg.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
-    return tx, schedule
+    return _fine_tuning(tx, cfg, params), schedule
+
+
+def parameter_path(path: tuple) -> str:
+    """'stage1/block1/conv1/kernel': how `optimizer.frozen` patterns see a parameter."""
+    return '/'.join(str(getattr(k, 'key', k)) for k in path)
+
+
+def fine_tuning_labels(cfg: Any, params: Any) -> Any:
+    """Per parameter: 'frozen' (matches `cfg.frozen`), 'backbone' (outside the head, when
+    `backbone_lr_multiplier` != 1) or 'train'.
+
+    Raises:
+      ValueError: naming a pattern of `cfg.frozen` that matches no parameter (a typo would
+        otherwise freeze nothing, silently).
+    """
+    patterns = [re.compile(p) for p in cfg.frozen]
+    used = set()
+
+    def label(path: tuple, _: Any) -> str:
+        name = parameter_path(path)
+        matching = {p.pattern for p in patterns if p.search(name)}
+        used.update(matching)
+        if matching:
+            return 'frozen'
+        if cfg.backbone_lr_multiplier != 1 and not name.startswith('head/'):
+            return 'backbone'
+        return 'train'
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    unused = [p.pattern for p in patterns if p.pattern not in used]
+    if unused:
+        examples = sorted(parameter_path(path) for path, _ in _leaves(params))[:3]
+        _require(
+            False,
+            f'frozen has {unused[0]!r}, which matches no parameter; paths look like '
+            f'{", ".join(examples)}',
+        )
+    return labels
+
+
+def _leaves(tree: Any) -> list:
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+def _fine_tuning(tx: optax.GradientTransformation, cfg: Any, params: Any):
+    """`tx`, with frozen parameters left unchanged and the backbone's updates scaled.
+
+    Unchanged (and so with the same optimizer state) unless a fine-tuning field is set.
+    """
+    if not cfg.frozen and cfg.backbone_lr_multiplier == 1:
+        return tx
+    transforms = {
+        'train': tx,
+        # Scaling the updates scales the learning rate, for SGD and adaptive methods alike.
+        'backbone': optax.chain(tx, optax.scale(cfg.backbone_lr_multiplier)),
+        'frozen': optax.set_to_zero(),
+    }
+    return optax.multi_transform(transforms, fine_tuning_labels(cfg, params))

@@ -58,7 +58,24 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         raise ValueError(f'{path} is not a readable config ({e}); pass --config=FILE') from None
     if not isinstance(values, dict) or 'model' not in values:
         raise ValueError(f'{path} is not a run config (no model section); pass --config=FILE')
-    return ml_collections.ConfigDict(_lists_as_tuples(values))
+    # A run recorded before a field existed ran as if it held the field's default.
+    return ml_collections.ConfigDict(_lists_as_tuples(_with_defaults(values, _base_values())))
+
+
+def _base_values() -> dict[str, Any]:
+    from resnet_jax import config as config_lib
+
+    return json.loads(config_json(config_lib.base_config()))
+
+
+def _with_defaults(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(values)
+    for key, default in defaults.items():
+        if key not in merged:
+            merged[key] = default
+        elif isinstance(default, dict) and isinstance(merged[key], dict):
+            merged[key] = _with_defaults(merged[key], default)
+    return merged
 
 
 def _lists_as_tuples(value: Any) -> Any:
@@ -86,7 +103,19 @@ def config_json(config: ml_collections.ConfigDict) -> str:
 # Config fields that decide what the network computes from its input, and what the state
 # holds: a checkpoint is usable only under the same values. (dtype, the learning rate and the
 # schedule may change between runs of one network; these may not.)
-IDENTITY_FIELDS = ('dataset.name', 'dataset.normalization', 'optimizer.name')
+IDENTITY_FIELDS = (
+    'dataset.name',
+    'dataset.normalization',
+    'optimizer.name',
+    'optimizer.frozen',  # both shape the optimizer state (optax.multi_transform)
+    'optimizer.backbone_lr_multiplier',
+)
+# Identity fields added after checkpoints were written, with the value those checkpoints had.
+ADDED_LATER = {
+    'model.freeze_bn': False,
+    'optimizer.frozen': [],
+    'optimizer.backbone_lr_multiplier': 1.0,
+}
 
 
 def identity(config: ml_collections.ConfigDict, model: Any) -> dict[str, Any]:
@@ -105,6 +134,7 @@ def identity(config: ml_collections.ConfigDict, model: Any) -> dict[str, Any]:
 
 def check_identity(recorded: dict[str, Any], expected: dict[str, Any], where: str) -> None:
     """Raises ValueError naming every field where `recorded` (a checkpoint's) differs."""
+    recorded = {**ADDED_LATER, **recorded}
     differ = [
         f'{k}={recorded.get(k)!r} (this config: {expected.get(k)!r})'
         for k in sorted(set(recorded) | set(expected))
