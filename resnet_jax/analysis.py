@@ -21,6 +21,7 @@ import csv
 import dataclasses
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -137,10 +138,13 @@ def analyse_run(run_dir: str, split: str = 'test') -> Responses:
 
 def find_run_dirs(workdir: str) -> list[str]:
     """The train.py workdirs in `workdir` (its subdirectories, or itself) with checkpoints."""
-    if not os.path.isdir(workdir):
+    from resnet_jax import paths
+
+    paths.check_supported(workdir, '--workdir')
+    if not paths.isdir(workdir):
         raise ValueError(f'--workdir {workdir!r} is not a directory')
-    candidates = [os.path.join(workdir, d) for d in sorted(os.listdir(workdir))] + [workdir]
-    found = [d for d in candidates if os.path.isdir(os.path.join(d, 'checkpoints'))]
+    candidates = [paths.join(workdir, d) for d in paths.listdir(workdir)] + [workdir]
+    found = [d for d in candidates if paths.isdir(paths.join(d, 'checkpoints'))]
     if not found:
         raise ValueError(
             f'no checkpoints in {workdir!r} or its subdirectories; expected the --workdir of '
@@ -204,15 +208,18 @@ def write_figure7(workdir: str, out: str, split: str = 'test') -> tuple[str, str
     """Analyses every run of `workdir`; writes figure7.csv and figure7.png into `out`."""
     from resnet_jax import paths
 
-    run_dirs = find_run_dirs(os.path.abspath(os.path.expanduser(workdir)))
+    run_dirs = find_run_dirs(paths.normalize(workdir))
     out = paths.writable_dir(out, '--out')
     responses = [analyse_run(d, split) for d in run_dirs]
-    csv_path, png_path = os.path.join(out, 'figure7.csv'), os.path.join(out, 'figure7.png')
-    write_csv(responses, csv_path)
-    with open(os.path.join(out, 'figure7.md'), 'w') as f:
-        f.write(summary_table(responses))
-    plot_figure7(responses, png_path, f'std of 3x3 layer responses (after BN) on {split}')
-    return csv_path, png_path
+    with tempfile.TemporaryDirectory() as staging:  # csv and matplotlib write local files
+        write_csv(responses, os.path.join(staging, 'figure7.csv'))
+        with open(os.path.join(staging, 'figure7.md'), 'w') as f:
+            f.write(summary_table(responses))
+        title = f'std of 3x3 layer responses (after BN) on {split}'
+        plot_figure7(responses, os.path.join(staging, 'figure7.png'), title)
+        for name in ('figure7.csv', 'figure7.md', 'figure7.png'):
+            paths.upload(os.path.join(staging, name), paths.join(out, name))
+    return paths.join(out, 'figure7.csv'), paths.join(out, 'figure7.png')
 
 
 def main(argv: Sequence[str]) -> None:

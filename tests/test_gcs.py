@@ -76,7 +76,7 @@ def test_a_run_on_a_bucket_resumes_falls_back_and_reports(
 ):
     """In process: preempted and resumed on gs:// like on local disk; a corrupted object sends
     the run back to the previous checkpoint, moved aside on the bucket; evaluate and report."""
-    from resnet_jax import actions, evaluate, report
+    from resnet_jax import actions, analysis, evaluate, report
 
     monkeypatch.chdir(tmp_path)  # a 'gs:' folder would appear here if a path went local
     run = {'total_steps': 6, 'log_every_steps': 1, 'checkpoint_every_steps': 3}
@@ -110,6 +110,8 @@ def test_a_run_on_a_bucket_resumes_falls_back_and_reports(
     assert table == f'{remote}/table.md' and paths.read_text(table).startswith('| ')
     with paths.open_file(figure, 'rb') as f:
         assert f.read(4) == b'\x89PNG'
+    csv_path, _ = analysis.write_figure7(remote, remote, split='test[:16]')  # Figure 7 too
+    assert paths.read_text(csv_path).startswith('run,model,layer,module,std')
     assert not os.path.exists(tmp_path / 'gs:')
 
 
