@@ -144,18 +144,11 @@ def _gcs_emulator():
 def gcs_bucket(_gcs_emulator, monkeypatch, request):
     """gs://BUCKET of a fresh bucket on a real GCS API (fake-gcs-server on 127.0.0.1), with this
     process set up to reach it as a client would; subprocesses inherit the environment."""
-    import fsspec
-    import gcsfs
-    from etils.epath import backend
+    from gcs_emulator import forget_clients, point_clients_at
 
-    for name, value in _gcs_emulator.client_env().items():
-        monkeypatch.setenv(name, value)
-    # fsspec read FSSPEC_GS when it was imported; gcsfs keeps its clients: both made anew.
-    monkeypatch.setitem(fsspec.config.conf, 'gs', {'token': 'anon', 'requests_timeout': 30})
-    gcsfs.GCSFileSystem.clear_instance_cache()
-    backend.fsspec_backend._get_filesystem.cache_clear()  # epath keeps its own
-    bucket = 'b-' + ''.join(c if c.isalnum() else '-' for c in request.node.name.lower())[:50]
-    _gcs_emulator.create_bucket(bucket.rstrip('-'))
-    yield f'gs://{bucket.rstrip("-")}'
-    gcsfs.GCSFileSystem.clear_instance_cache()
-    backend.fsspec_backend._get_filesystem.cache_clear()
+    point_clients_at(_gcs_emulator, monkeypatch)
+    name = ''.join(c if c.isalnum() else '-' for c in request.node.name.lower())
+    bucket = f'b-{name}'[:52].rstrip('-')
+    _gcs_emulator.create_bucket(bucket)
+    yield f'gs://{bucket}'
+    forget_clients()

@@ -106,3 +106,22 @@ class Emulator:
                 self.process.wait()
         if os.path.exists(self.log_path):
             os.remove(self.log_path)
+
+
+def point_clients_at(emulator: Emulator, monkeypatch) -> None:
+    """This process (and its subprocesses) reach `emulator` as their gs://, anonymously."""
+    import fsspec
+
+    for name, value in emulator.client_env().items():
+        monkeypatch.setenv(name, value)
+    # fsspec read FSSPEC_GS when it was imported; gcsfs and etils.epath keep their clients.
+    monkeypatch.setitem(fsspec.config.conf, 'gs', {'token': 'anon', 'requests_timeout': 30})
+    forget_clients()
+
+
+def forget_clients() -> None:
+    import gcsfs
+    from etils.epath import backend
+
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    backend.fsspec_backend._get_filesystem.cache_clear()

@@ -214,18 +214,6 @@ def test_missing_credentials_are_one_clear_error(gcs_bucket, run_process, tmp_pa
     assert paths.listdir(gcs_bucket) == []  # nothing written
 
 
-def _point_clients_at(emulator, monkeypatch):
-    import fsspec
-    import gcsfs
-    from etils.epath import backend
-
-    for name, value in emulator.client_env().items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setitem(fsspec.config.conf, 'gs', {'token': 'anon', 'requests_timeout': 30})
-    gcsfs.GCSFileSystem.clear_instance_cache()
-    backend.fsspec_backend._get_filesystem.cache_clear()
-
-
 def _give_up_quickly(monkeypatch):
     """The clients' retry budgets cut to one attempt: gcsfs retries a dead store for about a
     minute per request and TensorStore (Orbax's arrays) for about fourteen; an outage that
@@ -245,14 +233,14 @@ def _give_up_quickly(monkeypatch):
 def test_the_store_going_away_mid_run_is_one_error_and_the_last_checkpoint_survives(
     cifar10_data_dir, tmp_path, monkeypatch
 ):
-    from gcs_emulator import Emulator
+    from gcs_emulator import Emulator, point_clients_at
 
     store = tmp_path / 'store'  # the emulator's objects outlive its process
     store.mkdir()
     emulator = Emulator(root=str(store))
     try:
         emulator.create_bucket('outage')
-        _point_clients_at(emulator, monkeypatch)
+        point_clients_at(emulator, monkeypatch)
         _give_up_quickly(monkeypatch)
         remote = 'gs://outage/run'
         run = {'total_steps': 6, 'log_every_steps': 1, 'checkpoint_every_steps': 2}
@@ -277,7 +265,7 @@ def test_the_store_going_away_mid_run_is_one_error_and_the_last_checkpoint_survi
 
         # The store comes back: step 2 is intact, and the run resumes from it.
         emulator = Emulator(root=str(store), port=emulator.port)
-        _point_clients_at(emulator, monkeypatch)
+        point_clients_at(emulator, monkeypatch)
         assert checkpoint.committed_steps(f'{remote}/checkpoints') == [2]
         assert checkpoint.verify(f'{remote}/checkpoints', 2) is None
         trainer.train_and_evaluate(_smoke(cifar10_data_dir, **run), remote)
