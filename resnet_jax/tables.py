@@ -141,22 +141,28 @@ BLOCKS: list[tuple[str, str, Callable[[], str]]] = [
 
 
 def results_blocks() -> list[tuple[str, str, Callable[[], str]]]:
-    """Each results/NAME/README.md quotes its table.md between `results-table` markers, and the
-    README quotes those of results/cifar10_cpu and results/cifar10_pretrained."""
+    """Each results/NAME/README.md quotes its table.md between `results-table` markers (and its
+    finetune.md, where there is one, between `finetune-table` markers), and the README quotes
+    those of results/cifar10_cpu and results/cifar10_pretrained."""
+    quoted = [
+        ('cifar10_cpu', 'table.md', 'results-cifar10-cpu'),
+        ('cifar10_pretrained', 'table.md', 'results-cifar10-pretrained'),
+    ]
     blocks = [
-        (
-            'README.md',
-            f'results-{name.replace("_", "-")}',
-            lambda t=REPO / 'results' / name / 'table.md': t.read_text().rstrip('\n'),
-        )
-        for name in ('cifar10_cpu', 'cifar10_pretrained')
+        ('README.md', marker, lambda t=REPO / 'results' / name / file: _table(t))
+        for name, file, marker in quoted
     ]
     for readme in sorted((REPO / 'results').glob('*/README.md')):
-        table = readme.parent / 'table.md'
-        if table.exists():
-            path = str(readme.relative_to(REPO))
-            blocks.append((path, 'results-table', lambda t=table: t.read_text().rstrip('\n')))
+        path = str(readme.relative_to(REPO))
+        for file, marker in (('table.md', 'results-table'), ('finetune.md', 'finetune-table')):
+            table = readme.parent / file
+            if table.exists():
+                blocks.append((path, marker, lambda t=table: _table(t)))
     return blocks
+
+
+def _table(path: pathlib.Path) -> str:
+    return path.read_text().rstrip('\n')
 
 
 def main(argv) -> None:
