@@ -34,17 +34,6 @@ def is_url(path: Any) -> bool:
     return bool(sep) and scheme.isalnum()
 
 
-def check_local(path: str, what: str) -> None:
-    """Refuses a URL where a local or mounted path is needed (input data, --out folders)."""
-    if is_url(path):
-        bucket = str(path).partition('://')[2].split('/')[0] or 'BUCKET'
-        raise ValueError(
-            f'{what} {path!r} is a cloud storage URL, which is not supported here; copy it to '
-            f'local disk or mount the bucket (e.g. gcsfuse {bucket} /mnt/{bucket}) and pass the '
-            'local path'
-        )
-
-
 SUPPORTED_SCHEMES = ('gs',)  # URL schemes tested here (against a GCS emulator)
 
 
