@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import cli, data, datasets, models, paths
+from resnet_jax import cli, data, datasets, models, paths, weights
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
@@ -124,7 +124,7 @@ def from_weights(
         classes = int(np.shape(variables['params']['head']['bias'])[0])
         model = models.create_model(model_name, num_classes=classes)
     elif path.endswith(pretrained.TORCH_SUFFIXES):
-        state = _load_torch(path)
+        state = weights.load_state_dict(path)
         classes = pretrained.torch_head_classes(state)
         if classes is None:
             raise ValueError(f'weights {path!r} have no linear.weight or fc.weight head')
@@ -146,12 +146,6 @@ def from_weights(
         info, train=False, data_dir=data_dir, normalization=normalization
     )
     return Predictor(model, variables, preprocess, info.class_names)
-
-
-def _load_torch(path: str) -> dict[str, Any]:
-    from resnet_jax import weights
-
-    return weights.load_state_dict(path)
 
 
 def _torch_options(family: str) -> dict[str, Any]:
