@@ -473,13 +473,16 @@ def _train(
 def close_all(closers: list[Any], *, raise_first: bool) -> None:
     """Calls every closer, newest first, even when some fail (a store that went away fails
     them all): the lock, the checkpoint manager, the writer and the data workers each get
-    their chance. Failures are logged; the first is raised if `raise_first`."""
+    their chance. The first failure is raised if `raise_first`. Otherwise an error is already on
+    its way out and is the one line the user needs (a full disk fails the writer's flush too):
+    the closers' failures are its echoes and are logged at debug level only."""
     first = None
+    log = logger.warning if raise_first else logger.debug
     for close in reversed(closers):
         try:
             close()
         except Exception as e:
-            logger.warning('while closing the run: %s: %s', type(e).__name__, e)
+            log('while closing the run: %s: %s', type(e).__name__, e)
             first = first or e
     if first is not None and raise_first:
         raise first
