@@ -1,10 +1,16 @@
 """Starting a run from weights made elsewhere: `config.init_from=PATH`.
 
-PATH is a PyTorch state dict (.pth, .pt, .th, .bin or .safetensors; the converter follows the
-model: `weights.from_torch_cifar` for CIFAR nets, `from_timm` for ResNet-D, `from_torchvision`
-otherwise) or another run's workdir (its latest checkpoint; the moving average where that run
-kept one). A head of another size is re-initialised, with a log line; every other variable must
-load, or the run stops naming what is missing or mismatched. Only a fresh run reads PATH: a
+PATH is one of
+- a PyTorch state dict (.pth, .pt, .th, .bin or .safetensors; the converter follows the model:
+  `weights.from_torch_cifar` for CIFAR nets, `from_timm` for ResNet-D, `from_torchvision`
+  otherwise);
+- a Keras model file (.keras or .h5) of keras.applications.ResNet50/101/152 (`weights.from_keras`;
+  needs keras, and the run's model.bn_epsilon=1.001e-5 that Keras's BatchNorm uses);
+- a file written by `python -m resnet_jax.evaluate --export=FILE.msgpack`;
+- another run's workdir (its latest checkpoint; the moving average where that run kept one).
+
+A head of another size is re-initialised, with a log line; every other variable must load, or
+the run stops naming what is missing or mismatched. Only a fresh run reads PATH: a
 resumed one continues from its own checkpoint.
 """
 
@@ -24,6 +30,9 @@ logger = logging.getLogger('resnet_jax')
 
 Variables = dict[str, Any]
 TORCH_SUFFIXES = ('.pth', '.pt', '.th', '.bin', '.safetensors')
+KERAS_SUFFIXES = ('.keras', '.h5')
+EXPORT_SUFFIX = '.msgpack'
+KNOWN_SUFFIXES = (*TORCH_SUFFIXES, *KERAS_SUFFIXES, EXPORT_SUFFIX)
 
 
 def check_path(path: str) -> None:
@@ -39,12 +48,12 @@ def check_path(path: str) -> None:
     if not os.path.isfile(path):
         raise ValueError(
             f'init_from {path!r} does not exist; expected a weights file '
-            f"({', '.join(TORCH_SUFFIXES)}) or a run's workdir"
+            f"({', '.join(KNOWN_SUFFIXES)}) or a run's workdir"
         )
-    if not path.endswith(TORCH_SUFFIXES):
+    if not path.endswith(KNOWN_SUFFIXES):
         raise ValueError(
             f'init_from {path!r} is not a known weights file; expected one of '
-            f"{', '.join(TORCH_SUFFIXES)} or a run's workdir"
+            f"{', '.join(KNOWN_SUFFIXES)} or a run's workdir"
         )
 
 
@@ -72,6 +81,39 @@ def _from_torch_file(path: str, model: ResNet) -> tuple[Variables, int | None]:
     return torch_converter(model)(state, source_model), classes
 
 
+def _from_keras_file(path: str, model: ResNet) -> tuple[Variables, int | None]:
+    try:
+        import keras
+    except ImportError as e:
+        raise ValueError(f'init_from {path!r} is a Keras file: reading it needs keras') from e
+    try:
+        keras_model = keras.saving.load_model(path, compile=False)
+    except Exception as e:  # keras raises ValueError, OSError, TypeError, ... for a bad file
+        raise ValueError(f'init_from {path!r}: cannot read it as a Keras model: {e}') from e
+    head = [layer for layer in keras_model.layers if layer.name == 'predictions']
+    classes = int(head[0].get_weights()[1].shape[0]) if head and head[0].weights else None
+    source_model = (
+        model if classes in (None, model.num_classes) else model.clone(num_classes=classes)
+    )
+    return weights.from_keras(keras_model, source_model), classes
+
+
+def _from_export(path: str) -> tuple[Variables, int | None]:
+    from resnet_jax import evaluate  # the trainer imports this module
+
+    try:
+        variables = evaluate.load_exported(path)
+    except Exception as e:  # msgpack raises its own errors for a file of another kind
+        raise ValueError(f'init_from {path!r}: not a file written by --export: {e}') from e
+    head = variables.get('params', {}).get('head', {}) if isinstance(variables, dict) else {}
+    if 'bias' not in head:
+        raise ValueError(
+            f'init_from {path!r} holds no params/head/bias; expected a file written by '
+            'python -m resnet_jax.evaluate --export'
+        )
+    return variables, int(np.shape(head['bias'])[0])
+
+
 def _from_workdir(path: str) -> tuple[Variables, int]:
     from resnet_jax import evaluate  # the trainer imports this module
     from resnet_jax import workdir as workdir_lib
@@ -95,6 +137,10 @@ def load_variables(path: str, model: ResNet, fresh: Variables) -> Variables:
     path = os.path.expanduser(path)
     if os.path.isdir(path):
         loaded, classes = _from_workdir(path)
+    elif path.endswith(KERAS_SUFFIXES):
+        loaded, classes = _from_keras_file(path, model)
+    elif path.endswith(EXPORT_SUFFIX):
+        loaded, classes = _from_export(path)
     else:
         loaded, classes = _from_torch_file(path, model)
     loaded = {k: dict(v) for k, v in loaded.items()}

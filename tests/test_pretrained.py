@@ -2,6 +2,7 @@
 
 import pathlib
 
+import flax
 import jax
 import numpy as np
 import pytest
@@ -115,3 +116,51 @@ def test_a_run_starts_from_the_trained_net_and_resumes_from_its_own_checkpoint(
     config_lib.apply_overrides(config, {'total_steps': 2})
     trainer.train_and_evaluate(config, str(tmp_path / 'run'))
     assert checkpoint.committed_steps(str(tmp_path / 'run' / 'checkpoints'))[-1] == 2
+
+
+def test_an_exported_msgpack_loads_every_variable_and_a_bad_one_is_named(tmp_path):
+    model = rj.create_model('resnet20', num_classes=10)
+    source = _fresh(model)
+    source['params'] = jax.tree.map(lambda x: x + 0.5, source['params'])  # not the fresh values
+    source['batch_stats'] = jax.tree.map(lambda x: x + 0.25, source['batch_stats'])
+    path = tmp_path / 'model.msgpack'
+    path.write_bytes(flax.serialization.msgpack_serialize(source))
+    loaded = pretrained.load_variables(str(path), model, _fresh(model))
+    assert _flat(loaded).keys() == _flat(source).keys()
+    for key, value in _flat(source).items():
+        np.testing.assert_array_equal(_flat(loaded)[key], value)
+    # Another head size is re-initialised, as for any source.
+    model100 = rj.create_model('resnet20', num_classes=100)
+    fresh100 = _fresh(model100)
+    loaded = pretrained.load_variables(str(path), model100, fresh100)
+    np.testing.assert_array_equal(
+        loaded['params']['head']['bias'], fresh100['params']['head']['bias']
+    )
+    (tmp_path / 'junk.msgpack').write_bytes(b'\x01not msgpack')
+    with pytest.raises(ValueError, match=r"init_from '.*junk.msgpack': not a file written by"):
+        pretrained.load_variables(str(tmp_path / 'junk.msgpack'), model, _fresh(model))
+    (tmp_path / 'other.msgpack').write_bytes(flax.serialization.msgpack_serialize({'a': 1}))
+    with pytest.raises(ValueError, match=r'holds no params/head/bias; expected a file written'):
+        pretrained.load_variables(str(tmp_path / 'other.msgpack'), model, _fresh(model))
+
+
+@pytest.mark.slow  # a Keras ResNet-50 written twice and read back
+def test_a_keras_file_loads_every_variable(tmp_path, keras):
+    keras_model = keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classes=5)
+    model = rj.create_model('resnet50', num_classes=5, bn_epsilon=weights.KERAS_BN_EPSILON)
+    fresh = jax.device_get(rj.init_variables(model, jax.random.key(0), (64, 64, 3)))
+    expected = _flat(weights.from_keras(keras_model, model))
+    for suffix in ('.keras', '.h5'):
+        path = str(tmp_path / f'resnet50{suffix}')
+        keras_model.save(path)
+        loaded = _flat(pretrained.load_variables(path, model, fresh))
+        assert loaded.keys() == expected.keys()
+        for key, value in expected.items():
+            np.testing.assert_array_equal(loaded[key], value)
+        (tmp_path / f'broken{suffix}').write_bytes(b'not a keras file')
+        with pytest.raises(ValueError, match=r'cannot read it as a Keras model'):
+            pretrained.load_variables(str(tmp_path / f'broken{suffix}'), model, fresh)
+    # The paper's BatchNorm epsilon is not Keras's: the message says which to use.
+    paper = rj.create_model('resnet50', num_classes=5)
+    with pytest.raises(ValueError, match=r'Keras BatchNorm uses epsilon=\[1.001e-05\]'):
+        pretrained.load_variables(path, paper, fresh)
