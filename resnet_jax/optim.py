@@ -72,6 +72,10 @@ class OptimizerConfig:
     # the learning rate of every parameter outside the classifier head.
     frozen: tuple[str, ...] = ()
     backbone_lr_multiplier: float = 1.0
+    # Gradients of N consecutive steps averaged into one update (optax.MultiSteps): the
+    # update of an N times larger batch, in the memory of one. Steps, schedules and logs
+    # still count micro-batches; BatchNorm statistics are still those of each micro-batch.
+    accumulate_steps: int = 1
 
 
 # --- The registry ------------------------------------------------------------------------------
@@ -255,6 +259,12 @@ def check_config(cfg: Any, total_steps: int) -> None:
             re.compile(pattern)
         except re.error as e:
             _require(False, f'frozen has {pattern!r}, not a regular expression: {e}')
+    _require(
+        isinstance(cfg.accumulate_steps, int)
+        and not isinstance(cfg.accumulate_steps, bool)
+        and cfg.accumulate_steps >= 1,
+        f'accumulate_steps={cfg.accumulate_steps!r}; expected a positive int',
+    )
     for boundary in cfg.boundaries:
         _require(
             isinstance(boundary, int) and cfg.warmup_steps <= boundary,
@@ -305,9 +315,13 @@ def create_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optax chain of `cfg` for `params` (used for the weight-decay mask only)."""
     schedule = learning_rate_schedule(cfg, total_steps, steps_per_epoch)
+    accumulate = cfg.accumulate_steps
+    # Under MultiSteps the inner optimizer counts updates; its schedule is read at the
+    # trainer's step (update * N), so boundaries and warmup keep meaning trainer steps.
+    inner_schedule = schedule if accumulate == 1 else (lambda count: schedule(count * accumulate))
     mask = weight_decay_mask(params, cfg.decay_bn_and_bias)
     decoupled = cfg.weight_decay_mode == 'decoupled'
-    setting = Setting(cfg, schedule, mask, cfg.weight_decay if decoupled else 0.0)
+    setting = Setting(cfg, inner_schedule, mask, cfg.weight_decay if decoupled else 0.0)
     if cfg.name in OPTIMIZERS:
         tx = OPTIMIZERS[cfg.name](setting)
     elif is_known_optimizer(cfg.name):
@@ -321,7 +335,14 @@ def create_optimizer(
         tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask), tx)
     if cfg.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
-    return _fine_tuning(tx, cfg, params), schedule
+    tx = _fine_tuning(tx, cfg, params)
+    if accumulate > 1:
+        # Summed in float32 at least (bfloat16 would lose small gradients), float64 for float64.
+        dtypes = [jnp.float32, *(leaf.dtype for leaf in jax.tree.leaves(params))]
+        tx = optax.MultiSteps(
+            tx, every_k_schedule=accumulate, accumulator_dtype=jnp.result_type(*dtypes)
+        )
+    return tx, schedule
 
 
 def parameter_path(path: tuple) -> str:

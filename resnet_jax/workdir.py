@@ -109,12 +109,16 @@ IDENTITY_FIELDS = (
     'optimizer.name',
     'optimizer.frozen',  # both shape the optimizer state (optax.multi_transform)
     'optimizer.backbone_lr_multiplier',
+    'optimizer.accumulate_steps',  # optax.MultiSteps keeps its own state
 )
+# Model fields that change memory use, never the numbers: they may differ between runs.
+MEMORY_ONLY_FIELDS = ('model.remat',)
 # Identity fields added after checkpoints were written, with the value those checkpoints had.
 ADDED_LATER = {
     'model.freeze_bn': False,
     'optimizer.frozen': [],
     'optimizer.backbone_lr_multiplier': 1.0,
+    'optimizer.accumulate_steps': 1,
 }
 
 
@@ -123,6 +127,8 @@ def identity(config: ml_collections.ConfigDict, model: Any) -> dict[str, Any]:
     shortcut the model resolved and its number of classes), the input normalisation it was
     trained on, and the optimizer whose state it holds."""
     fields = {f'model.{k}': v for k, v in config.model.to_dict().items()}
+    for dotted in MEMORY_ONLY_FIELDS:
+        fields.pop(dotted, None)
     fields['model.shortcut'] = model.shortcut or ''
     fields['model.num_classes'] = int(model.num_classes)
     for dotted in IDENTITY_FIELDS:
