@@ -37,6 +37,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 2_000
     c.keep_checkpoints = 3
     c.label_smoothing = 0.0
+    # mixup / CutMix on the device (resnet_jax.mixing): Beta(alpha, alpha) mixing weights,
+    # 0 turns one off; with both on, each example is CutMixed with probability cutmix_prob.
+    c.mixup_alpha = 0.0
+    c.cutmix_alpha = 0.0
+    c.cutmix_prob = 0.5
     c.bn_group_size = 0  # 0: BN statistics of the global batch; N: of each group of N examples
     c.fsdp = False  # shard large parameters and optimizer state over `data` (ZeRO-3 style)
     c.fsdp_min_size = 2**18  # elements; smaller arrays stay replicated
@@ -45,8 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.nonfinite = 'stop'
     c.max_skipped_steps = 100  # 'skip' still stops after this many skips in one run
 
-    # A fresh run starts from these weights (resnet_jax.pretrained): a PyTorch state dict file
-    # or another run's workdir; '' = the paper's initialisation. A resumed run ignores it.
+    # A fresh run starts from these weights (resnet_jax.pretrained): a PyTorch state dict, a
+    # Keras .keras/.h5 file, an --export .msgpack or another run's workdir; '' = the paper's
+    # initialisation. A resumed run ignores it.
     c.init_from = ''
 
     # XLA's persistent compilation cache: a restarted run skips compiling what it compiled
@@ -133,6 +139,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
         config.distributed.heartbeat_timeout_seconds, 'distributed.heartbeat_timeout_seconds'
     )
     _check(0.0 <= config.label_smoothing < 1.0, f'label_smoothing={config.label_smoothing}')
+    for field in ('mixup_alpha', 'cutmix_alpha'):
+        _check(config[field] >= 0, f'{field}={config[field]}; expected a number >= 0 (0: off)')
+    _check(0.0 <= config.cutmix_prob <= 1.0, f'cutmix_prob={config.cutmix_prob}; expected [0, 1]')
     ds = config.dataset
     try:
         datasets.spec(ds.name)

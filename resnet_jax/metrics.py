@@ -23,12 +23,17 @@ from resnet_jax import paths
 logger = logging.getLogger('resnet_jax')
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example softmax cross-entropy with optional label smoothing."""
-    num_classes = logits.shape[-1]
+def smooth_one_hot(labels: jax.Array, num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
+    """One-hot targets, each moved `label_smoothing` of the way to the uniform distribution."""
     targets = jax.nn.one_hot(labels, num_classes)
     if label_smoothing:
         targets = targets * (1 - label_smoothing) + label_smoothing / num_classes
+    return targets
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy with optional label smoothing."""
+    targets = smooth_one_hot(labels, logits.shape[-1], label_smoothing)
     return optax.softmax_cross_entropy(logits, targets)
 
 

@@ -17,10 +17,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from resnet_jax import metrics, models
+from resnet_jax import metrics, mixing, models
 from resnet_jax.train_state import TrainState
 
 Batch = dict[str, jax.Array]
+# mixup/CutMix draw from fold_in(fold_in(state.rng, step), MIX_STREAM): a key per step, so
+# a resumed run mixes as an uninterrupted one, apart from any other use of the step's key.
+MIX_STREAM = 2
 
 
 def make_train_step(
@@ -32,6 +35,7 @@ def make_train_step(
     bn_group_size: int = 0,
     skip_nonfinite: bool = False,
     ema_decay: float = 0.0,
+    mix: mixing.MixConfig | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The train step of `model` under `tx`.
 
@@ -50,15 +54,25 @@ def make_train_step(
         must not save what follows.
       ema_decay: with a state that keeps `ema`, ema = decay * ema + (1 - decay) * the new
         parameters and BatchNorm statistics, after every step.
+      mix: mixup and/or CutMix of the batch (resnet_jax.mixing), with a key of the step's own;
+        the loss is then that of the mixed targets, the accuracies of the original labels.
     """
 
     forward = functools.partial(train_forward, model, bn_group_size=bn_group_size)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        images = batch['image']
+        targets = metrics.smooth_one_hot(batch['label'], model.num_classes, label_smoothing)
+        if mix is not None and mix.enabled:
+            key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), MIX_STREAM)
+            images, targets = mixing.mix_batch(
+                images, batch['label'], key, mix, model.num_classes, label_smoothing
+            )
+
         def loss_fn(params):
             variables = {'params': params, 'batch_stats': state.batch_stats}
-            logits, batch_stats = forward(variables, batch['image'])
-            loss = metrics.cross_entropy(logits, batch['label'], label_smoothing).mean()
+            logits, batch_stats = forward(variables, images)
+            loss = optax.softmax_cross_entropy(logits, targets).mean()
             return loss, (logits, batch_stats)
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
