@@ -41,6 +41,9 @@ $(CIFAR10):
 data: $(CIFAR10)
 
 WORKDIR ?= workdirs/demo
+# Test processes (pytest-xdist). Each holds 8 simulated devices and up to ~5 GiB; many tests
+# wait on subprocesses, so two share 2 cores well.
+TEST_WORKERS ?= 2
 
 # configs/demo.py: resnet20 on the real CIFAR-10 for a few minutes; rerunning resumes.
 train: $(VENV)/.installed-base $(CIFAR10)
@@ -49,7 +52,7 @@ train: $(VENV)/.installed-base $(CIFAR10)
 test: $(VENV)/.installed-dev $(CIFAR10)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	RESNET_JAX_DATA_DIR=$(DATA_DIR) $(PY) -m pytest --durations=25  # the slowest, to keep CI short
+	RESNET_JAX_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -n $(TEST_WORKERS) --durations=25  # slowest: keep CI short
 
 test-fast: $(VENV)/.installed-dev
 	$(PY) -m pytest -m fast -q

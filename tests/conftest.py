@@ -10,6 +10,7 @@ split follows from what each test asks for, never from a list kept by hand, and 
 that starts a subprocess without asking fails.
 """
 
+import fcntl
 import os
 import pathlib
 import shutil
@@ -35,7 +36,14 @@ DATA_DIR = pathlib.Path(
 def extract_cifar10(data_dir: pathlib.Path = DATA_DIR) -> pathlib.Path:
     """Extracts the shared CIFAR-10 TFDS directory once; returns the TFDS data_dir."""
     marker = data_dir / 'cifar10_jpeg' / '1.0.0' / 'dataset_info.json'
-    if not marker.exists():
+    if marker.exists():
+        return data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # One extraction at a time: the test workers (pytest -n) all ask for it at the start.
+    with open(data_dir / '.extract.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists():  # another worker extracted it while this one waited
+            return data_dir
         if not CIFAR10_ARCHIVE.exists():
             pytest.fail(f'{CIFAR10_ARCHIVE} is missing: the tests need the shared CIFAR-10 copy')
         # Beside the final place, then moved in: a cut-off extraction leaves no half dataset.
