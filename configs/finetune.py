@@ -6,9 +6,13 @@
     python train.py --config=configs/finetune.py:resnet20 --workdir=/tmp/finetune20 \
         --config.init_from=../shared/models/akamaster_cifar10/resnet20.safetensors
 
+    python train.py --config=configs/finetune.py:resnet18,folder --workdir=/tmp/photos \
+        --config.dataset.data_dir=~/photos --config.init_from=resnet18-f37072fd.pth
+
 Arg: the network (default resnet18): an ImageNet net (torchvision's layout, so the bottleneck
-strides on its 3x3, v1.5) or a CIFAR net (the PyTorch CIFAR layout). The data: the shared
-CIFAR-10 copy here; point `dataset.name`/`dataset.data_dir` at yours.
+strides on its 3x3, v1.5) or a CIFAR net (the PyTorch CIFAR layout); with ',folder', the data
+is a folder of your own images (resnet_jax.folder: one sub-folder per class, or train/ and val/
+holding them), else the shared CIFAR-10 copy.
 
 What it does, as fine-tuning recipes usually do (torchvision's and timm's references): the head
 is re-initialised for the new classes (init_from logs it), the stem and the first stage stay
@@ -29,7 +33,9 @@ from resnet_jax import models
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    name = arg or 'resnet18'
+    name, _, data = (arg or 'resnet18').partition(',')
+    if data not in ('', 'folder'):
+        raise ValueError(f"configs/finetune.py: unknown data {data!r}; expected 'folder' or none")
     if name not in models.MODELS:
         raise ValueError(
             f'configs/finetune.py: unknown model {name!r}; expected one of {tuple(models.MODELS)}'
@@ -40,6 +46,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if models.family(name) == 'imagenet':
         c.model.stride_on = '3x3'  # torchvision's v1.5 layout
     c.dataset.name = 'cifar10_jpeg'
+    if data == 'folder':
+        c.dataset.name = 'folder'
+        c.dataset.data_dir = ''  # yours: --config.dataset.data_dir=DIR
+        c.dataset.train_split, c.dataset.eval_split, c.dataset.test_split = 'train', 'val', ''
     c.dataset.normalization = 'imagenet'
     c.batch_size = 64
     c.total_steps = 2_000

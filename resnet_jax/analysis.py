@@ -126,9 +126,7 @@ def analyse_run(run_dir: str, split: str = 'test') -> Responses:
     model, state, _, info = evaluate.restore_state(config, run_dir)
     ds = config.dataset
     source, _ = data.open_split(ds.name, split, ds.data_dir)
-    preprocess = data.make_preprocess(
-        info, train=False, data_dir=ds.data_dir, normalization=ds.normalization
-    )
+    preprocess = data.preprocess_of(ds, info, train=False)
     batches = data.eval_dataset(
         source, preprocess, batch_size=500, process_count=1, process_index=0
     )

@@ -289,6 +289,12 @@ def cutout_batch(
 
 # --- The registry --------------------------------------------------------------------------
 
+
+def _scaled(size: int, ctx: Context) -> int:
+    """A size of the paper's 224-pixel recipe (256, 480) for crops of `ctx.crop_size`."""
+    return round(size * ctx.crop_size / IMAGENET_CROP)
+
+
 register_augmentation(
     'pad_crop_flip',
     host=lambda x, rng, ctx: pad_crop_flip(x, rng),
@@ -310,7 +316,9 @@ register_augmentation(
 register_augmentation(
     'scale_crop_flip',
     families=('imagenet',),
-    host=lambda x, rng, ctx: scale_augment(x, rng, crop=ctx.crop_size),
+    host=lambda x, rng, ctx: scale_augment(
+        x, rng, tuple(_scaled(s, ctx) for s in IMAGENET_SCALE_RANGE), crop=ctx.crop_size
+    ),
     doc='ImageNet (the paper, section 3.4): shorter side random in [256, 480], random 224 '
     'crop, flip',
 )
@@ -323,7 +331,9 @@ register_augmentation(
 register_augmentation(
     'resize_center_crop',
     families=('imagenet',),
-    host=lambda x, rng, ctx: resize_center_crop(x, crop=ctx.crop_size),
+    host=lambda x, rng, ctx: resize_center_crop(
+        x, resize=_scaled(IMAGENET_EVAL_RESIZE, ctx), crop=ctx.crop_size
+    ),
     doc='ImageNet eval: shorter side to 256, centre 224 crop',
 )
 # Cutout: docs/extending.md's example of an augmentation added in one place.

@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.eval_split = 'val_5k'
     c.dataset.test_split = 'test'
     c.dataset.augmentation = 'default'  # the dataset's own, or a chain such as pad_crop+cutout
+    # Photographs (ImageNet family) are cropped to this side; 0: the paper's 224. The eval
+    # resize (256) and the scale range ([256, 480]) follow in proportion. CIFAR: must be 0.
+    c.dataset.image_size = 0
     c.dataset.normalization = 'pixel_mean'
     c.dataset.num_workers = 0
     c.dataset.download = False
@@ -150,6 +153,13 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
         _check(False, f'dataset: {e}')
     _one_of(ds.normalization, data.NORMALIZATIONS, 'dataset.normalization')
     _positive_int(ds.num_workers, 'dataset.num_workers', zero_ok=True)
+    _positive_int(ds.image_size, 'dataset.image_size', zero_ok=True)
+    if ds.image_size and datasets.spec(ds.name).family != 'imagenet':
+        _check(
+            False,
+            f'dataset.image_size={ds.image_size}: {ds.name} images are used at their '
+            'own size; expected 0',
+        )
     optim.check_config(config.optimizer, config.total_steps)
     create_model_from_config(config, num_classes=10)  # the model checks its own options
 

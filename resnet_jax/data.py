@@ -2,7 +2,8 @@
 
 * `open_split(name, split, data_dir)` returns a random-access source over a prepared TFDS
   dataset (ArrayRecord, read with `tfds.data_source`: TensorFlow is never imported), with the
-  paper's CIFAR holdout splits `train_45k` / `val_5k` on top of any TFDS split string.
+  paper's CIFAR holdout splits `train_45k` / `val_5k` on top of any TFDS split string; or,
+  for `dataset.name='folder'`, over a folder of class sub-folders of images (resnet_jax.folder).
 * `train_dataset(...)` is an endless, shuffled, augmented, batched Grain `IterDataset` of this
   process's shard. Its order depends only on the seed (never on the number of worker
   processes), each epoch reshuffles with seed + epoch, and `get_state()` / `set_state()` on
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import augment, datasets
+from resnet_jax import augment, datasets, folder
 
 logger = logging.getLogger('resnet_jax')
 
@@ -103,11 +104,13 @@ def dataset_info(name: str, data_dir: str, *, download: bool = False) -> Dataset
     Raises:
       ValueError: with the missing dataset, the directory, and the command that prepares it.
     """
+    if not isinstance(name, str) or not re.fullmatch(r'[a-z0-9_]+(:[0-9.]+)?', name):
+        raise ValueError(f'dataset name must be a TFDS name such as cifar10, got {name!r}')
+    if datasets.spec(name).source == 'folder':
+        return _folder_info(folder.scan(data_dir))
     import tensorflow_datasets as tfds
 
     data_dir = _check_data_dir(data_dir)
-    if not isinstance(name, str) or not re.fullmatch(r'[a-z0-9_]+(:[0-9.]+)?', name):
-        raise ValueError(f'dataset name must be a TFDS name such as cifar10, got {name!r}')
     base_name = name.split(':')[0]
     spec = datasets.spec(name)
     if not os.path.isdir(os.path.join(data_dir, base_name)):
@@ -141,6 +144,14 @@ def dataset_info(name: str, data_dir: str, *, download: bool = False) -> Dataset
             f'prepare it with: {_prepare_command(base_name, data_dir)}'
         )
     return DatasetInfo(base_name, num_classes, image_shape, splits, files, spec, class_names)
+
+
+def _folder_info(index: folder.FolderIndex) -> DatasetInfo:
+    splits = {split: len(examples) for split, examples in index.splits.items()}
+    spec = datasets.spec(folder.NAME)
+    return DatasetInfo(
+        folder.NAME, len(index.class_names), None, splits, {}, spec, index.class_names
+    )
 
 
 def _download_and_prepare(name: str, data_dir: str) -> None:
@@ -188,6 +199,13 @@ def open_split(
       data_dir: the TFDS data directory.
       download: prepare a registered dataset that is missing (needs internet and TensorFlow).
     """
+    if (
+        isinstance(name, str)
+        and name in datasets.DATASETS
+        and datasets.spec(name).source == 'folder'
+    ):
+        source, index = folder.open_split(split, data_dir)
+        return source, _folder_info(index)
     import tensorflow_datasets as tfds
 
     info = dataset_info(name, data_dir, download=download)
@@ -479,6 +497,7 @@ def make_preprocess(
     data_dir: str | None = None,
     augmentation: str = 'default',
     normalization: str = 'pixel_mean',
+    image_size: int = 0,
 ) -> Preprocess:
     """The preprocessing of the paper (default) or of modern practice.
 
@@ -486,12 +505,35 @@ def make_preprocess(
       augmentation: a chain of `augment.AUGMENTATIONS` ('pad_crop_flip+cutout'), 'default'
         (the dataset's own) or 'none'. Eval always gets the dataset's eval preprocessing.
       normalization: one of `NORMALIZATIONS`: 'pixel_mean' (the paper's) or 'channel'.
+      image_size: the side of the crops of photographs (ImageNet family); 0: the paper's 224.
+        The resize before the eval crop and the scale range follow in proportion.
     """
     _check_choice(normalization, NORMALIZATIONS, 'normalization')
     mean, std = NORMALIZATIONS[normalization](info, data_dir)
     fill = tuple(round(v) for v in info.spec.mean)
-    ctx = augment.Context(fill=fill)
+    ctx = augment.Context(crop_size=image_size or augment.IMAGENET_CROP, fill=fill)
     return Preprocess(info, augmentation_chain(info, augmentation, train=train), mean, std, ctx)
+
+
+def preprocess_of(dataset: Any, info: DatasetInfo, *, train: bool) -> Preprocess:
+    """`make_preprocess` with the settings of a config's `dataset` section."""
+    return make_preprocess(
+        info,
+        train=train,
+        data_dir=dataset.data_dir,
+        augmentation=dataset.augmentation,
+        normalization=dataset.normalization,
+        image_size=dataset.image_size,
+    )
+
+
+def input_shape(info: DatasetInfo, image_size: int = 0) -> tuple[int, int, int]:
+    """The shape of the images the network sees: the dataset's own where it has one size
+    (CIFAR), else square crops of `image_size` (0: 224)."""
+    if info.image_shape is not None:
+        return tuple(info.image_shape)
+    side = image_size or augment.IMAGENET_CROP
+    return (side, side, 3)
 
 
 # --- Grain pipelines -------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 FAMILIES = ('cifar', 'imagenet')
+SOURCES = ('tfds', 'folder')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,8 @@ class DatasetSpec:
         '+'-joined chain of names in `resnet_jax.augment.AUGMENTATIONS`.
       eval_preprocessing: what eval images get (a chain of the same names, '' for none).
       prepare: what to do before `tfds build` (manual downloads), shown when it is missing.
+      source: 'tfds', a prepared TFDS directory under `dataset.data_dir`; 'folder', a folder of
+        class sub-folders of images (resnet_jax.folder).
     """
 
     name: str
@@ -37,10 +40,13 @@ class DatasetSpec:
     augmentation: str
     eval_preprocessing: str = ''
     prepare: str = ''
+    source: str = 'tfds'
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f'{self.name}: family {self.family!r}; expected one of {FAMILIES}')
+        if self.source not in SOURCES:
+            raise ValueError(f'{self.name}: source {self.source!r}; expected one of {SOURCES}')
 
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -97,3 +103,16 @@ register_dataset(
 # Street-view house numbers, 32x32: docs/extending.md's example of a dataset added as data.
 # Digits are not mirror-symmetric, so its default augmentation crops without flipping.
 register_dataset(DatasetSpec('svhn_cropped', 'cifar', SVHN_MEAN, SVHN_STD, 'pad_crop'))
+# Your own photographs (resnet_jax.folder): ImageNet-style crops at 224, and ImageNet's
+# statistics, which the pretrained weights they are usually fine-tuned from expect.
+register_dataset(
+    DatasetSpec(
+        'folder',
+        'imagenet',
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        augmentation='inception_crop_flip',
+        eval_preprocessing='resize_center_crop',
+        source='folder',
+    )
+)

@@ -28,8 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import cli, data, datasets, models, paths, weights
-
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
+from resnet_jax.folder import read_image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,27 +68,6 @@ def _apply(model: Any, variables: Any, images: jax.Array) -> Any:
     return jax.jit(lambda v, x: models.apply_model(model, v, x, train=False))(variables, images)
 
 
-def read_image(path: str) -> np.ndarray:
-    """An image file as uint8 RGB (height, width, 3).
-
-    Raises:
-      ValueError: naming the file if it does not exist or is not a readable image.
-    """
-    import cv2
-
-    if not paths.isfile(path):
-        raise ValueError(f'image {path!r} does not exist')
-    with paths.open_file(path, 'rb') as f:
-        encoded = np.frombuffer(f.read(), np.uint8)
-    image = cv2.imdecode(encoded, cv2.IMREAD_COLOR) if encoded.size else None  # gray -> 3
-    if image is None:
-        raise ValueError(
-            f'image {path!r} is not a readable image; expected a JPEG or PNG file '
-            f'({", ".join(IMAGE_SUFFIXES)})'
-        )
-    return image[..., ::-1].copy()  # OpenCV decodes BGR
-
-
 def from_workdir(workdir: str, step: int | None = None, config: Any = None) -> Predictor:
     """The predictor of a run's checkpoint (the latest, or `step`)."""
     from resnet_jax import evaluate
@@ -98,11 +76,10 @@ def from_workdir(workdir: str, step: int | None = None, config: Any = None) -> P
     config = config or workdir_lib.read_config(workdir)
     model, state, _, info = evaluate.restore_state(config, workdir, step)
     ds = config.dataset
-    preprocess = data.make_preprocess(
-        info, train=False, data_dir=ds.data_dir, normalization=ds.normalization
-    )
+    preprocess = data.preprocess_of(ds, info, train=False)
     variables = jax.device_get(state.eval_variables())
-    return Predictor(model, variables, preprocess, info.class_names)
+    class_names = workdir_lib.read_class_names(workdir) or info.class_names  # as trained
+    return Predictor(model, variables, preprocess, class_names)
 
 
 def from_weights(

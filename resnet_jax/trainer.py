@@ -155,7 +155,7 @@ def build_training(
 ) -> tuple[Any, optax.GradientTransformation, optax.Schedule, Any]:
     """The model, optimizer, schedule and the state's init function of a config."""
     steps_per_epoch = max(1, num_train_examples // config.batch_size)
-    image_shape = info.image_shape or (224, 224, 3)
+    image_shape = data.input_shape(info, config.dataset.image_size)
     model = config_lib.create_model_from_config(config, info.num_classes)
     abstract_params = jax.eval_shape(
         lambda: create_train_state(model, optax.identity(), config.seed, image_shape).params
@@ -313,6 +313,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, closers: list) ->
     lock = _lock_workdir(workdir)
     closers.append(lock.release)
     _check_run_config(workdir, config, identity)
+    workdir_lib.check_class_names(workdir, info.class_names, write=jax.process_index() == 0)
 
     state_shardings = sharding.state_shardings(
         jax.eval_shape(init), mesh, fsdp=config.fsdp, fsdp_min_size=config.fsdp_min_size
@@ -329,16 +330,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, closers: list) ->
     closers.append(writer.close)
 
     ds = config.dataset
-    preprocess = {
-        train: data.make_preprocess(
-            info,
-            train=train,
-            data_dir=ds.data_dir,
-            augmentation=ds.augmentation,
-            normalization=ds.normalization,
-        )
-        for train in (True, False)
-    }
+    preprocess = {train: data.preprocess_of(ds, info, train=train) for train in (True, False)}
     # The data stream is a function of the step: resuming needs no iterator state.
     batches = iter(
         data.train_dataset(

@@ -4,6 +4,7 @@ checkpoints are of.
     WORKDIR/
       lock.json        held by the trainer (process 0) while it runs (`WorkdirLock`)
       config.json      the run's config, written when it starts; `get_config` reads it back
+      class_names.json the dataset's class names at the start, the meaning of each label
       metrics.jsonl    one JSON object per line (resnet_jax.metrics)
       tensorboard/     event files
       checkpoints/N/   Orbax steps, each with the run's identity (resnet_jax.checkpoint)
@@ -32,6 +33,7 @@ from resnet_jax import paths
 logger = logging.getLogger('resnet_jax')
 
 CONFIG_FILE = 'config.json'
+CLASS_NAMES_FILE = 'class_names.json'
 LOCK_FILE = 'lock.json'
 _HELD_TOKENS: set[str] = set()  # the locks this process holds now
 
@@ -96,6 +98,51 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def config_json(config: ml_collections.ConfigDict) -> str:
     return config.to_json_best_effort(indent=1, sort_keys=True)
+
+
+# --- What the labels mean ----------------------------------------------------------------------
+
+
+def read_class_names(workdir: str) -> tuple[str, ...] | None:
+    """The class names recorded when the run started, or None (a run from before they were)."""
+    path = paths.join(paths.normalize(workdir), CLASS_NAMES_FILE)
+    if not paths.exists(path):
+        return None
+    try:
+        names = json.loads(paths.read_text(path))
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f'{path} is not readable ({e}); delete it to record the names again'
+        ) from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f'{path} is not a list of class names; delete it to record them again')
+    return tuple(names)
+
+
+def check_class_names(workdir: str, class_names: tuple[str, ...], *, write: bool) -> None:
+    """Records the dataset's class names, or checks them against the recorded ones: a dataset
+    whose classes changed (a class folder added or renamed) would give the labels of the
+    checkpoints another meaning.
+
+    Raises:
+      ValueError: naming the classes that differ.
+    """
+    if not class_names:
+        return
+    recorded = read_class_names(workdir)
+    if recorded is None:
+        if write:
+            path = paths.join(paths.normalize(workdir), CLASS_NAMES_FILE)
+            paths.write_text(path, json.dumps(list(class_names), indent=1))
+        return
+    if recorded != tuple(class_names):
+        gone = [n for n in recorded if n not in class_names]
+        new = [n for n in class_names if n not in recorded]
+        what = f'missing now: {gone}, new: {new}' if gone or new else 'the same names, reordered'
+        raise ValueError(
+            f"the dataset's classes are not those this run in {workdir!r} was trained on "
+            f'({what}; recorded in {CLASS_NAMES_FILE}): use a workdir of its own for this data'
+        )
 
 
 # --- What a checkpoint is of -----------------------------------------------------------------
