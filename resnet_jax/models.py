@@ -507,7 +507,8 @@ class ResNet(nn.Module):
         _is_bool,
         'a bool',
         "each block's activations are recomputed in the backward pass instead of kept: less "
-        'memory for large batches, about a third more compute; the same numbers',
+        'memory for large batches for about a third more compute, the same numbers (on the '
+        'CPU backend only with scan_blocks: BENCHMARKS.md)',
     )
     input_channels: int = _option(
         3,
