@@ -45,6 +45,17 @@ def test_compile_time_benchmark():
     assert times['unrolled']['step_s'] > 0 and times['scanned']['step_s'] > 0
 
 
+@pytest.mark.slow
+def test_memory_benchmark_shows_accumulation_shrinking_the_step():
+    _, record = _run(
+        'memory.py', '--model=resnet20', '--batch_size=8', '--image_size=16', '--scan_blocks'
+    )
+    temp = {r['setting']: r['temp_bytes'] for r in record['results']}
+    assert len(temp) == 4 and min(temp.values()) > 0
+    # Compiled memory is deterministic: a micro-batch of a quarter needs less than the batch.
+    assert temp['4 x 2, accumulated'] < temp['one step']
+
+
 @pytest.mark.usefixtures('run_process')
 def test_benchmarks_reject_bad_flags():
     result = subprocess.run(
@@ -66,3 +77,12 @@ def test_benchmarks_reject_bad_flags():
     )
     assert result.returncode == 2
     assert '--steps=-1: expected a count >= 0' in result.stderr
+    result = subprocess.run(
+        [sys.executable, 'benchmarks/memory.py', '--batch_size=10', '--accumulate_steps=4'],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert '--accumulate_steps=4 does not divide --batch_size=10' in result.stderr
