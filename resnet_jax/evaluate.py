@@ -2,6 +2,7 @@
 
     python -m resnet_jax.evaluate --workdir=DIR [--step=N] [--split=test] \
         [--export=weights.msgpack] [--config=FILE] [--config.x=y ...]
+        [--crops=10 | --scales=224,256,384,480,640]        # the paper's test protocols
 
 Restores the train state of `--step` (default: the latest) from DIR/checkpoints onto the
 devices at hand (any number), prints top-1 / top-5 error and loss on the split, and with
@@ -86,9 +87,7 @@ def evaluate(
     model, state, step, info = restore_state(config, workdir, step)
     ds = config.dataset
     source, _ = data.open_split(ds.name, split, ds.data_dir)
-    preprocess = data.make_preprocess(
-        info, train=False, data_dir=ds.data_dir, normalization=ds.normalization
-    )
+    preprocess = data.preprocess_of(ds, info, train=False)
     mesh = sharding.data_mesh()
     replicated = NamedSharding(mesh, PartitionSpec())
     eval_step = jax.jit(steps.make_eval_step(model), out_shardings=replicated)
@@ -110,12 +109,28 @@ def main(argv: list[str]) -> None:
 
     FLAGS = flags.FLAGS
     split = FLAGS.split
-    result, state, step = evaluate(FLAGS.config, FLAGS.workdir, split=split, step=FLAGS.step)
+    protocol_name = ''
+    if FLAGS.crops != 1 or FLAGS.scales:  # the paper's 10-crop or multi-scale testing
+        from resnet_jax import protocol  # imports this module (restore_state)
+
+        scales = protocol.parse_scales(FLAGS.scales)
+        protocol.check_protocol(FLAGS.crops, scales)
+        result, state, step = protocol.evaluate_protocol(
+            FLAGS.config,
+            FLAGS.workdir,
+            split=split,
+            crops=FLAGS.crops,
+            scales=scales,
+            step=FLAGS.step,
+        )
+        protocol_name = f' ({protocol.describe(FLAGS.crops, scales)})'
+    else:
+        result, state, step = evaluate(FLAGS.config, FLAGS.workdir, split=split, step=FLAGS.step)
     top1, top5 = result[f'{split}/top1_acc'], result[f'{split}/top5_acc']
     print(
         f'step {step}: {split} top-1 error {100 * (1 - top1):.2f}%, top-5 error '
         f'{100 * (1 - top5):.2f}%, loss {result[f"{split}/loss"]:.4f} on '
-        f'{int(result[f"{split}/num_examples"])} images'
+        f'{int(result[f"{split}/num_examples"])} images{protocol_name}'
     )
     if FLAGS.export:
         export(state, FLAGS.export)
@@ -134,6 +149,17 @@ def _define_flags() -> None:
     flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
     flags.DEFINE_string('split', 'test', 'Split to evaluate.')
     flags.DEFINE_string('export', None, 'Write the evaluated variables here (msgpack).')
+    flags.DEFINE_integer(
+        'crops',
+        1,
+        "1: the single centre crop; 10: the paper's 10-crop testing (resnet_jax.protocol).",
+    )
+    flags.DEFINE_string(
+        'scales',
+        '',
+        'Shorter sides, e.g. 224,256,384,480,640: fully-convolutional testing with '
+        "the softmax averaged over the scales (the paper's best results).",
+    )
     flags.mark_flags_as_required(['workdir'])
 
 
