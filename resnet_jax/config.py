@@ -31,6 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dtype = 'float32'
     c.batch_size = 128  # global, over all devices and processes
     c.eval_batch_size = 512
+    # Global batches a background thread keeps on the devices ahead of the step, so input
+    # hiccups do not idle the accelerator (resnet_jax.prefetch); 0: each moved when needed.
+    c.prefetch_batches = 2
     c.total_steps = 64_000
     c.log_every_steps = 100
     c.eval_every_steps = 2_000
@@ -120,6 +123,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
     ):
         _positive_int(config[field], field)
     _positive_int(config.seed, 'seed', zero_ok=True)
+    _positive_int(config.prefetch_batches, 'prefetch_batches', zero_ok=True)
     _positive_int(config.fsdp_min_size, 'fsdp_min_size')
     _positive_int(config.bn_group_size, 'bn_group_size', zero_ok=True)
     _check(

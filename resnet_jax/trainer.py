@@ -34,6 +34,7 @@ from resnet_jax import (
     mixing,
     optim,
     paths,
+    prefetch,
     pretrained,
     sharding,
     steps,
@@ -114,12 +115,6 @@ def _verify_once(directory: str, step: int) -> str | None:
         if bad and problem is None:
             problem = 'process 0 found its files do not match the fingerprint written at save'
     return problem
-
-
-def _close(iterator: Any) -> None:
-    close = getattr(iterator, 'close', None)  # Grain's multiprocess iterators hold workers
-    if close:
-        close()
 
 
 def evaluate_split(
@@ -208,7 +203,7 @@ class Run:
     first_step: int
     meta: dict[str, Any]  # of the restored checkpoint ({} on a fresh start)
     train_step: Any
-    batches: Any  # iterator of this process's slices of the global batches
+    batches: Any  # iterator of the global train batches, on the devices (resnet_jax.prefetch)
     mesh: Any
     has_test: bool
     closers: list[Any]  # called in reverse order when the run ends
@@ -331,8 +326,9 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, closers: list) ->
 
     ds = config.dataset
     preprocess = {train: data.preprocess_of(ds, info, train=train) for train in (True, False)}
-    # The data stream is a function of the step: resuming needs no iterator state.
-    batches = iter(
+    # The data stream is a function of the step: resuming needs no iterator state, and batches
+    # prefetched past the end of a run are simply dropped.
+    host_batches = iter(
         data.train_dataset(
             sources['train'],
             preprocess[True],
@@ -342,7 +338,10 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, closers: list) ->
             num_workers=ds.num_workers,
         )
     )
-    closers.append(lambda: _close(batches))
+    batches = prefetch.prefetch_to_device(
+        host_batches, lambda local: sharding.global_batch(local, mesh), config.prefetch_batches
+    )
+    closers.append(batches.close)
     train_step, eval_step = _compile_steps(config, model, tx, schedule, mesh, state_shardings)
 
     def evaluate(state: TrainState, split: str) -> dict[str, float]:
@@ -373,8 +372,7 @@ def _wait_for_saves(manager: Any) -> None:
 def run_loop(run: Run, loop: actions.Loop, sequence: list[actions.Action]) -> actions.Loop:
     """Train steps until the last step or until an action sets `loop.stop`."""
     while not loop.last:
-        batch = sharding.global_batch(next(run.batches), run.mesh)
-        loop.state, step_metrics = run.train_step(loop.state, batch)
+        loop.state, step_metrics = run.train_step(loop.state, next(run.batches))
         loop.record_step(step_metrics)
         for action in sequence:
             action(run.ctx, loop)

@@ -57,6 +57,14 @@ def test_memory_benchmark_shows_accumulation_shrinking_the_step():
 
 
 @pytest.mark.usefixtures('run_process')
+def test_prefetch_benchmark_reports_the_stall_of_each_setting():
+    _, record = _run('prefetch.py', '--steps=10', '--step_ms=2', '--host_ms=1', '--sizes=0,2')
+    assert set(record['results']) == {'0', '2'}
+    for r in record['results'].values():
+        assert 0 <= r['stall_fraction'] <= 1 and r['steps_per_s'] > 0
+
+
+@pytest.mark.usefixtures('run_process')
 def test_benchmarks_reject_bad_flags():
     result = subprocess.run(
         [sys.executable, 'benchmarks/train_step.py', '--devices=3', '--batch_size=8'],
