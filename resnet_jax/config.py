@@ -83,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.image_size = 0
     c.dataset.normalization = 'pixel_mean'
     c.dataset.num_workers = 0
+    # Decode the train split once, keep it on the devices and draw, augment and normalise every
+    # batch there from (seed, step) (fixed-size datasets such as CIFAR; data.InMemoryBatches).
+    c.dataset.in_memory = False
     c.dataset.download = False
 
     c.optimizer = ml_collections.ConfigDict(dataclasses.asdict(optim.OptimizerConfig()))

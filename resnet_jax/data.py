@@ -713,7 +713,10 @@ def load_arrays(source: Sequence[Record], info: DatasetInfo) -> tuple[np.ndarray
     return images, labels
 
 
-@functools.partial(jax.jit, static_argnames=('batch_size',))
+_DEFAULT_CONTEXT = augment.Context()
+
+
+@functools.partial(jax.jit, static_argnames=('batch_size', 'ops', 'ctx'))
 def in_memory_train_batch(
     images: jax.Array,
     labels: jax.Array,
@@ -723,13 +726,15 @@ def in_memory_train_batch(
     step: jax.Array,
     *,
     batch_size: int,
+    ops: tuple[augment.Augmentation, ...] | None = None,
+    ctx: augment.Context = _DEFAULT_CONTEXT,
 ) -> dict[str, jax.Array]:
     """Global batch `step` of the in-memory train stream: shuffled, augmented, normalised.
 
     A pure function of (key, step): resuming needs only the step. Epoch e is a permutation
     drawn from fold_in(key, e), dropping the last partial batch as the host path does; the
-    augmentation is `augment.pad_crop_flip_batch` with the same distribution as the host's.
-    Pass std = 1 for mean subtraction only.
+    augmentation is the device versions of `ops` (default: `augment.pad_crop_flip_batch`),
+    with the same distributions as the host's. Pass std = 1 for mean subtraction only.
     """
     n = images.shape[0]
     steps_per_epoch = n // batch_size
@@ -739,5 +744,56 @@ def in_memory_train_batch(
     permutation = jax.random.permutation(jax.random.fold_in(key, epoch), n)
     indices = jax.lax.dynamic_slice(permutation, (position * batch_size,), (batch_size,))
     augment_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
-    batch = augment.pad_crop_flip_batch(images[indices], augment_key)
+    if ops is None:
+        batch = augment.pad_crop_flip_batch(images[indices], augment_key)
+    else:
+        batch = augment.apply_device(ops, images[indices], augment_key, ctx)
     return {'image': (batch.astype(jnp.float32) - mean) / std, 'label': labels[indices]}
+
+
+class InMemoryBatches:
+    """The train stream of `dataset.in_memory`: the split decoded once and kept on the devices
+    (replicated: CIFAR-10's 50k images are 150 MB), every global batch drawn, augmented and
+    normalised there by `in_memory_train_batch` from (seed, step), so nothing crosses from the
+    host per step and a resumed run draws exactly what an uninterrupted one would.
+    """
+
+    def __init__(self, source, info, preprocess, *, mesh, batch_size, seed, start_step):
+        for op in preprocess.ops:
+            if op.device is None:
+                raise ValueError(
+                    f'dataset.in_memory augments on the device, and augmentation {op.name!r} '
+                    'has no device version; use the host pipeline (dataset.in_memory=False)'
+                )
+        images, labels = load_arrays(source, info)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self._arrays = jax.device_put((images, labels), replicated)
+        std = preprocess.std if preprocess.std is not None else np.ones(3, np.float32)
+        self._stats = jax.device_put((np.asarray(preprocess.mean), np.asarray(std)), replicated)
+        self._key = jax.random.fold_in(jax.random.PRNGKey(seed), IN_MEMORY_STREAM)
+        self._batch = jax.jit(
+            functools.partial(
+                in_memory_train_batch,
+                batch_size=batch_size,
+                ops=tuple(preprocess.ops),
+                ctx=preprocess.ctx,
+            ),
+            out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')),
+        )
+        self._step = start_step
+
+    def __iter__(self) -> InMemoryBatches:
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        images, labels = self._arrays
+        mean, std = self._stats
+        batch = self._batch(images, labels, mean, std, self._key, self._step)
+        self._step += 1
+        return batch
+
+    def close(self) -> None:
+        pass
+
+
+IN_MEMORY_STREAM = 7  # the in-memory stream's key: fold_in(PRNGKey(seed), 7)

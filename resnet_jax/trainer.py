@@ -328,19 +328,30 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, closers: list) ->
     preprocess = {train: data.preprocess_of(ds, info, train=train) for train in (True, False)}
     # The data stream is a function of the step: resuming needs no iterator state, and batches
     # prefetched past the end of a run are simply dropped.
-    host_batches = iter(
-        data.train_dataset(
+    if ds.in_memory:  # on the devices already: nothing to prefetch
+        batches = data.InMemoryBatches(
             sources['train'],
+            info,
             preprocess[True],
-            batch_size=sharding.local_batch_size(config.batch_size, mesh),
+            mesh=mesh,
+            batch_size=config.batch_size,
             seed=config.seed,
-            start_batch=first_step,
-            num_workers=ds.num_workers,
+            start_step=first_step,
         )
-    )
-    batches = prefetch.prefetch_to_device(
-        host_batches, lambda local: sharding.global_batch(local, mesh), config.prefetch_batches
-    )
+    else:
+        host_batches = iter(
+            data.train_dataset(
+                sources['train'],
+                preprocess[True],
+                batch_size=sharding.local_batch_size(config.batch_size, mesh),
+                seed=config.seed,
+                start_batch=first_step,
+                num_workers=ds.num_workers,
+            )
+        )
+        batches = prefetch.prefetch_to_device(
+            host_batches, lambda local: sharding.global_batch(local, mesh), config.prefetch_batches
+        )
     closers.append(batches.close)
     train_step, eval_step = _compile_steps(config, model, tx, schedule, mesh, state_shardings)
 

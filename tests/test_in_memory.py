@@ -1,0 +1,74 @@
+"""`dataset.in_memory`: the train split on the devices, every batch drawn there from (seed,
+step): a run that resumes exactly, the host pipeline's distribution, and the cases it refuses."""
+
+import jax
+import numpy as np
+import pytest
+from test_reliability import _smoke
+
+from resnet_jax import data, sharding, trainer
+from resnet_jax.metrics import read_metrics
+
+
+def _losses(workdir):
+    return {
+        r['step']: r['train/loss']
+        for r in read_metrics(workdir / 'metrics.jsonl')
+        if 'train/loss' in r
+    }
+
+
+def test_an_in_memory_run_resumes_exactly_and_learns(cifar10_data_dir, tmp_path):
+    straight, interrupted = tmp_path / 'straight', tmp_path / 'interrupted'
+    config = lambda **o: _smoke(
+        cifar10_data_dir, **{'dataset.in_memory': True, 'log_every_steps': 1, **o}
+    )
+    trainer.train_and_evaluate(config(), str(straight))
+    trainer.train_and_evaluate(config(total_steps=3), str(interrupted))
+    trainer.train_and_evaluate(config(), str(interrupted))
+    assert _losses(interrupted) == _losses(straight)
+    assert sorted(_losses(straight)) == list(range(1, 7))
+
+
+def test_in_memory_batches_are_sharded_pure_functions_of_the_step(cifar10_data_dir):
+    source, info = data.open_split('cifar10_jpeg', 'train[:64]', str(cifar10_data_dir))
+    preprocess = data.make_preprocess(info, train=True, normalization='channel')
+    mesh = sharding.data_mesh()
+
+    def batches(start):
+        return data.InMemoryBatches(
+            source, info, preprocess, mesh=mesh, batch_size=16, seed=3, start_step=start
+        )
+
+    stream = batches(0)
+    taken = [next(stream) for _ in range(3)]
+    resumed = next(batches(2))
+    jax.tree.map(np.testing.assert_array_equal, resumed, taken[2])
+    jax.tree.map(np.testing.assert_array_equal, next(batches(0)), taken[0])
+    assert taken[0]['image'].sharding == sharding.batch_sharding(mesh)
+    assert taken[0]['image'].shape == (16, 32, 32, 3) and taken[0]['image'].dtype == np.float32
+    # Channel-normalised CIFAR images: about zero mean and unit spread over a batch.
+    assert abs(float(np.mean(taken[0]['image']))) < 0.5
+    assert 0.5 < float(np.std(taken[0]['image'])) < 1.5
+    assert not np.array_equal(taken[0]['label'], taken[1]['label'])
+
+
+def test_photographs_cannot_be_in_memory(cifar10_data_dir):
+    # The folder dataset's crops have no device version, and its images no one shape to stack.
+    source, _ = data.open_split('cifar10_jpeg', 'train[:16]', str(cifar10_data_dir))
+    varied = data.DatasetInfo('folder', 10, None, {'train': 16})
+    preprocess = data.make_preprocess(varied, train=True, normalization='channel')
+    with pytest.raises(
+        ValueError, match=r"augmentation 'inception_crop_flip' has no device version; use the host"
+    ):
+        data.InMemoryBatches(
+            source,
+            varied,
+            preprocess,
+            mesh=sharding.data_mesh(),
+            batch_size=8,
+            seed=0,
+            start_step=0,
+        )
+    with pytest.raises(ValueError, match='varied sizes; the in-memory path needs a fixed shape'):
+        data.load_arrays(source, varied)
