@@ -71,6 +71,7 @@ class Loop:
     stop: bool = False  # set by an action: leave the loop after this step
     interval_start: float = dataclasses.field(default_factory=time.perf_counter)
     interval_steps: int = 0  # steps of this process since the last log line (for images/s)
+    advanced: int = 1  # steps the last call took (config.steps_per_call, or 1)
 
     @property
     def last(self) -> bool:
@@ -148,7 +149,12 @@ class PreemptionCheck:
     watch: PreemptionWatch
 
     def __call__(self, ctx: Context, loop: Loop) -> None:
-        loop.preempted = self.watch.reached(loop.step)
+        # Every step of the last call is asked about in order: the processes of a pod agree on
+        # one step to stop at, which may fall inside a call of several steps; all then stop at
+        # the end of that call.
+        steps = range(loop.step - loop.advanced + 1, loop.step + 1)
+        answers = [self.watch.reached(step) for step in steps]  # each asked, none skipped
+        loop.preempted = any(answers)
         loop.stop = loop.stop or loop.preempted
 
 

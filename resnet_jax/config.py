@@ -34,6 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Global batches a background thread keeps on the devices ahead of the step, so input
     # hiccups do not idle the accelerator (resnet_jax.prefetch); 0: each moved when needed.
     c.prefetch_batches = 2
+    # Train steps per jitted call (lax.scan over that many batches): fewer dispatches for short
+    # steps. Logging, evals, checkpoints and preemption checks happen between calls, so their
+    # intervals must be multiples of it.
+    c.steps_per_call = 1
     c.total_steps = 64_000
     c.log_every_steps = 100
     c.eval_every_steps = 2_000
@@ -127,6 +131,13 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
         _positive_int(config[field], field)
     _positive_int(config.seed, 'seed', zero_ok=True)
     _positive_int(config.prefetch_batches, 'prefetch_batches', zero_ok=True)
+    _positive_int(config.steps_per_call, 'steps_per_call')
+    for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
+        _check(
+            config[field] % config.steps_per_call == 0,
+            f'{field}={config[field]} is not a multiple of steps_per_call='
+            f'{config.steps_per_call} (actions run between calls)',
+        )
     _positive_int(config.fsdp_min_size, 'fsdp_min_size')
     _positive_int(config.bn_group_size, 'bn_group_size', zero_ok=True)
     _check(

@@ -107,6 +107,19 @@ def make_train_step(
     return train_step
 
 
+def make_multi_step(train_step: Callable) -> Callable:
+    """K train steps in one call: `multi_step(state, batches)` scans `train_step` over batches
+    stacked on a leading axis of K, and returns the state after the last and the metrics of
+    each step stacked the same way. One dispatch and one host round trip per K steps, for
+    steps so short (CIFAR nets on an accelerator) that the host's per-step work would dominate.
+    """
+
+    def multi_step(state: TrainState, batches: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        return jax.lax.scan(train_step, state, batches)
+
+    return multi_step
+
+
 def train_forward(
     model: models.ResNet, variables: dict[str, Any], images: jax.Array, *, bn_group_size: int = 0
 ) -> tuple[jax.Array, Any]:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -202,7 +203,7 @@ class Run:
     state: TrainState
     first_step: int
     meta: dict[str, Any]  # of the restored checkpoint ({} on a fresh start)
-    train_step: Any
+    train_step: StepCaller
     batches: Any  # iterator of the global train batches, on the devices (resnet_jax.prefetch)
     mesh: Any
     has_test: bool
@@ -274,7 +275,44 @@ def _compile_steps(config, model, tx, schedule, mesh, state_shardings):
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=replicated,
     )
-    return train_step, eval_step
+    return StepCaller(train_step, config.steps_per_call, mesh, state_shardings), eval_step
+
+
+class StepCaller:
+    """Advances the loop by one train step, or by `steps_per_call` steps in one jitted call
+    (`steps.make_multi_step`) where a whole group fits before the last step and starts on a
+    multiple of it (a run resumed off the grid, or a remainder, takes single steps)."""
+
+    def __init__(self, train_step: Any, steps_per_call: int, mesh: Any, state_shardings: Any):
+        self.single = train_step
+        self.k = k = steps_per_call
+        if k == 1:
+            return
+        stacked = NamedSharding(mesh, PartitionSpec(None, sharding.DATA_AXIS))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self.multi = jax.jit(
+            steps.make_multi_step(train_step),
+            in_shardings=(state_shardings, stacked),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=0,
+        )
+        self.stack = jax.jit(
+            lambda batches: jax.tree.map(lambda *x: jnp.stack(x), *batches),
+            out_shardings=stacked,
+        )
+        self.unstack = jax.jit(lambda m: [jax.tree.map(lambda x, i=i: x[i], m) for i in range(k)])
+
+    def __call__(self, loop: actions.Loop, batches: Any) -> None:
+        if self.k > 1 and loop.step % self.k == 0 and loop.step + self.k <= loop.total_steps:
+            group = self.stack([next(batches) for _ in range(self.k)])
+            loop.state, stacked = self.multi(loop.state, group)
+            for step_metrics in self.unstack(stacked):
+                loop.record_step(step_metrics)
+            loop.advanced = self.k
+        else:
+            loop.state, step_metrics = self.single(loop.state, next(batches))
+            loop.record_step(step_metrics)
+            loop.advanced = 1
 
 
 def enable_compilation_cache(setting: str) -> str | None:
@@ -383,8 +421,7 @@ def _wait_for_saves(manager: Any) -> None:
 def run_loop(run: Run, loop: actions.Loop, sequence: list[actions.Action]) -> actions.Loop:
     """Train steps until the last step or until an action sets `loop.stop`."""
     while not loop.last:
-        loop.state, step_metrics = run.train_step(loop.state, next(run.batches))
-        loop.record_step(step_metrics)
+        run.train_step(loop, run.batches)  # one step, or steps_per_call of them
         for action in sequence:
             action(run.ctx, loop)
         if loop.stop:
