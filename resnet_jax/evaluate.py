@@ -1,13 +1,15 @@
 """Evaluate a checkpoint, and export its weights for inference.
 
     python -m resnet_jax.evaluate --workdir=DIR [--step=N] [--split=test] \
-        [--export=weights.msgpack] [--config=FILE] [--config.x=y ...]
+        [--export=model.stablehlo|model.onnx|weights.msgpack] [--config=FILE] [--config.x=y ...]
         [--crops=10 | --scales=224,256,384,480,640]        # the paper's test protocols
 
 Restores the train state of `--step` (default: the latest) from DIR/checkpoints onto the
 devices at hand (any number), prints top-1 / top-5 error and loss on the split, and with
 `--export` writes the evaluated variables ({'params', 'batch_stats'}: the moving average where
-the run kept one) as a Flax msgpack file that `load_exported` reads.
+the run kept one): as a model for serving with the run's input normalisation inside (`.stablehlo`:
+jax.export, `.onnx`: ONNX; resnet_jax/serving.py), or as a Flax msgpack file that
+`load_exported` reads (any other suffix).
 
 The config is the one the run recorded (DIR/config.json) unless `--config` is given; either way
 the checkpoint's own record of what it is (network, input normalisation, optimizer) must match
@@ -24,7 +26,7 @@ import jax
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from resnet_jax import checkpoint, cli, data, paths, sharding, steps, trainer
+from resnet_jax import checkpoint, cli, data, paths, serving, sharding, steps, trainer
 from resnet_jax import config as config_lib
 from resnet_jax import workdir as workdir_lib
 
@@ -74,6 +76,34 @@ def export(state: Any, path: str) -> None:
     paths.write_bytes(path, flax.serialization.msgpack_serialize(variables))
 
 
+def export_for_serving(config: ml_collections.ConfigDict, state: Any, path: str) -> str:
+    """Writes `state.eval_variables()` to `path` in the format its suffix names; returns what
+    was written, in words.
+
+    `.stablehlo` and `.onnx` get the run's network with its input normalisation
+    (`config.dataset.normalization`) inside, for uint8 images of its eval size
+    (`serving.export`); any other suffix the msgpack file of `export`.
+    """
+    fmt = serving.check_destination(path)
+    if fmt == 'msgpack':
+        export(state, path)
+        return 'msgpack variables (load_exported)'
+    ds = config.dataset
+    _, info = data.open_split(ds.name, ds.train_split, ds.data_dir)
+    model = config_lib.create_model_from_config(config, info.num_classes)
+    preprocess = data.preprocess_of(ds, info, train=False)
+    image_shape = data.input_shape(info, ds.image_size)
+    variables = jax.device_get(state.eval_variables())
+    serving.export(
+        path, model, variables, mean=preprocess.mean, std=preprocess.std, image_shape=image_shape
+    )
+    name = 'StableHLO (jax.export)' if fmt == 'stablehlo' else 'ONNX'
+    return (
+        f'{name}: uint8 images (batch, {", ".join(map(str, image_shape))}) -> logits, '
+        f'normalisation {ds.normalization!r} inside'
+    )
+
+
 def load_exported(path: str) -> dict[str, Any]:
     """{'params', 'batch_stats'} written by `export`, for `resnet_jax.apply_model`."""
     with paths.open_file(path, 'rb') as f:
@@ -109,6 +139,8 @@ def main(argv: list[str]) -> None:
 
     FLAGS = flags.FLAGS
     split = FLAGS.split
+    if FLAGS.export:  # a bad destination stops the command before the evaluation, not after
+        serving.check_destination(FLAGS.export)
     protocol_name = ''
     if FLAGS.crops != 1 or FLAGS.scales:  # the paper's 10-crop or multi-scale testing
         from resnet_jax import protocol  # imports this module (restore_state)
@@ -133,9 +165,9 @@ def main(argv: list[str]) -> None:
         f'{int(result[f"{split}/num_examples"])} images{protocol_name}'
     )
     if FLAGS.export:
-        export(state, FLAGS.export)
+        written = export_for_serving(FLAGS.config, state, FLAGS.export)
         what = 'the moving average' if state.ema is not None else 'params and batch_stats'
-        print(f'exported {what} (what was evaluated) to {FLAGS.export}')
+        print(f'exported {what} (what was evaluated) to {FLAGS.export} as {written}')
 
 
 def _define_flags() -> None:
@@ -148,7 +180,13 @@ def _define_flags() -> None:
     flags.DEFINE_string('workdir', None, 'The training workdir.')
     flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
     flags.DEFINE_string('split', 'test', 'Split to evaluate.')
-    flags.DEFINE_string('export', None, 'Write the evaluated variables here (msgpack).')
+    flags.DEFINE_string(
+        'export',
+        None,
+        'Write the evaluated variables here, by suffix: .stablehlo (jax.export) or .onnx, a '
+        'model for serving that takes uint8 images and normalises them itself; any other '
+        '(.msgpack) the Flax msgpack of the variables.',
+    )
     flags.DEFINE_integer(
         'crops',
         1,
