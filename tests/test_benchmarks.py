@@ -56,6 +56,14 @@ def test_memory_benchmark_shows_accumulation_shrinking_the_step():
     assert temp['4 x 2, accumulated'] < temp['one step']
 
 
+@pytest.mark.slow
+def test_steps_per_call_benchmark_times_each_k():
+    _, record = _run('steps_per_call.py', '--batch_size=4', '--calls_steps=4', '--ks=1,2')
+    assert [r['k'] for r in record['results']] == [1, 2]
+    for r in record['results']:
+        assert r['steps_per_s'] > 0 and r['p90_ms'] >= r['p50_ms'] > 0
+
+
 @pytest.mark.usefixtures('run_process')
 def test_prefetch_benchmark_reports_the_stall_of_each_setting():
     _, record = _run('prefetch.py', '--steps=10', '--step_ms=2', '--host_ms=1', '--sizes=0,2')
