@@ -64,6 +64,34 @@ def test_steps_per_call_benchmark_times_each_k():
         assert r['steps_per_s'] > 0 and r['p90_ms'] >= r['p50_ms'] > 0
 
 
+@pytest.mark.slow
+def test_loop_and_profile_benchmarks_write_their_records(tmp_path):
+    _, record = _run(
+        'loop_throughput.py',
+        '--model=resnet20',
+        '--batch_size=4',
+        '--image_size=16',
+        '--steps=3',
+        '--dtype=float32',
+    )
+    assert [r['prefetch_batches'] for r in record['results']] == [0, 2]
+    assert all(r['images_per_s'] > 0 for r in record['results'])
+    assert record['results'][0]['host_bytes_per_step'] == 4 * 16 * 16 * 3  # uint8
+    out = tmp_path / 'profile'
+    _, record = _run(
+        'profile_step.py',
+        f'--out={out}',
+        '--model=resnet20',
+        '--batch_size=4',
+        '--image_size=16',
+        '--steps=2',
+        '--dtype=float32',
+    )
+    assert record['memory_bytes']['temp'] > 0
+    assert json.loads((out / 'memory.json').read_text()) == record
+    assert any(files for _, _, files in os.walk(out / 'trace'))
+
+
 @pytest.mark.usefixtures('run_process')
 def test_prefetch_benchmark_reports_the_stall_of_each_setting():
     _, record = _run('prefetch.py', '--steps=10', '--step_ms=2', '--host_ms=1', '--sizes=0,2')
@@ -72,33 +100,28 @@ def test_prefetch_benchmark_reports_the_stall_of_each_setting():
         assert 0 <= r['stall_fraction'] <= 1 and r['steps_per_s'] > 0
 
 
+@pytest.mark.parametrize(
+    'argv, message',
+    [
+        (['train_step.py', '--devices=3', '--batch_size=8'], '--devices 3 exceeds the 1 devices'),
+        (['compile_time.py', '--steps=-1'], '--steps=-1: expected a count >= 0'),
+        (
+            ['memory.py', '--batch_size=10', '--accumulate_steps=4'],
+            '--accumulate_steps=4 does not divide --batch_size=10',
+        ),
+        (['steps_per_call.py', '--ks=1,x'], "--ks='1,x': expected comma-separated positive ints"),
+        (['prefetch.py', '--steps=0'], '--steps=0: expected > 0'),
+    ],
+)
 @pytest.mark.usefixtures('run_process')
-def test_benchmarks_reject_bad_flags():
+def test_benchmarks_reject_bad_flags(argv, message):
     result = subprocess.run(
-        [sys.executable, 'benchmarks/train_step.py', '--devices=3', '--batch_size=8'],
+        [sys.executable, os.path.join('benchmarks', argv[0]), *argv[1:]],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, 'XLA_FLAGS': ''},
+        env={**os.environ, 'XLA_FLAGS': ''},  # one device
     )
-    assert result.returncode == 2
-    assert '--devices 3 exceeds the 1 devices here' in result.stderr
-    result = subprocess.run(
-        [sys.executable, 'benchmarks/compile_time.py', '--steps=-1'],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert '--steps=-1: expected a count >= 0' in result.stderr
-    result = subprocess.run(
-        [sys.executable, 'benchmarks/memory.py', '--batch_size=10', '--accumulate_steps=4'],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert '--accumulate_steps=4 does not divide --batch_size=10' in result.stderr
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
