@@ -72,8 +72,7 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, step: int | N
 
 def export(state: Any, path: str) -> None:
     """Writes what evaluation uses (`state.eval_variables()`) as a Flax msgpack file."""
-    variables = jax.device_get(state.eval_variables())
-    paths.write_bytes(path, flax.serialization.msgpack_serialize(variables))
+    serving.write_variables(path, state.eval_variables())
 
 
 def export_for_serving(config: ml_collections.ConfigDict, state: Any, path: str) -> str:

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import models, paths, weights
+from resnet_jax import augment, models, paths, weights
 
 FORMATS = {'.stablehlo': 'stablehlo', '.onnx': 'onnx'}  # any other suffix: 'msgpack'
 # Lowered for all three: an artifact exported on a CPU host serves on GPUs and TPUs.
@@ -91,9 +91,7 @@ def serving_function(
     std = None if std is None else np.asarray(std, np.float32)
 
     def serve(images: jax.Array) -> jax.Array:
-        x = images.astype(jnp.float32) - mean
-        if std is not None:
-            x = x / std
+        x = augment.normalize(images, mean, std)  # traced: the same arithmetic on the device
         logits, _ = models.apply_model(model, variables, x, train=False)
         return logits.astype(jnp.float32)
 
@@ -168,14 +166,18 @@ def export(
     """
     fmt = check_destination(path)
     if fmt == 'msgpack':
-        import flax.serialization
-
-        data = flax.serialization.msgpack_serialize(jax.device_get(variables))
-    else:
-        write = stablehlo_bytes if fmt == 'stablehlo' else onnx_bytes
-        data = write(model, variables, mean=mean, std=std, image_shape=image_shape)
-    paths.write_bytes(path, data)
+        write_variables(path, variables)
+        return fmt
+    write = stablehlo_bytes if fmt == 'stablehlo' else onnx_bytes
+    paths.write_bytes(path, write(model, variables, mean=mean, std=std, image_shape=image_shape))
     return fmt
+
+
+def write_variables(path: str, variables: Any) -> None:
+    """The Flax msgpack of `variables` (what `evaluate.load_exported` reads), written whole."""
+    import flax.serialization
+
+    paths.write_bytes(path, flax.serialization.msgpack_serialize(jax.device_get(variables)))
 
 
 def _checked(image_shape: Sequence[int], mean: Any) -> tuple[int, ...]:
