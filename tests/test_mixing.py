@@ -33,16 +33,16 @@ def _own_share(targets):
 def test_mixup_blends_each_image_with_its_partner_by_its_target_weight():
     cfg = mixing.MixConfig(mixup_alpha=0.4)
     images, targets = mixing.mix_batch(_constant_images(), LABELS, jax.random.key(0), cfg, C)
-    np.testing.assert_allclose(np.asarray(targets).sum(1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(targets).sum(1), 1.0, rtol=1e-5)
     lam = _own_share(targets)
     partner = N - np.arange(N)  # the value of image N - 1 - i
     np.testing.assert_allclose(
-        np.asarray(images)[:, 0, 0, 0], lam * np.arange(1, N + 1) + (1 - lam) * partner, rtol=1e-6
+        np.asarray(images)[:, 0, 0, 0], lam * np.arange(1, N + 1) + (1 - lam) * partner, rtol=1e-5
     )
     assert np.ptp(np.asarray(images), axis=(1, 2, 3)).max() == 0  # a blend is uniform
     assert len(set(np.round(lam, 6))) > 1  # each example draws its own weight
     np.testing.assert_allclose(
-        np.asarray(targets)[np.arange(N), np.asarray(LABELS[::-1])], 1 - lam, rtol=1e-6
+        np.asarray(targets)[np.arange(N), np.asarray(LABELS[::-1])], 1 - lam, rtol=1e-5
     )
 
 
@@ -50,12 +50,12 @@ def test_cutmix_pastes_one_box_of_the_partner_whose_area_is_the_partner_weight()
     cfg = mixing.MixConfig(cutmix_alpha=1.0)
     images, targets = mixing.mix_batch(_constant_images(), LABELS, jax.random.key(1), cfg, C)
     images, targets = np.asarray(images)[..., 0], np.asarray(targets)
-    np.testing.assert_allclose(targets.sum(1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(targets.sum(1), 1.0, rtol=1e-5)
     for i in range(N):
         own = images[i] == i + 1
         pasted = images[i] == N - i
         assert (own | pasted).all()
-        np.testing.assert_allclose(own.mean(), targets[i, LABELS[i]], rtol=1e-6)
+        np.testing.assert_allclose(own.mean(), targets[i, LABELS[i]], rtol=1e-5)
         if pasted.any():  # one axis-aligned box
             rows, cols = np.nonzero(pasted)
             box = pasted[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
@@ -69,7 +69,7 @@ def test_with_both_each_example_is_either_blended_or_boxed():
         _constant_images(), LABELS, jax.random.key(2), cfg, C, label_smoothing=0.1
     )
     images, targets = np.asarray(images)[..., 0], np.asarray(targets)
-    np.testing.assert_allclose(targets.sum(1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(targets.sum(1), 1.0, rtol=1e-5)
     kinds = set()
     for i in range(N):
         values = set(np.unique(images[i]).tolist())
