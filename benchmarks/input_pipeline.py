@@ -90,10 +90,9 @@ def main() -> None:
     images, labels = data.load_arrays(source, info)
     decode_s = time.perf_counter() - start
     images, labels = jnp.asarray(images), jnp.asarray(labels)
-    mean, std = jnp.asarray(preprocess.mean), jnp.ones(3)
     key = jax.random.key(0)
     steps = iter(
-        data.in_memory_train_batch(images, labels, mean, std, key, step, batch_size=128)
+        data.in_memory_train_batch(images, labels, key, step, batch_size=128)
         for step in range(args.batches * 10 + 1)
     )
     rate = _rate(steps, args.batches * 10, 128)

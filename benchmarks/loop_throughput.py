@@ -19,11 +19,10 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import resnet_jax as rj
-from resnet_jax import optim, prefetch, sharding, steps
+from resnet_jax import augment, optim, prefetch, sharding, steps
 from resnet_jax.train_state import create_train_state
 
 MEAN = np.asarray([123.675, 116.28, 103.53], np.float32)
@@ -41,13 +40,11 @@ def run(args, prefetch_batches: int) -> dict:
         optim.OptimizerConfig(), params, total_steps=10_000, steps_per_epoch=100
     )
     state = create_train_state(model, tx, 0, shape)
-    train_step = steps.make_train_step(model, tx, schedule)
-
-    def step(state, batch):  # uint8 in, normalised on the device
-        image = (batch['image'].astype(jnp.float32) - MEAN) / STD
-        return train_step(state, {'image': image, 'label': batch['label']})
-
-    step = jax.jit(step, donate_argnums=0)
+    # uint8 in, normalised on the device: the trainer's step with its `normalize`.
+    normalize = lambda images: augment.normalize(images, MEAN, STD)
+    step = jax.jit(
+        steps.make_train_step(model, tx, schedule, normalize=normalize), donate_argnums=0
+    )
     rng = np.random.default_rng(0)
     local = sharding.local_batch_size(args.batch_size, mesh)
     pool = [

@@ -4,13 +4,14 @@
         --dtype=float32 --steps=20 [--devices=1] [--peers=flax,torch]
 
 "ours" is the trainer's own step (`resnet_jax.steps.make_train_step`, jitted with the
-trainer's shardings and donation) on synthetic data resident on the device. Peers run the same
-network (same blocks and shortcut projections, stride on the 3x3 for bottlenecks) at the same
-batch: "flax" is benchmarks/flax_reference.py (the flax imagenet example, reduced); "torch" is
-torchvision's model (a CIFAR ResNet written here for resnet20), channels_last, with bf16
-autocast and a `torch.compile` column on GPU. Prints compile seconds, median step time,
-images/s (per device), XLA's FLOP/s and, where the peak is known, the fraction of peak; ratios
-ours/peer; the last line is one JSON object.
+trainer's shardings and donation) on synthetic data resident on the device: uint8 images, as
+the trainer's batches, normalised inside the step (the peers get float32 images ready). Peers
+run the same network (same blocks and shortcut projections, stride on the 3x3 for
+bottlenecks) at the same batch: "flax" is benchmarks/flax_reference.py (the flax imagenet
+example, reduced); "torch" is torchvision's model (a CIFAR ResNet written here for resnet20),
+channels_last, with bf16 autocast and a `torch.compile` column on GPU. Prints compile
+seconds, median step time, images/s (per device), XLA's FLOP/s and, where the peak is known,
+the fraction of peak; ratios ours/peer; the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 import resnet_jax as rj
-from resnet_jax import optim, sharding, steps
+from resnet_jax import augment, datasets, optim, sharding, steps
 from resnet_jax.train_state import create_train_state
 
+IMAGENET_MEAN = np.asarray(datasets.IMAGENET_MEAN, np.float32)
+IMAGENET_STD = np.asarray(datasets.IMAGENET_STD, np.float32)
 # Dense bf16 peak FLOP/s by device kind (a multiply-add is 2 FLOPs).
 PEAK_FLOPS = {'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H200': 989e12}
 
@@ -76,14 +79,15 @@ def bench_ours(args, devices) -> dict:
     rng = np.random.default_rng(0)
     batch = jax.device_put(
         {
-            'image': rng.normal(size=(args.batch_size, *shape)).astype(np.float32),
+            'image': rng.integers(0, 256, (args.batch_size, *shape), np.uint8),
             'label': rng.integers(0, args.num_classes, args.batch_size).astype(np.int32),
         },
         batch_sharding,
     )
     replicated = NamedSharding(mesh, PartitionSpec())
+    normalize = lambda images: augment.normalize(images, IMAGENET_MEAN, IMAGENET_STD)
     step = jax.jit(
-        steps.make_train_step(model, tx, schedule),
+        steps.make_train_step(model, tx, schedule, normalize=normalize),
         in_shardings=(shardings, batch_sharding),
         out_shardings=(shardings, replicated),
         donate_argnums=0,

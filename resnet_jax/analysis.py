@@ -22,7 +22,7 @@ import dataclasses
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -62,7 +62,10 @@ def _ordered(paths: Iterable[str]) -> list[str]:
 
 
 def layer_response_stds(
-    model: models.ResNet, variables: dict[str, Any], batches: Iterable[dict[str, np.ndarray]]
+    model: models.ResNet,
+    variables: dict[str, Any],
+    batches: Iterable[dict[str, np.ndarray]],
+    normalize: Callable[[jax.Array], jax.Array] | None = None,
 ) -> tuple[list[str], list[float]]:
     """(module paths, std of each one's response) over every real example of `batches`.
 
@@ -70,7 +73,9 @@ def layer_response_stds(
       model: a network of basic blocks (the CIFAR nets, ResNet-18/34); scanned models are
         analysed in their unrolled form.
       variables: its {'params', 'batch_stats'}.
-      batches: preprocessed eval batches with 'image' and 'mask'.
+      batches: eval batches with 'image' and 'mask' (`data.eval_dataset`).
+      normalize: turns their uint8 images into the network's input inside jit
+        (`data.Preprocess.normalize`); None: the images are that input already.
     """
     if model.scan_blocks:
         model, variables = model.clone(scan_blocks=False), weights.to_unrolled(variables)
@@ -80,7 +85,7 @@ def layer_response_stds(
     def sums(variables, images, mask):
         _, state = model.apply(
             variables,
-            images,
+            images if normalize is None else normalize(images),
             train=False,
             capture_intermediates=lambda mdl, _: pattern.search(_path(mdl)) is not None,
             mutable=['intermediates'],
@@ -130,7 +135,8 @@ def analyse_run(run_dir: str, split: str = 'test') -> Responses:
     batches = data.eval_dataset(
         source, preprocess, batch_size=500, process_count=1, process_index=0
     )
-    layers, stds = layer_response_stds(model, jax.device_get(state.eval_variables()), batches)
+    variables = jax.device_get(state.eval_variables())
+    layers, stds = layer_response_stds(model, variables, batches, preprocess.normalize)
     return Responses(os.path.basename(os.path.normpath(run_dir)), config.model.name, layers, stds)
 
 

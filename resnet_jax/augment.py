@@ -235,7 +235,11 @@ def resize_center_crop(
 
 
 def normalize(image: np.ndarray, mean: np.ndarray, std: np.ndarray | None = None) -> np.ndarray:
-    """(image - mean) / std as float32; `mean` may be per channel (3,) or per pixel (H, W, 3)."""
+    """(image - mean) / std as float32; `mean` may be per channel (3,) or per pixel (H, W, 3).
+
+    numpy in, numpy out; a jax.Array (inside jit: the train, eval and serving functions) in,
+    a jax.Array out, with the same float32 arithmetic.
+    """
     out = image.astype(np.float32) - mean
     return out / std if std is not None else out
 

@@ -11,10 +11,13 @@
 * `eval_dataset(...)` visits every example of the split exactly once over all processes: the
   last batches are padded and carry `mask`, so metrics are masked sums over real examples.
 * `load_arrays` + `in_memory_train_batch` are the fast path for small datasets: decode once,
-  keep uint8 arrays on the accelerator, and augment inside jit from (key, step).
+  keep uint8 arrays on the accelerator, and draw and augment inside jit from (key, step).
 
-Batches are dicts of numpy arrays: `image` float32 (N, H, W, 3), `label` int32 (N,), and for
+Batches are dicts of numpy arrays: `image` uint8 (N, H, W, 3), `label` int32 (N,), and for
 eval `mask` bool (N,). `resnet_jax.sharding.global_batch` turns them into global jax.Arrays.
+Images stay uint8 until they are on the accelerator: a quarter of float32's bytes through
+Grain's shared memory, the host copies and the host-to-device link. The normalisation
+(`Preprocess.normalize`) and the cast to the compute dtype run inside the jitted steps.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import augment, datasets, folder
+from resnet_jax import augment, datasets, folder, sharding
 
 logger = logging.getLogger('resnet_jax')
 
@@ -451,7 +454,8 @@ def _check_choice(value: Any, registry: dict, what: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-    """Turns one record into {'image': float32, 'label': int32}, augmented when training.
+    """Turns one record into {'image': uint8, 'label': int32}, augmented when training; its
+    `normalize` is what the jitted steps apply to a batch of those images on the device.
 
     A plain picklable object (not a closure), so Grain can send it to worker processes.
     """
@@ -465,8 +469,12 @@ class Preprocess:
     def __call__(self, record: Record, rng: np.random.Generator | None = None) -> Record:
         image, label = _check_record(record, self.info)
         image = augment.apply_host(self.ops, image, rng, self.ctx)
-        image = augment.normalize(image, self.mean, self.std)
         return {'image': image, 'label': np.int32(label)}
+
+    def normalize(self, images: Any) -> Any:
+        """uint8 images (..., H, W, 3) -> float32 (x - mean) / std, on the host (numpy) or
+        traced inside jit (a jax.Array in, the statistics become constants of the step)."""
+        return augment.normalize(images, self.mean, self.std)
 
 
 def augmentation_chain(info: DatasetInfo, augmentation: str, *, train: bool) -> tuple:
@@ -716,46 +724,73 @@ def load_arrays(source: Sequence[Record], info: DatasetInfo) -> tuple[np.ndarray
 _DEFAULT_CONTEXT = augment.Context()
 
 
-@functools.partial(jax.jit, static_argnames=('batch_size', 'ops', 'ctx'))
+def in_memory_indices(
+    key: jax.Array, step: jax.Array, num_examples: int, batch_size: int
+) -> jax.Array:
+    """The examples of global batch `step` of the in-memory stream, a pure function of (key,
+    step): epoch e visits the examples in a permutation drawn from fold_in(key, e), and the
+    last partial batch of an epoch is dropped, as the host path does."""
+    steps_per_epoch = num_examples // batch_size
+    if steps_per_epoch == 0:  # shapes are static: this runs once, at trace time
+        raise ValueError(f'batch_size {batch_size} exceeds the {num_examples} examples in memory')
+    epoch, position = jnp.divmod(step, steps_per_epoch)
+    permutation = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+    return jax.lax.dynamic_slice(permutation, (position * batch_size,), (batch_size,))
+
+
+@functools.partial(jax.jit, static_argnames=('batch_size', 'num_examples', 'ops', 'ctx'))
 def in_memory_train_batch(
     images: jax.Array,
     labels: jax.Array,
-    mean: jax.Array,
-    std: jax.Array,
     key: jax.Array,
     step: jax.Array,
     *,
     batch_size: int,
+    num_examples: int | None = None,
     ops: tuple[augment.Augmentation, ...] | None = None,
     ctx: augment.Context = _DEFAULT_CONTEXT,
 ) -> dict[str, jax.Array]:
-    """Global batch `step` of the in-memory train stream: shuffled, augmented, normalised.
+    """Global batch `step` of the in-memory train stream: shuffled and augmented, uint8 as the
+    host pipeline's batches (the train step normalises them).
 
-    A pure function of (key, step): resuming needs only the step. Epoch e is a permutation
-    drawn from fold_in(key, e), dropping the last partial batch as the host path does; the
-    augmentation is the device versions of `ops` (default: `augment.pad_crop_flip_batch`),
-    with the same distributions as the host's. Pass std = 1 for mean subtraction only.
+    A pure function of (key, step) (`in_memory_indices`): resuming needs only the step, on any
+    number of devices. The augmentation is the device versions of `ops` (default:
+    `augment.pad_crop_flip_batch`), with the same distributions as the host's.
+
+    Args:
+      images, labels: the split, on the devices, whole on each or with its rows sharded over
+        the mesh (`shard_rows`); rows from `num_examples` on are padding, never drawn (default:
+        none). From sharded rows, XLA gathers a batch as a masked pick on each device and one
+        all-reduce of the batch (tests/test_in_memory.py checks that the dataset itself never
+        crosses between devices).
     """
-    n = images.shape[0]
-    steps_per_epoch = n // batch_size
-    if steps_per_epoch == 0:  # shapes are static: this runs once, at trace time
-        raise ValueError(f'batch_size {batch_size} exceeds the {n} examples in memory')
-    epoch, position = jnp.divmod(step, steps_per_epoch)
-    permutation = jax.random.permutation(jax.random.fold_in(key, epoch), n)
-    indices = jax.lax.dynamic_slice(permutation, (position * batch_size,), (batch_size,))
+    num_examples = images.shape[0] if num_examples is None else num_examples
+    indices = in_memory_indices(key, step, num_examples, batch_size)
+    images, labels = images[indices], labels[indices]
     augment_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
     if ops is None:
-        batch = augment.pad_crop_flip_batch(images[indices], augment_key)
+        images = augment.pad_crop_flip_batch(images, augment_key)
     else:
-        batch = augment.apply_device(ops, images[indices], augment_key, ctx)
-    return {'image': (batch.astype(jnp.float32) - mean) / std, 'label': labels[indices]}
+        images = augment.apply_device(ops, images, augment_key, ctx)
+    return {'image': images, 'label': labels}
+
+
+def shard_rows(array: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
+    """`array` on the mesh's devices with its rows split over the data axis (padded with zero
+    rows to a multiple of the device count); each process places only its devices' rows."""
+    padding = -len(array) % mesh.devices.size
+    if padding:
+        array = np.concatenate([array, np.zeros((padding, *array.shape[1:]), array.dtype)])
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.DATA_AXIS))
+    return jax.make_array_from_callback(array.shape, rows, lambda index: array[index])
 
 
 class InMemoryBatches:
-    """The train stream of `dataset.in_memory`: the split decoded once and kept on the devices
-    (replicated: CIFAR-10's 50k images are 150 MB), every global batch drawn, augmented and
-    normalised there by `in_memory_train_batch` from (seed, step), so nothing crosses from the
-    host per step and a resumed run draws exactly what an uninterrupted one would.
+    """The train stream of `dataset.in_memory`: the split decoded once and kept on the devices,
+    its rows sharded over the mesh (CIFAR-10's 50k images are 150 MB, each of N devices holds
+    150/N), every global batch drawn and augmented there by `in_memory_train_batch` from
+    (seed, step), so nothing crosses from the host per step and a resumed run draws exactly
+    what an uninterrupted one would, on any topology.
     """
 
     def __init__(self, source, info, preprocess, *, mesh, batch_size, seed, start_step):
@@ -766,19 +801,17 @@ class InMemoryBatches:
                     'has no device version; use the host pipeline (dataset.in_memory=False)'
                 )
         images, labels = load_arrays(source, info)
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self._arrays = jax.device_put((images, labels), replicated)
-        std = preprocess.std if preprocess.std is not None else np.ones(3, np.float32)
-        self._stats = jax.device_put((np.asarray(preprocess.mean), np.asarray(std)), replicated)
+        self._arrays = shard_rows(images, mesh), shard_rows(labels, mesh)
         self._key = jax.random.fold_in(jax.random.PRNGKey(seed), IN_MEMORY_STREAM)
         self._batch = jax.jit(
             functools.partial(
                 in_memory_train_batch,
                 batch_size=batch_size,
+                num_examples=len(labels),
                 ops=tuple(preprocess.ops),
                 ctx=preprocess.ctx,
             ),
-            out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')),
+            out_shardings=sharding.batch_sharding(mesh),
         )
         self._step = start_step
 
@@ -787,8 +820,7 @@ class InMemoryBatches:
 
     def __next__(self) -> dict[str, jax.Array]:
         images, labels = self._arrays
-        mean, std = self._stats
-        batch = self._batch(images, labels, mean, std, self._key, self._step)
+        batch = self._batch(images, labels, self._key, self._step)
         self._step += 1
         return batch
 

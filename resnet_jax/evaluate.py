@@ -119,7 +119,7 @@ def evaluate(
     preprocess = data.preprocess_of(ds, info, train=False)
     mesh = sharding.data_mesh()
     replicated = NamedSharding(mesh, PartitionSpec())
-    eval_step = jax.jit(steps.make_eval_step(model), out_shardings=replicated)
+    eval_step = jax.jit(steps.make_eval_step(model, preprocess.normalize), out_shardings=replicated)
     result = trainer.evaluate_split(
         eval_step,
         state,

@@ -42,8 +42,8 @@ class Predictor:
 
     def __call__(self, images: Sequence[np.ndarray], top_k: int = 5) -> list[list[tuple]]:
         """[(class name, probability), ...] of each uint8 RGB image, most likely first."""
-        batch = np.stack([self._prepare(image) for image in images])
-        logits, _ = _apply(self.model, self.variables, jnp.asarray(batch))
+        batch = np.stack([self._prepare(image) for image in images])  # uint8
+        logits = _apply(self.model, self.preprocess.normalize, self.variables, batch)
         probabilities = np.asarray(jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
         k = min(top_k, probabilities.shape[-1])
         best = np.argsort(-probabilities, axis=-1, kind='stable')[:, :k]
@@ -64,8 +64,10 @@ class Predictor:
         return self.preprocess({'image': image, 'label': 0})['image']
 
 
-def _apply(model: Any, variables: Any, images: jax.Array) -> Any:
-    return jax.jit(lambda v, x: models.apply_model(model, v, x, train=False))(variables, images)
+def _apply(model: Any, normalize: Any, variables: Any, images: np.ndarray) -> jax.Array:
+    """Eval-mode logits of uint8 `images`, normalised on the device as in evaluation."""
+    forward = lambda v, x: models.apply_model(model, v, normalize(x), train=False)[0]
+    return jax.jit(forward)(variables, images)
 
 
 def from_workdir(workdir: str, step: int | None = None, config: Any = None) -> Predictor:

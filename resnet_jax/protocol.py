@@ -197,7 +197,9 @@ def views_per_batch(shape: Sequence[int], batch_size: int, area: int, devices: i
 
 class _Normalize:
     """(views - mean) / std as float32; a per-pixel mean image is resized to the views' size
-    (resizing is linear, so this is the normalised image resized)."""
+    (resizing is linear, so this is the normalised image resized). Views are numpy arrays or
+    traced inside jit (their shape is static there, so the resized mean is a constant of the
+    compiled function of that shape)."""
 
     def __init__(self, mean: Any, std: Any):
         self.mean = np.asarray(mean, np.float32)
@@ -227,7 +229,6 @@ def average_softmax(
     num_classes: int,
     *,
     batch_size: int | Callable[[tuple[int, ...]], int],
-    normalize: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """The softmax of `logits_fn` averaged over each example's views, (num_examples, classes).
 
@@ -237,22 +238,21 @@ def average_softmax(
     the padding's outputs are dropped.
 
     Args:
-      logits_fn: (batch, h, w, c) float32 -> (batch, num_classes) logits.
+      logits_fn: (batch, h, w, c) views as they come (uint8 images) -> (batch, num_classes)
+        logits; it normalises them itself.
       examples: each example's views, in order; there must be `num_examples` of them.
-      normalize: applied to each stacked batch of views before `logits_fn` (default: as float32).
 
     Memory: the float64 sums of every example (ImageNet's 50k x 1000: 400 MB) and at most one
     unfinished batch of views per shape.
     """
     size_of = batch_size if callable(batch_size) else lambda shape: batch_size
-    normalize = normalize or (lambda views: np.asarray(views, np.float32))
     sums = np.zeros((num_examples, num_classes), np.float64)
     counts = np.zeros(num_examples, np.int64)
     pending: dict[tuple, list[tuple[int, np.ndarray]]] = {}
 
     def run(shape):
         items = pending.pop(shape)
-        views = normalize(np.stack([view for _, view in items]))
+        views = np.stack([view for _, view in items])
         padding = size_of(shape) - len(views)
         if padding > 0:
             views = np.concatenate([views, np.zeros((padding, *views.shape[1:]), views.dtype)])
@@ -339,7 +339,9 @@ def evaluate_protocol(
     )
 
     batch_size = lambda shape: views_per_batch(shape, config.eval_batch_size, reference, devices)
-    apply = jax.jit(lambda v, x: models.apply_model(model, v, x, train=False)[0])
+    # uint8 views cross to the devices; the normalisation runs there, as in evaluation.
+    normalize = _Normalize(preprocess.mean, preprocess.std)
+    apply = jax.jit(lambda v, x: models.apply_model(model, v, normalize(x), train=False)[0])
     variables = state.eval_variables()
     batch_sharding = sharding.batch_sharding(mesh)
     logits_fn = lambda views: apply(variables, jax.device_put(views, batch_sharding))
@@ -362,6 +364,5 @@ def evaluate_protocol(
         len(source),
         info.num_classes,
         batch_size=batch_size,
-        normalize=_Normalize(preprocess.mean, preprocess.std),
     )
     return scores(probabilities, labels, split), state, step

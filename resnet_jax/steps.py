@@ -3,8 +3,11 @@
     train_step(state, batch) -> (state, metrics)   batch = {'image', 'label'}
     eval_step(state, batch) -> sums                batch = {'image', 'label', 'mask'}
 
-The trainer jits each once with explicit shardings. Metrics come back as device scalars; the
-caller fetches them late so the host never waits on the accelerator between steps.
+The trainer jits each once with explicit shardings. Its batches hold uint8 images, and the
+steps' `normalize` (the input pipeline's `data.Preprocess.normalize`) turns them into the
+network's float input on the device; without one, the images must be float already. Metrics
+come back as device scalars; the caller fetches them late so the host never waits on the
+accelerator between steps.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from resnet_jax import metrics, mixing, models
 from resnet_jax.train_state import TrainState
 
 Batch = dict[str, jax.Array]
+Normalize = Callable[[jax.Array], jax.Array]  # uint8 images -> float32 network input
 # mixup/CutMix draw from fold_in(fold_in(state.rng, step), MIX_STREAM): a key per step, so
 # a resumed run mixes as an uninterrupted one, apart from any other use of the step's key.
 MIX_STREAM = 2
@@ -36,6 +40,7 @@ def make_train_step(
     skip_nonfinite: bool = False,
     ema_decay: float = 0.0,
     mix: mixing.MixConfig | None = None,
+    normalize: Normalize | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The train step of `model` under `tx`.
 
@@ -56,12 +61,14 @@ def make_train_step(
         parameters and BatchNorm statistics, after every step.
       mix: mixup and/or CutMix of the batch (resnet_jax.mixing), with a key of the step's own;
         the loss is then that of the mixed targets, the accuracies of the original labels.
+      normalize: turns the batch's uint8 images into the network's input (before mixing);
+        None: the images are that input already.
     """
 
     forward = functools.partial(train_forward, model, bn_group_size=bn_group_size)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        images = batch['image']
+        images = model_input(batch['image'], normalize)
         targets = metrics.smooth_one_hot(batch['label'], model.num_classes, label_smoothing)
         if mix is not None and mix.enabled:
             key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), MIX_STREAM)
@@ -124,6 +131,11 @@ def make_multi_step(train_step: Callable) -> Callable:
     return multi_step
 
 
+def model_input(images: jax.Array, normalize: Normalize | None) -> jax.Array:
+    """The network's input from a batch's images (the model casts it to its compute dtype)."""
+    return images if normalize is None else normalize(images)
+
+
 def train_forward(
     model: models.ResNet, variables: dict[str, Any], images: jax.Array, *, bn_group_size: int = 0
 ) -> tuple[jax.Array, Any]:
@@ -147,14 +159,18 @@ def _keep_where_finite(finite: jax.Array, new: TrainState, old: TrainState) -> T
     )
 
 
-def make_eval_step(model: models.ResNet) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+def make_eval_step(
+    model: models.ResNet, normalize: Normalize | None = None
+) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
     """eval_step(state, batch): masked sums, so padded examples count for nothing.
 
     Evaluates `state.eval_variables()`: the moving average of the model where the run keeps one.
+    `normalize` as for `make_train_step`.
     """
 
     def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-        logits, _ = models.apply_model(model, state.eval_variables(), batch['image'], train=False)
+        images = model_input(batch['image'], normalize)
+        logits, _ = models.apply_model(model, state.eval_variables(), images, train=False)
         mask = batch['mask'].astype(jnp.float32)
         return {
             'loss': jnp.sum(metrics.cross_entropy(logits, batch['label']) * mask),

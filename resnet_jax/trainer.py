@@ -50,8 +50,11 @@ logger = logging.getLogger('resnet_jax')
 RUN_CONFIG_FILE = workdir_lib.CONFIG_FILE
 
 
-def _check_run_config(workdir: str, config: ml_collections.ConfigDict, identity: dict) -> None:
-    """Refuses a workdir whose run is of another network or optimizer; records the config if new.
+def _check_run_config(
+    workdir: str, config: ml_collections.ConfigDict, identity: dict, *, resuming: bool
+) -> None:
+    """Refuses a workdir whose run is of another network or optimizer, or (`resuming` its
+    checkpoints) draws another data stream; records the config if new.
 
     Compared before anything is restored, so a mistyped --workdir or --config gets one clear
     line instead of a shape error from deep in Orbax (each checkpoint is checked again on its
@@ -67,6 +70,8 @@ def _check_run_config(workdir: str, config: ml_collections.ConfigDict, identity:
         workdir_lib.check_identity(
             workdir_lib.identity(recorded, model), identity, f'the run in {workdir!r} ({path})'
         )
+        if resuming:
+            workdir_lib.check_stream(recorded, config, workdir)
     elif jax.process_index() == 0:
         paths.write_text_atomic(path, workdir_lib.config_json(config))
 
@@ -251,8 +256,9 @@ def _start_from_weights(
     return jax.device_put(state, state_shardings)
 
 
-def _compile_steps(config, model, tx, schedule, mesh, state_shardings):
-    """The jitted train and eval steps with their shardings (the train state donated)."""
+def _compile_steps(config, model, tx, schedule, mesh, state_shardings, normalize):
+    """The jitted train and eval steps with their shardings (the train state donated); both
+    normalise the uint8 batches on the devices with `normalize`."""
     batch_sharding = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     train_step = jax.jit(
@@ -265,13 +271,14 @@ def _compile_steps(config, model, tx, schedule, mesh, state_shardings):
             skip_nonfinite=config.nonfinite == 'skip',
             ema_decay=config.optimizer.ema_decay,
             mix=mixing.MixConfig(config.mixup_alpha, config.cutmix_alpha, config.cutmix_prob),
+            normalize=normalize,
         ),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
     eval_step = jax.jit(
-        steps.make_eval_step(model),
+        steps.make_eval_step(model, normalize),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=replicated,
     )
@@ -345,13 +352,14 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, closers: list) ->
     workdir = paths.writable_dir(workdir, 'workdir')
     lock = _lock_workdir(workdir)
     closers.append(lock.release)
-    _check_run_config(workdir, config, identity)
+    checkpoint_dir = paths.join(workdir, 'checkpoints')
+    resuming = bool(checkpoint.committed_steps(checkpoint_dir))
+    _check_run_config(workdir, config, identity, resuming=resuming)
     workdir_lib.check_class_names(workdir, info.class_names, write=jax.process_index() == 0)
 
     state_shardings = sharding.state_shardings(
         jax.eval_shape(init), mesh, fsdp=config.fsdp, fsdp_min_size=config.fsdp_min_size
     )
-    checkpoint_dir = paths.join(workdir, 'checkpoints')
     manager = checkpoint.create_manager(
         checkpoint_dir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
     )
@@ -391,7 +399,11 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, closers: list) ->
             host_batches, lambda local: sharding.global_batch(local, mesh), config.prefetch_batches
         )
     closers.append(batches.close)
-    train_step, eval_step = _compile_steps(config, model, tx, schedule, mesh, state_shardings)
+    # Train and eval share the normalisation (only their host augmentation differs).
+    normalize = preprocess[False].normalize
+    train_step, eval_step = _compile_steps(
+        config, model, tx, schedule, mesh, state_shardings, normalize
+    )
 
     def evaluate(state: TrainState, split: str) -> dict[str, float]:
         return evaluate_split(

@@ -145,6 +145,46 @@ def check_class_names(workdir: str, class_names: tuple[str, ...], *, write: bool
         )
 
 
+# --- The data stream a resumed run continues -------------------------------------------------
+
+# Config fields that decide which examples each global batch holds and how they are augmented
+# (the stream is a function of (seed, step) given these): a run resumed under other values
+# would continue with another stream, so neither exactly nor as the run it claims to be.
+STREAM_FIELDS = (
+    'seed',
+    'batch_size',
+    'dataset.train_split',
+    'dataset.augmentation',
+    'dataset.image_size',
+    'dataset.in_memory',  # the device stream draws other batches than the host's
+)
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    value = config
+    for key in dotted.split('.'):
+        value = value[key]
+    return value
+
+
+def check_stream(
+    recorded: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str
+) -> None:
+    """Raises ValueError naming every `STREAM_FIELDS` value where `config` differs from the
+    config the run in `workdir` started with (`recorded`, as `read_config` returns it)."""
+    differ = [f for f in STREAM_FIELDS if _get(recorded, f) != _get(config, f)]
+    if differ:
+        values = ', '.join(
+            f'{f}={_get(recorded, f)!r} (this config: {_get(config, f)!r})' for f in differ
+        )
+        flags = ' '.join(f'--config.{f}={_get(recorded, f)}' for f in differ)
+        raise ValueError(
+            f'the run in {workdir!r} draws its batches with {values}; resumed under other '
+            f'values it would not continue its own data stream: pass {flags}, omit --config '
+            "to take the workdir's own, or use another workdir"
+        )
+
+
 # --- What a checkpoint is of -----------------------------------------------------------------
 
 # Config fields that decide what the network computes from its input, and what the state

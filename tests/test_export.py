@@ -149,7 +149,7 @@ def _test_images_and_expected_logits(config, workdir):
     preprocess = data.preprocess_of(ds, info, train=False)
     records = [source[i] for i in range(len(source))]
     images = np.stack([r['image'] for r in records])
-    inputs = np.stack([preprocess(r)['image'] for r in records])
+    inputs = preprocess.normalize(np.stack([preprocess(r)['image'] for r in records]))
     variables = jax.device_get(state.eval_variables())
     logits = np.asarray(rj.apply_model(model, variables, inputs, train=False)[0])
     assert np.mean(np.argmax(logits, -1) == [r['label'] for r in records]) >= 0.75  # trained

@@ -1,9 +1,12 @@
 """`dataset.in_memory`: the train split on the devices, every batch drawn there from (seed,
 step): a run that resumes exactly, the host pipeline's distribution, and the cases it refuses."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
+from synthetic_data import example_indices, synthetic_info, synthetic_source
 from test_reliability import _smoke
 
 from resnet_jax import data, sharding, trainer
@@ -46,10 +49,12 @@ def test_in_memory_batches_are_sharded_pure_functions_of_the_step(cifar10_data_d
     jax.tree.map(np.testing.assert_array_equal, resumed, taken[2])
     jax.tree.map(np.testing.assert_array_equal, next(batches(0)), taken[0])
     assert taken[0]['image'].sharding == sharding.batch_sharding(mesh)
-    assert taken[0]['image'].shape == (16, 32, 32, 3) and taken[0]['image'].dtype == np.float32
+    # uint8 as the host pipeline's batches: the train step normalises them.
+    assert taken[0]['image'].shape == (16, 32, 32, 3) and taken[0]['image'].dtype == np.uint8
     # Channel-normalised CIFAR images: about zero mean and unit spread over a batch.
-    assert abs(float(np.mean(taken[0]['image']))) < 0.5
-    assert 0.5 < float(np.std(taken[0]['image'])) < 1.5
+    normalized = jax.jit(preprocess.normalize)(taken[0]['image'])
+    assert abs(float(np.mean(normalized))) < 0.5
+    assert 0.5 < float(np.std(normalized)) < 1.5
     assert not np.array_equal(taken[0]['label'], taken[1]['label'])
 
 
@@ -72,3 +77,53 @@ def test_photographs_cannot_be_in_memory(cifar10_data_dir):
         )
     with pytest.raises(ValueError, match='varied sizes; the in-memory path needs a fixed shape'):
         data.load_arrays(source, varied)
+
+
+def _stream(n, *, batch_size=16, seed=3, mesh=None):
+    source, info = synthetic_source(n), synthetic_info({'train': n})
+    preprocess = data.make_preprocess(info, train=True, augmentation='flip', normalization='none')
+    return data.InMemoryBatches(
+        source,
+        info,
+        preprocess,
+        mesh=mesh or sharding.data_mesh(),
+        batch_size=batch_size,
+        seed=seed,
+        start_step=0,
+    )
+
+
+def test_the_split_is_sharded_over_the_devices_and_draws_what_one_device_draws():
+    n = 101  # not a multiple of the 8 devices: padded with rows that are never drawn
+    stream = _stream(n)
+    images, _ = stream._arrays
+    assert images.sharding == sharding.batch_sharding(sharding.data_mesh())
+    assert images.shape == (104, 32, 32, 3)  # 13 rows per device, not all 101 on each
+    assert {s.data.shape[0] for s in images.addressable_shards} == {13}
+    one_device = _stream(n, mesh=sharding.data_mesh(jax.devices()[:1]))
+    drawn = []
+    for _ in range(12):  # two epochs of 6 batches
+        batch, reference = next(stream), next(one_device)
+        jax.tree.map(np.testing.assert_array_equal, batch, reference)
+        drawn.append(example_indices(np.asarray(batch['image'])))
+    first, second = np.concatenate(drawn[:6]), np.concatenate(drawn[6:])
+    assert len(set(first)) == len(first) == 96 and first.max() < n  # padding never drawn
+    assert len(set(second)) == 96 and list(first) != list(second)
+
+
+def test_only_the_batch_crosses_between_devices():
+    """XLA gathers from sharded rows with a masked pick and a collective of the batch; a
+    collective of the split (4,096 images, 256 x the batch) would cost more than the step."""
+    stream = _stream(4096)
+    images, labels = stream._arrays
+    hlo = stream._batch.lower(images, labels, stream._key, 0).compile().as_text()
+    collectives = re.findall(
+        r'= (\w+)\[([\d,]*)\][^ ]* (all-gather|all-reduce|reduce-scatter|all-to-all|'
+        r'collective-permute)',
+        hlo,
+    )
+    assert collectives  # the gather does communicate
+    batch_elements = 16 * 32 * 32 * 3
+    for dtype, dims, op in collectives:
+        elements = int(np.prod([int(d) for d in dims.split(',') if d]))
+        assert elements <= batch_elements, (op, dtype, dims)

@@ -568,6 +568,30 @@ def test_disk_full_while_saving_names_the_intact_checkpoint(tmp_path, cifar10_da
     assert 'Traceback' not in result.stderr
 
 
+def test_a_resume_under_another_data_stream_is_refused_before_anything_changes(
+    tmp_path, cifar10_data_dir
+):
+    """The stream is a function of (seed, step) only given the fields that draw it: resuming
+    with others (the CIFAR configs' new in-memory default, a changed seed) would silently
+    train on other batches than the run it continues."""
+    workdir = tmp_path / 'run'
+    trainer.train_and_evaluate(_smoke(cifar10_data_dir, total_steps=3), str(workdir))
+    before = {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()}
+    other = _smoke(cifar10_data_dir, seed=1, **{'dataset.in_memory': True})
+    with pytest.raises(ValueError) as e:
+        trainer.train_and_evaluate(other, str(workdir))
+    assert str(e.value) == (
+        f'the run in {str(workdir)!r} draws its batches with seed=0 (this config: 1), '
+        'dataset.in_memory=False (this config: True); resumed under other values it would not '
+        'continue its own data stream: pass --config.seed=0 --config.dataset.in_memory=False, '
+        "omit --config to take the workdir's own, or use another workdir"
+    )
+    assert {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()} == before
+    # Fields that leave the stream alone may change: here the number of steps.
+    trainer.train_and_evaluate(_smoke(cifar10_data_dir, total_steps=4), str(workdir))
+    assert checkpoint.committed_steps(str(workdir / 'checkpoints'))[-1] == 4
+
+
 def test_a_workdir_of_another_model_is_refused_before_anything_changes(tmp_path, cifar10_data_dir):
     """plain20 has exactly resnet20's parameter shapes: only the checkpoint's record of what it
     is tells them apart, with or without the workdir's config.json."""

@@ -679,7 +679,8 @@ def test_evaluate_exports_what_it_evaluated_the_moving_average(cifar10_data_dir,
     source, info = data.open_split('cifar10_jpeg', 'test[:32]', str(cifar10_data_dir))
     preprocess = data.make_preprocess(info, train=False, data_dir=str(cifar10_data_dir))
     batch = next(iter(data.eval_dataset(source, preprocess, batch_size=32)))
-    logits, _ = rj.apply_model(model, exported, batch['image'], train=False)
+    images = preprocess.normalize(batch['image'])  # uint8 batches, normalised by the eval step
+    logits, _ = rj.apply_model(model, exported, images, train=False)
     top1 = float(np.mean(np.argmax(logits, -1) == batch['label']))
     assert result['test[:32]/top1_acc'] == pytest.approx(top1)
 

@@ -246,7 +246,7 @@ def _first_test_images(data_dir, count):
     """Test images 0..count-1 in the dataset's order, normalised as the weights were trained."""
     source, info = data.open_split('cifar10_jpeg', f'test[:{count}]', str(data_dir))
     preprocess = data.make_preprocess(info, train=False, normalization='imagenet')
-    return np.stack([preprocess(source[i])['image'] for i in range(count)])
+    return preprocess.normalize(np.stack([preprocess(source[i])['image'] for i in range(count)]))
 
 
 def test_trained_cifar_nets_reproduce_their_pytorch_logits(cifar10_data_dir):
