@@ -51,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.dataset.data_dir = ''  # yours: --config.dataset.data_dir=DIR
         c.dataset.train_split, c.dataset.eval_split, c.dataset.test_split = 'train', 'val', ''
     c.dataset.normalization = 'imagenet'
+    c.dataset.in_memory = data != 'folder'  # CIFAR on the devices; photographs vary in size
     c.batch_size = 64
     c.total_steps = 2_000
     c.optimizer.name = 'momentum'

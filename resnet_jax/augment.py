@@ -4,7 +4,10 @@ An operation is registered once with `register_augmentation(name, host=..., devi
 
 * host: `fn(image, rng, ctx) -> image` on one uint8 HWC numpy image with a
   `numpy.random.Generator` (Grain hands each example its own, seeded by (seed, index), so
-  results do not depend on the number of worker processes);
+  results do not depend on the number of worker processes). Registered with
+  `takes_encoded=True`, it may get the image still encoded (`resnet_jax.decode.EncodedImage`)
+  and decode only the pixels it needs (`decode.decode_at_least`): the ImageNet crops do;
+  every other operation gets decoded pixels;
 * device: `fn(images, key, ctx) -> images` on a uint8 NHWC batch inside `jit` with a
   `jax.random` key, for pipelines that keep the data on the accelerator. Both versions draw
   from the same distribution (tests compare them).
@@ -28,6 +31,8 @@ import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from resnet_jax import decode
 
 CIFAR_PAD = 4
 IMAGENET_CROP = 224
@@ -58,6 +63,7 @@ class Augmentation:
     device: DeviceOp | None
     doc: str
     families: tuple[str, ...]  # which datasets it makes sense for (resnet_jax.datasets.FAMILIES)
+    takes_encoded: bool = False  # the host version accepts a decode.EncodedImage
 
 
 AUGMENTATIONS: dict[str, Augmentation] = {}
@@ -70,15 +76,17 @@ def register_augmentation(
     device: DeviceOp | None = None,
     doc: str = '',
     families: tuple[str, ...] = ('cifar', 'imagenet'),
+    takes_encoded: bool = False,
 ) -> None:
     """Makes `name` usable in `dataset.augmentation` chains; at least one version is needed.
 
     `families` says for which datasets it is meant (`resnet_jax.datasets`): the ImageNet crops
     are refused on CIFAR, where they would turn 32-pixel images into 224-pixel ones.
+    `takes_encoded`: the host version decodes an `EncodedImage` itself (see the module doc).
     """
     if host is None and device is None:
         raise ValueError(f'augmentation {name!r} needs a host or a device version')
-    AUGMENTATIONS[name] = Augmentation(name, host, device, doc, tuple(families))
+    AUGMENTATIONS[name] = Augmentation(name, host, device, doc, tuple(families), takes_encoded)
 
 
 def parse_chain(chain: str) -> list[Augmentation]:
@@ -100,18 +108,20 @@ def parse_chain(chain: str) -> list[Augmentation]:
 
 
 def apply_host(
-    ops: Sequence[Augmentation], image: np.ndarray, rng: np.random.Generator, ctx: Context
+    ops: Sequence[Augmentation], image: decode.Image, rng: np.random.Generator, ctx: Context
 ) -> np.ndarray:
-    """Runs the host versions of `ops` on one image.
+    """Runs the host versions of `ops` on one image (decoded, or still encoded: then decoded
+    by the first operation, at reduced scale where it can be), and returns its pixels.
 
     Raises:
-      ValueError: for an operation that exists only on the device.
+      ValueError: for an operation that exists only on the device, or an image that cannot be
+        decoded (naming it).
     """
     for op in ops:
         if op.host is None:
             raise ValueError(f'augmentation {op.name!r} runs only on the device (in-memory data)')
-        image = op.host(image, rng, ctx)
-    return image
+        image = op.host(image if op.takes_encoded else decode.as_array(image), rng, ctx)
+    return decode.as_array(image)
 
 
 def apply_device(
@@ -181,13 +191,15 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def scale_augment(
-    image: np.ndarray,
+    image: decode.Image,
     rng: np.random.Generator,
     scale_range: tuple[int, int] = IMAGENET_SCALE_RANGE,
     crop: int = IMAGENET_CROP,
 ) -> np.ndarray:
     """The paper's ImageNet augmentation: random shorter side, random crop, flip."""
-    image = resize_shorter_side(image, int(rng.integers(scale_range[0], scale_range[1] + 1)))
+    shorter = int(rng.integers(scale_range[0], scale_range[1] + 1))
+    image, _, _ = decode.decode_at_least(image, min(image.shape[:2]) / shorter)
+    image = resize_shorter_side(image, shorter)
     h, w = image.shape[:2]
     top, left = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
     image = image[top : top + crop, left : left + crop]
@@ -195,7 +207,7 @@ def scale_augment(
 
 
 def random_resized_crop(
-    image: np.ndarray,
+    image: decode.Image,
     rng: np.random.Generator,
     size: int = IMAGENET_CROP,
     area_range: tuple[float, float] = INCEPTION_AREA_RANGE,
@@ -221,6 +233,12 @@ def random_resized_crop(
     else:
         crop_h = crop_w = min(h, w)
         top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    # The box in the pixels of a reduced decode: its side still at least `size`.
+    image, sy, sx = decode.decode_at_least(image, min(crop_h, crop_w) / size)
+    if (sy, sx) != (1.0, 1.0):
+        crop_h, crop_w = max(1, round(crop_h * sy)), max(1, round(crop_w * sx))
+        top = min(round(top * sy), image.shape[0] - crop_h)
+        left = min(round(left * sx), image.shape[1] - crop_w)
     box = image[top : top + crop_h, left : left + crop_w]
     interpolation = cv2.INTER_AREA if crop_h * crop_w > size * size else cv2.INTER_LINEAR
     out = cv2.resize(box, (size, size), interpolation=interpolation)
@@ -228,9 +246,10 @@ def random_resized_crop(
 
 
 def resize_center_crop(
-    image: np.ndarray, resize: int = IMAGENET_EVAL_RESIZE, crop: int = IMAGENET_CROP
+    image: decode.Image, resize: int = IMAGENET_EVAL_RESIZE, crop: int = IMAGENET_CROP
 ) -> np.ndarray:
     """ImageNet eval: shorter side to 256, centre 224 crop."""
+    image, _, _ = decode.decode_at_least(image, min(image.shape[:2]) / resize)
     return center_crop(resize_shorter_side(image, resize), crop)
 
 
@@ -320,6 +339,7 @@ register_augmentation(
 register_augmentation(
     'scale_crop_flip',
     families=('imagenet',),
+    takes_encoded=True,
     host=lambda x, rng, ctx: scale_augment(
         x, rng, tuple(_scaled(s, ctx) for s in IMAGENET_SCALE_RANGE), crop=ctx.crop_size
     ),
@@ -329,12 +349,14 @@ register_augmentation(
 register_augmentation(
     'inception_crop_flip',
     families=('imagenet',),
+    takes_encoded=True,
     host=lambda x, rng, ctx: random_resized_crop(x, rng, size=ctx.crop_size),
     doc='Inception-style random resized crop to 224 (area 8-100%, ratio 3/4-4/3), flip',
 )
 register_augmentation(
     'resize_center_crop',
     families=('imagenet',),
+    takes_encoded=True,
     host=lambda x, rng, ctx: resize_center_crop(
         x, resize=_scaled(IMAGENET_EVAL_RESIZE, ctx), crop=ctx.crop_size
     ),

@@ -86,7 +86,11 @@ def base_config() -> ml_collections.ConfigDict:
     # resize (256) and the scale range ([256, 480]) follow in proportion. CIFAR: must be 0.
     c.dataset.image_size = 0
     c.dataset.normalization = 'pixel_mean'
+    # Host decoding and augmentation: Grain worker processes (0: in the trainer's process),
+    # each decoding the images of a batch with read_threads threads. A host needs about
+    # (images/s of its accelerators) / (images/s of one core) cores for it: BENCHMARKS.md.
     c.dataset.num_workers = 0
+    c.dataset.read_threads = 1
     # Decode the train split once, keep it on the devices and draw, augment and normalise every
     # batch there from (seed, step) (fixed-size datasets such as CIFAR; data.InMemoryBatches).
     c.dataset.in_memory = False
@@ -171,6 +175,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
         _check(False, f'dataset: {e}')
     _one_of(ds.normalization, data.NORMALIZATIONS, 'dataset.normalization')
     _positive_int(ds.num_workers, 'dataset.num_workers', zero_ok=True)
+    _positive_int(ds.read_threads, 'dataset.read_threads')
     _positive_int(ds.image_size, 'dataset.image_size', zero_ok=True)
     if ds.image_size and datasets.spec(ds.name).family != 'imagenet':
         _check(

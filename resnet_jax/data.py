@@ -22,6 +22,7 @@ Grain's shared memory, the host copies and the host-to-device link. The normalis
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -37,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import augment, datasets, folder, sharding
+from resnet_jax import augment, datasets, decode, folder, sharding
 
 logger = logging.getLogger('resnet_jax')
 
@@ -182,6 +183,12 @@ class _Subset(Sequence):
     def __getitem__(self, index: int) -> Record:
         return self._source[int(self._indices[index])]
 
+    def __getitems__(self, indices: Sequence[int]) -> list[Record]:
+        return _read_many(self._source, [int(self._indices[i]) for i in indices])
+
+    def read_encoded(self, indices: Sequence[int]) -> list[Record]:
+        return read_encoded(self._source, [int(self._indices[i]) for i in indices])
+
 
 def holdout_indices(num_train: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices into the train split of the 45k/5k holdout: (train_45k, val_5k), disjoint."""
@@ -211,6 +218,9 @@ def open_split(
         return source, _folder_info(index)
     import tensorflow_datasets as tfds
 
+    # Images stay encoded as read: `_NamedRecords` decodes them (OpenCV), or hands them on
+    # encoded to the pipeline, whose crops decode only the pixels they need.
+    undecoded = {'image': tfds.decode.SkipDecoding()}
     info = dataset_info(name, data_dir, download=download)
     data_dir = _check_data_dir(data_dir)
     valid = [*info.splits, *HOLDOUT_SPLITS]
@@ -223,7 +233,7 @@ def open_split(
                 f'{name} has {info.splits.get("train", 0)} train examples'
             )
         _verify_files(info.files.get('train', ()))
-        train = tfds.data_source(name, split='train', data_dir=data_dir)
+        train = tfds.data_source(name, split='train', data_dir=data_dir, decoders=undecoded)
         train = _NamedRecords(train, f'split {split!r} of {name}', info.files.get('train', ()))
         indices = holdout_indices(len(train))[HOLDOUT_SPLITS.index(split)]
         return _Subset(train, indices), info
@@ -239,7 +249,7 @@ def open_split(
     files = tuple(f for base in dict.fromkeys(bases) for f in info.files.get(base, ()))
     _verify_files(files)
     try:
-        source = tfds.data_source(name, split=split, data_dir=data_dir)
+        source = tfds.data_source(name, split=split, data_dir=data_dir, decoders=undecoded)
     except Exception as e:  # a malformed slice such as 'train[:x]'
         raise ValueError(f'cannot read split {split!r} of {name!r}: {e}') from None
     return _NamedRecords(source, f'split {split!r} of {name}', files), info
@@ -290,7 +300,9 @@ def _verify_files(files: tuple[str, ...]) -> None:
 
 
 class _NamedRecords(Sequence):
-    """A TFDS source whose read errors name the dataset, split, record and files."""
+    """A TFDS source (read with its images undecoded) whose records come with their images
+    decoded, or, from `read_encoded`, still encoded (`decode.EncodedImage`); read errors name
+    the dataset, split, record and files."""
 
     def __init__(self, source: Sequence, what: str, files: tuple[str, ...]):
         self._source = source
@@ -307,35 +319,60 @@ class _NamedRecords(Sequence):
             'are damaged: delete the dataset directory and prepare it again (make data)'
         )
 
+    def _with_encoded(self, index: int, record: Record) -> Record:
+        where = f'record {index} of {self._what} ({", ".join(self._files) or "?"})'
+        return {**record, 'image': decode.EncodedImage(bytes(record['image']), where)}
+
+    def read_encoded(self, indices: Sequence[int]) -> list[Record]:
+        """The records at `indices` (one read), their images still encoded."""
+        indices = [int(i) for i in indices]
+        try:
+            records = _read_many(self._source, indices)
+        except Exception as e:
+            raise self._error(f'{min(indices)}..{max(indices)}', e) from None
+        return [self._with_encoded(i, r) for i, r in zip(indices, records, strict=True)]
+
     def __getitem__(self, index: int) -> Record:
         try:
-            return self._source[index]
+            record = self._source[index]
         except IndexError:
             raise
         except Exception as e:
             raise self._error(str(index), e) from None
+        return _decoded(self._with_encoded(index, record))
 
     def __getitems__(self, indices: Sequence[int]) -> list[Record]:
-        try:
-            return _read_many(self._source, indices)
-        except Exception as e:
-            raise self._error(f'{min(indices)}..{max(indices)}', e) from None
+        return [_decoded(r) for r in self.read_encoded(indices)]
+
+
+def _decoded(record: Record) -> Record:
+    return {**record, 'image': decode.as_array(record['image'])}
+
+
+def read_encoded(source: Sequence, indices: Sequence[int]) -> list[Record]:
+    """The records of `source` at `indices`, their images encoded where the source keeps them
+    so (TFDS datasets, image folders), else decoded arrays: `Preprocess` takes both."""
+    reader = getattr(source, 'read_encoded', None)
+    return reader(list(indices)) if reader else _read_many(source, indices)
 
 
 # --- Preprocessing ---------------------------------------------------------------------------
 
 
-def _check_record(record: Record, info: DatasetInfo) -> tuple[np.ndarray, int]:
-    """The image and label of a record; ValueError naming the record if they are malformed."""
-    image = np.asarray(record['image'])
+def _check_record(record: Record, info: DatasetInfo) -> tuple[decode.Image, int]:
+    """The image (decoded, or still encoded with its size read from the header) and label of
+    a record; ValueError naming the record if they are malformed."""
+    image = record['image']
     label = record['label']
     where = f'record {record.get("id", "?")!r} of {info.name}'
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(
-            f'{where}: image has shape {image.shape} and dtype {image.dtype}; expected uint8 '
-            '(height, width, 3)'
-        )
-    if info.image_shape is not None and image.shape != tuple(info.image_shape):
+    if not isinstance(image, decode.EncodedImage):  # an encoded one: its header's shape
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(
+                f'{where}: image has shape {image.shape} and dtype {image.dtype}; expected '
+                'uint8 (height, width, 3)'
+            )
+    if info.image_shape is not None and tuple(image.shape) != tuple(info.image_shape):
         raise ValueError(f'{where}: image has shape {image.shape}, expected {info.image_shape}')
     if not 0 <= int(label) < info.num_classes:
         raise ValueError(f'{where}: label {label} is outside [0, {info.num_classes})')
@@ -566,6 +603,41 @@ def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+# Each process decodes and augments one image per thread: OpenCV's own threads inside each
+# call would compete with Grain's workers and the read threads for the same cores (on this
+# 2-core machine they made in-process reading slower when threads were added).
+_OPENCV_THREADS_SET: set[int] = set()
+
+
+def _one_opencv_thread() -> None:
+    if os.getpid() not in _OPENCV_THREADS_SET:
+        import cv2
+
+        cv2.setNumThreads(1)
+        _OPENCV_THREADS_SET.add(os.getpid())
+
+
+_POOLS: dict[tuple[int, int], concurrent.futures.ThreadPoolExecutor] = {}
+
+
+def map_examples(fn: Callable[[int], Record], count: int, threads: int) -> list[Record]:
+    """[fn(0), ..., fn(count - 1)], by `threads` threads of this process (1: one after another).
+
+    The examples of a batch are decoded and augmented in parallel (OpenCV and numpy release
+    the GIL); each has its own random generator, so the results do not depend on `threads`.
+    """
+    if threads <= 1 or count <= 1:
+        return [fn(j) for j in range(count)]
+    key = (os.getpid(), threads)  # a pool per process: Grain's workers are processes
+    if key not in _POOLS:
+        _POOLS[key] = concurrent.futures.ThreadPoolExecutor(threads, 'resnet_jax-read')
+    return list(_POOLS[key].map(fn, range(count)))
+
+
+def _stack(examples: list[Record]) -> Record:
+    return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+
+
 @dataclasses.dataclass(frozen=True)
 class _ReadSliceOfGlobalBatch:
     """Global batch b of the shuffled stream: this process's slice of it, read and augmented.
@@ -576,6 +648,10 @@ class _ReadSliceOfGlobalBatch:
     augmented with the generator (seed, b, j). Nothing depends on how many processes or devices
     share the batch, so the batches and the losses are the same on any topology, and a run
     resumed at step s (on any topology) continues with exactly global batch s.
+
+    The slice's records are read at once (one ArrayRecord read is a fraction of the cost of
+    one read per record), their images still encoded; each example is then decoded and
+    augmented on its own, `threads` at a time (`map_examples`).
     """
 
     source: Any
@@ -584,18 +660,22 @@ class _ReadSliceOfGlobalBatch:
     global_batch_size: int
     start: int  # position of this process's first example in each global batch
     size: int  # examples per process
+    threads: int = 1
 
     def __call__(self, b: int) -> Record:
+        _one_opencv_thread()
         n = len(self.source)
         epoch, position = divmod(b, n // self.global_batch_size)
         first = position * self.global_batch_size + self.start
         indices = epoch_order(self.seed, epoch, n)[first : first + self.size]
-        records = _read_many(self.source, indices.tolist())
-        examples = [
-            self.preprocess(record, np.random.default_rng([self.seed, b, self.start + j]))
-            for j, record in enumerate(records)
-        ]
-        return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+        records = read_encoded(self.source, indices.tolist())
+
+        def example(j: int) -> Record:
+            return self.preprocess(
+                records[j], np.random.default_rng([self.seed, b, self.start + j])
+            )
+
+        return _stack(map_examples(example, len(records), self.threads))
 
 
 def train_dataset(
@@ -606,6 +686,7 @@ def train_dataset(
     seed: int,
     start_batch: int = 0,
     num_workers: int = 0,
+    read_threads: int = 1,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.IterDataset:
@@ -624,11 +705,15 @@ def train_dataset(
         `resnet_jax.sharding.local_batch_size`).
       seed: the shuffle and augmentation seed (a non-negative int).
       start_batch: the global batch to start from (the number of steps already taken).
-      num_workers: Grain worker processes (0: in this process). The batches are identical
-        for any value.
+      num_workers: Grain worker processes, each making whole batches in turn (0: in this
+        process).
+      read_threads: threads per process that decode and augment the images of a batch in
+        parallel (1: one after another). The batches are identical for any number of workers
+        and threads.
       process_index, process_count: this process's slice (default: JAX's).
     """
     _check_batch(batch_size)
+    _check_count(read_threads, 'read_threads', minimum=1)
     index, count = _process(process_index, process_count)
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f'seed must be an int >= 0, got {seed!r}')
@@ -639,40 +724,70 @@ def train_dataset(
             f'the {len(source)} examples of the split'
         )
     read = _ReadSliceOfGlobalBatch(
-        source, preprocess, int(seed), global_batch_size, index * batch_size, batch_size
+        source,
+        preprocess,
+        int(seed),
+        global_batch_size,
+        index * batch_size,
+        batch_size,
+        int(read_threads),
     )
     if not isinstance(start_batch, (int, np.integer)) or start_batch < 0:
         raise ValueError(f'start_batch must be an int >= 0, got {start_batch!r}')
     batches = grain.MapDataset.range(int(start_batch), 2**62)  # global batch numbers, endless
-    return _prefetch(batches.map(read).to_iter_dataset(), num_workers)
+    return _prefetch(batches.map(read), num_workers)
 
 
-def _prefetch(dataset: grain.IterDataset, num_workers: int) -> grain.IterDataset:
-    if not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
-        raise ValueError(f'num_workers must be an int >= 0, got {num_workers!r}')
+def _check_count(value: Any, what: str, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f'{what} must be an int >= {minimum}, got {value!r}')
+
+
+# Batches are made on demand, by the caller (the trainer's device-prefetch thread) or by Grain's
+# workers, which keep one each ready. Grain's default (16 threads, 500 elements read ahead)
+# would hold hundreds of batches in memory (38 MB each for 256 images at 224) and run threads
+# on top of the read threads and the workers.
+_ON_DEMAND = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
+
+def _prefetch(dataset: grain.MapDataset, num_workers: int) -> grain.IterDataset:
+    _check_count(num_workers, 'num_workers')
+    iterable = dataset.to_iter_dataset(_ON_DEMAND)
     if not num_workers:
-        return dataset
+        return iterable
     from absl import flags
 
     # Grain reads absl flags; outside an absl app nobody has parsed them: take the defaults.
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-    return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
 
 
 @dataclasses.dataclass(frozen=True)
-class _PadOrRead:
-    """Eval element i: a real example while i < len(shard), else a masked-out copy of one."""
+class _ReadEvalBatch:
+    """Eval batch k of this process's shard (examples index, index + count, ... of the split):
+    its real examples, then masked-out zero copies of one up to the batch size."""
 
-    shard: Any
-    preprocess: Callable
+    source: Any
+    preprocess: Callable[[Record], Record]
+    index: int
+    count: int
+    batch_size: int
+    threads: int = 1
 
-    def __call__(self, i: int) -> Record:
-        real = i < len(self.shard)
-        example = self.preprocess(self.shard[i if real else 0])
-        if not real:
-            example = {k: np.zeros_like(v) for k, v in example.items()}
-        return {**example, 'mask': np.bool_(real)}
+    def __call__(self, k: int) -> Record:
+        _one_opencv_thread()
+        shard_size = len(range(self.index, len(self.source), self.count))
+        positions = range(k * self.batch_size, min((k + 1) * self.batch_size, shard_size))
+        records = read_encoded(self.source, [self.index + p * self.count for p in positions])
+        examples = map_examples(lambda j: self.preprocess(records[j]), len(records), self.threads)
+        padding = self.batch_size - len(examples)
+        if padding:
+            like = examples[0] if examples else self.preprocess(self.source[0])
+            examples += [{key: np.zeros_like(v) for key, v in like.items()}] * padding
+        batch = _stack(examples)
+        batch['mask'] = np.arange(self.batch_size) < len(records)
+        return batch
 
 
 def eval_dataset(
@@ -681,26 +796,22 @@ def eval_dataset(
     *,
     batch_size: int,
     num_workers: int = 0,
+    read_threads: int = 1,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.IterDataset:
     """Every example of the split exactly once over all processes, in padded, masked batches.
 
     Every process yields the same number of batches (a jitted eval step is collective), so
-    shards shorter than the longest are padded too.
+    shards shorter than the longest are padded too. Workers and threads as `train_dataset`.
     """
     _check_batch(batch_size)
+    _check_count(read_threads, 'read_threads', minimum=1)
     index, count = _process(process_index, process_count)
-    shard = grain.MapDataset.source(source)[index::count]
     longest_shard = math.ceil(len(source) / count)
     num_batches = math.ceil(longest_shard / batch_size)
-    dataset = (
-        grain.MapDataset.range(num_batches * batch_size)
-        .map(_PadOrRead(shard, preprocess))
-        .batch(batch_size)
-        .to_iter_dataset()
-    )
-    return _prefetch(dataset, num_workers)
+    read = _ReadEvalBatch(source, preprocess, index, count, batch_size, int(read_threads))
+    return _prefetch(grain.MapDataset.range(num_batches).map(read), num_workers)
 
 
 # --- In-memory fast path ---------------------------------------------------------------------

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from resnet_jax import paths
+from resnet_jax import decode, paths
 
 NAME = 'folder'
 SPLITS = ('train', 'val')
@@ -51,17 +51,13 @@ def read_image(path: str) -> np.ndarray:
 
 
 def decode_image(encoded: bytes, path: str) -> np.ndarray:
-    import cv2
+    return decode.EncodedImage(encoded, f'image {path!r}').decode()
 
-    buffer = np.frombuffer(encoded, np.uint8)
-    # IMREAD_COLOR: grayscale is repeated to three channels, alpha is dropped, 16-bit is scaled.
-    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
-    if image is None:
-        raise ValueError(
-            f'image {path!r} is not a readable image; expected a JPEG or PNG file '
-            f'({", ".join(IMAGE_SUFFIXES)})'
-        )
-    return image[..., ::-1].copy()  # OpenCV decodes BGR
+
+def read_encoded_image(path: str) -> decode.EncodedImage:
+    """An image file's bytes, decoded later by whoever needs its pixels (`resnet_jax.decode`)."""
+    with paths.open_file(path, 'rb') as f:
+        return decode.EncodedImage(f.read(), f'image {path!r}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +193,11 @@ class FolderSource(Sequence):
     def __getitem__(self, index: int) -> Record:
         path, label = self._examples[index]
         return {'image': read_image(path), 'label': label, 'id': path}
+
+    def read_encoded(self, indices: Sequence[int]) -> list[Record]:
+        """The records at `indices` with their images undecoded (the input pipeline's read)."""
+        examples = [self._examples[i] for i in indices]
+        return [{'image': read_encoded_image(p), 'label': c, 'id': p} for p, c in examples]
 
 
 def open_split(split: str, root: str) -> tuple[FolderSource, FolderIndex]:

@@ -133,11 +133,16 @@ def evaluate_split(
     mesh: Any,
     prefix: str,
     num_workers: int = 0,
+    read_threads: int = 1,
 ) -> dict[str, float]:
     """Exact metrics over a whole split: masked sums divided by the real example count."""
     sums = None
     for local in data.eval_dataset(
-        source, preprocess, batch_size=batch_size, num_workers=num_workers
+        source,
+        preprocess,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        read_threads=read_threads,
     ):
         out = eval_step(state, sharding.global_batch(local, mesh))
         sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
@@ -393,6 +398,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, closers: list) ->
                 seed=config.seed,
                 start_batch=first_step,
                 num_workers=ds.num_workers,
+                read_threads=ds.read_threads,
             )
         )
         batches = prefetch.prefetch_to_device(
@@ -415,6 +421,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, closers: list) ->
             mesh=mesh,
             prefix=split,
             num_workers=ds.num_workers,
+            read_threads=ds.read_threads,
         )
 
     ctx = actions.Context(

@@ -92,12 +92,76 @@ def test_loop_and_profile_benchmarks_write_their_records(tmp_path):
     assert any(files for _, _, files in os.walk(out / 'trace'))
 
 
+@pytest.mark.slow
+def test_input_pipeline_benchmark_measures_uint8_batches_and_cores(cifar10_data_dir):
+    _, record = _run(
+        'input_pipeline.py',
+        f'--data_dir={cifar10_data_dir}',
+        '--workers=0,2',
+        '--batches=1',
+        '--photos=128',
+    )
+    rows = {(r['pipeline'], r['settings']): r for r in record['rows']}
+    assert rows[('CIFAR-10 host', '2 workers, batch 128')]['bytes_per_image'] == 32 * 32 * 3
+    photo = rows[('photos, scale_crop_flip', '2 workers x 1 threads')]
+    assert photo['dtype'] == 'uint8' and photo['bytes_per_step'] == 64 * 224 * 224 * 3
+    assert all(r['images_per_s'] > 0 and r['cores'] > 0 for r in record['rows'])
+    assert record['photos']['count'] == 128 and record['photos']['mean_bytes'] > 30_000
+    assert record['scale_crop_flip_workers2_over_0'] > 0
+    assert set(record['inception_crop_flip_cores_for']) == {'3000', '7000'}
+    assert record['large_photo']['crop_aware_ms'] > 0
+
+
+@pytest.mark.slow
+def test_cifar_loop_benchmark_runs_the_trainer_both_ways(cifar10_data_dir):
+    out, record = _run(
+        'cifar_loop.py',
+        f'--data_dir={cifar10_data_dir}',
+        '--batch_size=16',
+        '--steps=4',
+        '--log_every=2',
+        '--train_split=train[:256]',
+    )
+    assert [r['in_memory'] for r in record['results']] == [False, True]
+    assert all(r['images_per_s'] > 0 and r['intervals'] == 1 for r in record['results'])
+    assert 'in memory / host' in out
+
+
 @pytest.mark.usefixtures('run_process')
 def test_prefetch_benchmark_reports_the_stall_of_each_setting():
     _, record = _run('prefetch.py', '--steps=10', '--step_ms=2', '--host_ms=1', '--sizes=0,2')
     assert set(record['results']) == {'0', '2'}
     for r in record['results'].values():
         assert 0 <= r['stall_fraction'] <= 1 and r['steps_per_s'] > 0
+
+
+# What the GPU machine's image lacks of resnet_jax's dependencies (the device tool's package
+# list): the GPU suite's scripts must run without them.
+NOT_ON_THE_GPU_IMAGE = ('grain', 'tensorflow_datasets', 'tensorflow', 'array_record')
+GPU_SUITE_SCRIPTS = ('train_step', 'loop_throughput', 'steps_per_call', 'profile_step')
+
+
+@pytest.mark.usefixtures('run_process')
+def test_the_gpu_suite_needs_neither_grain_nor_tensorflow_datasets():
+    blocker = f"""
+import importlib, importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in {NOT_ON_THE_GPU_IMAGE!r}:
+            raise ImportError(name + ' is not on the GPU image')
+sys.meta_path.insert(0, Absent())
+sys.path.insert(0, 'benchmarks')
+for script in {GPU_SUITE_SCRIPTS!r}:
+    importlib.import_module(script)
+print('imported')
+"""
+    with open(os.path.join(REPO, 'benchmarks', 'gpu_suite.sh')) as f:
+        suite = f.read()
+    assert all(f'benchmarks/{script}.py' in suite for script in GPU_SUITE_SCRIPTS)
+    result = subprocess.run(
+        [sys.executable, '-c', blocker], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and 'imported' in result.stdout, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize(
@@ -111,6 +175,14 @@ def test_prefetch_benchmark_reports_the_stall_of_each_setting():
         ),
         (['steps_per_call.py', '--ks=1,x'], "--ks='1,x': expected comma-separated positive ints"),
         (['prefetch.py', '--steps=0'], '--steps=0: expected > 0'),
+        (
+            ['input_pipeline.py', '--data_dir=/nowhere', '--photos=10'],
+            '--batches must be positive, --photos at least 128',
+        ),
+        (
+            ['cifar_loop.py', '--data_dir=/nowhere', '--steps=3', '--log_every=2'],
+            '--steps must be a multiple of --log_every',
+        ),
     ],
 )
 @pytest.mark.usefixtures('run_process')

@@ -192,6 +192,12 @@ CASES = [
         'optimizer.warmup_steps=6 must be below total_steps=6',
     ),
     (
+        'no-read-threads',
+        lambda t, d, w, x: (_train(t / 'run', d, '--config.dataset.read_threads=0'), t / 'run'),
+        1,
+        'dataset.read_threads=0; expected a positive int',
+    ),
+    (
         'unknown-dtype',
         lambda t, d, w, x: (_train(t / 'run', d, '--config.dtype=float16'), t / 'run'),
         1,
@@ -221,6 +227,13 @@ CASES = [
         lambda t, d, w, x: (_train(_copy(w, t), d, '--config.model.name=plain20'), t / 'run'),
         1,
         "is of another network or optimizer: model.name='resnet20' (this config: 'plain20')",
+    ),
+    (
+        'resume-with-another-data-stream',
+        lambda t, d, w, x: (_train(_copy(w, t), d, '--config.dataset.in_memory=True'), t / 'run'),
+        1,
+        'draws its batches with dataset.in_memory=False (this config: True); resumed under other '
+        'values it would not continue its own data stream: pass --config.dataset.in_memory=False',
     ),
     (
         'workdir-under-a-file',

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from synthetic_data import example_indices, make_tfds_dataset, synthetic_info, synthetic_source
 
-from resnet_jax import augment, data, datasets, sharding
+from resnet_jax import augment, data, datasets, decode, sharding
 
 DATASET = 'cifar10_jpeg'
 
@@ -128,16 +128,35 @@ def test_pixel_mean_is_the_train_mean_image(cifar):
     np.testing.assert_allclose(mean.mean(axis=(0, 1)) / 255, [0.4913, 0.4821, 0.4465], atol=5e-4)
 
 
-def test_worker_count_does_not_change_the_batches(cifar):
+def test_worker_and_thread_counts_do_not_change_the_batches(cifar):
     source, info, data_dir = cifar
     preprocess = data.make_preprocess(info, train=True, data_dir=data_dir)
     in_process = _take(data.train_dataset(source, preprocess, batch_size=8, seed=3), 3)
-    with_workers = _take(
-        data.train_dataset(source, preprocess, batch_size=8, seed=3, num_workers=2), 3
-    )
-    for a, b in zip(in_process, with_workers, strict=True):
-        np.testing.assert_array_equal(a['image'], b['image'])
-        np.testing.assert_array_equal(a['label'], b['label'])
+    for options in ({'num_workers': 2}, {'read_threads': 3}, {'num_workers': 1, 'read_threads': 2}):
+        parallel = _take(data.train_dataset(source, preprocess, batch_size=8, seed=3, **options), 3)
+        for a, b in zip(in_process, parallel, strict=True):
+            np.testing.assert_array_equal(a['image'], b['image'])
+            np.testing.assert_array_equal(a['label'], b['label'])
+    eval_preprocess = data.make_preprocess(info, train=False, data_dir=data_dir)
+    serial = list(data.eval_dataset(source, eval_preprocess, batch_size=8))[:3]
+    threaded = list(data.eval_dataset(source, eval_preprocess, batch_size=8, read_threads=3))[:3]
+    jax.tree.map(np.testing.assert_array_equal, serial, threaded)
+
+
+def test_records_come_decoded_and_the_pipeline_reads_them_encoded(cifar):
+    """TFDS images are read undecoded: records decode them with OpenCV (the pixels TFDS's
+    own decoder gives), the pipeline's read keeps them encoded for the crops to decode."""
+    import tensorflow_datasets as tfds
+
+    source, _, data_dir = cifar
+    reference = tfds.data_source(DATASET, split='train', data_dir=data_dir)
+    for i in (0, 17, 4242):
+        np.testing.assert_array_equal(source[i]['image'], reference[i]['image'])
+    (record,) = data.read_encoded(source, [17])
+    assert isinstance(record['image'], decode.EncodedImage)
+    assert record['image'].shape == (32, 32, 3)
+    np.testing.assert_array_equal(record['image'].decode(), reference[17]['image'])
+    assert 'record 17 of split' in record['image'].where
 
 
 def test_iterator_state_resumes_at_the_next_batch(cifar):

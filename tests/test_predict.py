@@ -73,7 +73,7 @@ def test_a_runs_checkpoint_predicts_with_its_class_names(cifar10_data_dir, tmp_p
         (['--model=resnet20', 'IMG'], 'pass exactly one of --workdir=DIR and --weights=FILE'),
         (
             ['--weights=W', '--model=resnet20', 'IMG', 'NOTES'],
-            "image 'NOTES' is not a readable image; expected a JPEG or PNG file",
+            "image 'NOTES' is not a readable image; expected a JPEG, PNG, BMP or WebP file",
         ),
     ],
     ids=['no-images', 'no-source', 'not-an-image'],

@@ -12,10 +12,13 @@ set -euo pipefail
 SWEEP_DIR=${1:-${HOME}/.cache/resnet_jax/sweeps/cifar10_cpu_zero_init_2400}
 OUT=$(dirname "$0")
 
+# dataset.in_memory=False: the host pipeline's data stream, which the committed figures were
+# made with (configs/cifar10.py draws its batches in memory since).
 python -m resnet_jax.sweep --config=configs/cifar10.py \
   --models=resnet20,resnet56 --workdir="$SWEEP_DIR" \
   --config.model.zero_init_residual=True \
   --config.dataset.train_split=train \
+  --config.dataset.in_memory=False \
   --config.dataset.eval_split='test[:2000]' \
   --config.dataset.test_split=test \
   --config.batch_size=64 \

@@ -16,11 +16,14 @@ STEPS=${2:-100}
 OUT=$(dirname "$0")
 WEIGHTS=${WEIGHTS:-../shared/models/akamaster_cifar10}
 
+# dataset.in_memory=False: the host pipeline's data stream, which the committed figures were
+# made with (configs/cifar10.py draws its batches in memory since).
 for depth in 20 32 44 56; do
   python train.py --config="configs/cifar10.py:resnet${depth}" --workdir="$RUNS_DIR/resnet${depth}" \
     --config.init_from="$WEIGHTS/resnet${depth}.safetensors" \
     --config.dataset.normalization=imagenet \
     --config.dataset.train_split=train_45k \
+    --config.dataset.in_memory=False \
     --config.dataset.eval_split='test[:500]' \
     --config.dataset.test_split=test \
     --config.batch_size=64 \

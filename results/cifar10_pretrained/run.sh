@@ -14,12 +14,15 @@ RUNS_DIR=${1:-${HOME}/.cache/resnet_jax/sweeps/cifar10_pretrained}
 OUT=$(dirname "$0")
 WEIGHTS=${WEIGHTS:-../shared/models/akamaster_cifar10}
 
+# dataset.in_memory=False: the host pipeline's data stream, which the committed figures were
+# made with (configs/cifar10.py draws its batches in memory since).
 for depth in 20 32 44 56; do
   python train.py --config="configs/cifar10.py:resnet${depth}" --workdir="$RUNS_DIR/resnet${depth}" \
     --config.init_from="$WEIGHTS/resnet${depth}.safetensors" \
     --config.total_steps=0 \
     --config.dataset.normalization=imagenet \
     --config.dataset.train_split=train \
+    --config.dataset.in_memory=False \
     --config.dataset.eval_split='test[:500]' \
     --config.dataset.test_split=test \
     --config.eval_batch_size=500
