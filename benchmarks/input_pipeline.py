@@ -3,7 +3,8 @@
     python benchmarks/input_pipeline.py --data_dir ~/.cache/resnet_jax/tfds \
         [--workers 0,1,2] [--batches 20] [--photos 256]
 
-The model is idle: each row only consumes batches, after warm-up ones (worker start-up).
+The model is idle: each row only consumes batches. The settings of a group are timed in turns
+(`measure`), so the machine's drift falls on all of them alike.
 
 * cifar_host: `data.train_dataset` over the shared CIFAR-10 copy (TFDS ArrayRecord, JPEG decode,
   pad-crop-flip), batches of 128, for each Grain worker count.
@@ -28,7 +29,6 @@ line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -64,30 +64,47 @@ def _process_tree_cpu_s() -> float:
     return sum(cpu[p] for p in tree) / os.sysconf('SC_CLK_TCK')
 
 
-def measure(make_iterator, batches: int, batch_size: int, warmup: int = 2) -> dict:
-    """images/s and cores busy over `batches` batches after `warmup` ones."""
-    iterator = make_iterator()
+def measure(pipelines: dict, batches: int, batch_size: int, rounds: int = 4) -> dict:
+    """images/s and cores busy of each of `pipelines` (name -> iterable), over `batches`
+    batches each, timed in `rounds` turns round the group.
+
+    Timing the settings in turn, a slice at a time, exposes each to the same machine (this
+    shared 2-core machine's speed drifts by 20% within minutes). A pipeline waiting for its
+    turn has its workers' batches ready: each turn first takes (and does not time) three
+    batches, so the timed ones are made while it is timed.
+    """
+    iterators = {name: iter(p) for name, p in pipelines.items()}
+    wall = dict.fromkeys(pipelines, 0.0)
+    cpu = dict.fromkeys(pipelines, 0.0)
+    per_round = -(-batches // rounds)
     try:
-        for _ in range(warmup):
-            batch = next(iterator)
-        jax.block_until_ready(batch)
-        start, cpu = time.perf_counter(), _process_tree_cpu_s()
-        for _ in range(batches):
-            batch = next(iterator)
-        jax.block_until_ready(batch)
-        wall, cpu = time.perf_counter() - start, _process_tree_cpu_s() - cpu
+        for iterator in iterators.values():  # warm-up: worker start-up, first reads
+            jax.block_until_ready([next(iterator) for _ in range(2)])
+        for _ in range(rounds):
+            for name, iterator in iterators.items():
+                jax.block_until_ready([next(iterator) for _ in range(3)])
+                start, cpu_start = time.perf_counter(), _process_tree_cpu_s()
+                for _ in range(per_round):
+                    batch = next(iterator)
+                jax.block_until_ready(batch)
+                wall[name] += time.perf_counter() - start
+                cpu[name] += _process_tree_cpu_s() - cpu_start
     finally:
-        if hasattr(iterator, 'close'):
-            iterator.close()
-    images = batches * batch_size
+        for iterator in iterators.values():
+            if hasattr(iterator, 'close'):
+                iterator.close()
+    images = rounds * per_round * batch_size
     image_bytes = int(np.prod(batch['image'].shape[1:])) * batch['image'].dtype.itemsize
     return {
-        'images_per_s': images / wall,
-        'cores': cpu / wall,
-        'images_per_cpu_s': images / cpu if cpu > 0 else float('nan'),
-        'bytes_per_image': image_bytes,
-        'bytes_per_step': image_bytes * batch_size,
-        'dtype': str(batch['image'].dtype),
+        name: {
+            'images_per_s': images / wall[name],
+            'cores': cpu[name] / wall[name],
+            'images_per_cpu_s': images / cpu[name] if cpu[name] > 0 else float('nan'),
+            'bytes_per_image': image_bytes,
+            'bytes_per_step': image_bytes * batch_size,
+            'dtype': str(batch['image'].dtype),
+        }
+        for name in pipelines
     }
 
 
@@ -124,37 +141,40 @@ def main() -> None:
 
     source, info = data.open_split('cifar10_jpeg', 'train', args.data_dir)
     preprocess = data.make_preprocess(info, train=True, data_dir=args.data_dir)
-    for n in workers:
-        dataset = data.train_dataset(source, preprocess, batch_size=128, seed=0, num_workers=n)
-        record(
-            'CIFAR-10 host',
-            f'{n} workers, batch 128',
-            measure(functools.partial(iter, dataset), args.batches, 128),
+    pipelines = {
+        f'{n} workers, batch 128': data.train_dataset(
+            source, preprocess, batch_size=128, seed=0, num_workers=n
         )
+        for n in workers
+    }
+    for settings, r in measure(pipelines, args.batches, 128).items():
+        record('CIFAR-10 host', settings, r)
 
     start = time.perf_counter()
     images, labels = data.load_arrays(source, info)
     results['cifar_decode_all_s'] = time.perf_counter() - start
     images, labels = jax.device_put(images), jax.device_put(labels)
     key = jax.random.key(0)
-    steps = lambda: (
+    steps = (
         data.in_memory_train_batch(images, labels, key, step, batch_size=128)
-        for step in range(10 * args.batches + 2)
+        for step in range(2**31)
     )
-    record('CIFAR-10 in memory', 'jit, batch 128', measure(steps, 10 * args.batches, 128))
+    r = measure({'jit, batch 128': steps}, 10 * args.batches, 128)
+    record('CIFAR-10 in memory', 'jit, batch 128', r['jit, batch 128'])
 
     with tempfile.TemporaryDirectory() as root:
         results['photos'] = photos.write_folder(root, args.photos)
         source, info = data.open_split('folder', 'train', root)
-        settings = [(n, 1) for n in workers] + [(0, 2)]
         for augmentation in ('scale_crop_flip', 'inception_crop_flip'):
             preprocess = data.make_preprocess(info, train=True, augmentation=augmentation)
-            for n, threads in settings:
-                dataset = data.train_dataset(
+            pipelines = {
+                f'{n} workers x {threads} threads': data.train_dataset(
                     source, preprocess, batch_size=64, seed=0, num_workers=n, read_threads=threads
                 )
-                r = measure(functools.partial(iter, dataset), args.batches, 64)
-                record(f'photos, {augmentation}', f'{n} workers x {threads} threads', r)
+                for n, threads in [(n, 1) for n in workers] + [(0, 2)]
+            }
+            for settings, r in measure(pipelines, args.batches, 64).items():
+                record(f'photos, {augmentation}', settings, r)
     results['large_photo'] = large_photo_crop(repeats=max(3, args.batches // 4))
     summarize(results, workers)
     print(json.dumps(results))

@@ -8,10 +8,10 @@ ResNet-110 and deeper (and plain110) warm up at 0.01 for 400 iterations, as the 
 Arg: any CIFAR model name (resnet20..resnet1202, plain20..plain110).
 
 Input: the train split is decoded once and kept on the devices, and every batch is drawn and
-augmented there (`dataset.in_memory`): on the 2-core CPU here the trainer ran 1.11x the images/s
-of the host pipeline (`benchmarks/cifar_loop.py`, BENCHMARKS.md); on an accelerator nothing
-crosses from the host per step. `--config.dataset.in_memory=False` takes the host pipeline (a
-data stream of its own: a run is resumed with the value it started with).
+augmented there (`dataset.in_memory`): on the 2-core CPU here the trainer ran 1.11-1.13x the
+images/s of the host pipeline (`benchmarks/cifar_loop.py`, BENCHMARKS.md); on an accelerator
+nothing crosses from the host per step. `--config.dataset.in_memory=False` takes the host
+pipeline (a data stream of its own: a run is resumed with the value it started with).
 
 Expected: test error about 8.75% (resnet20) to 6.4% (resnet110) on the original CIFAR-10; a
 little higher on the shared JPEG copy. Hardware and wall time: about 1.6 s per step on the
