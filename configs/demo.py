@@ -4,9 +4,10 @@
 
 The paper's recipe at batch 64 for 700 steps (0.9 epochs of the full 50k train split) with a
 cosine schedule so a short run ends at a low learning rate; evaluated on the 10k test split.
-Hardware: the 2-core CPU; wall time 4-9 minutes (3 min 49 s and 8 min 20 s measured on two
-machines of that kind). Expected: test top-1 accuracy well above the 10% of chance (57.4-58.3%
-measured; the README quotes the run and its machine).
+Hardware: the 2-core CPU; wall time 4-12 minutes (3 min 49 s and 8 min 20 s measured on two
+machines of that kind with the host pipeline; 11 min 22 s in memory on one running at half
+speed). Expected: test top-1 accuracy well above the 10% of chance (57.2-58.3% measured; the
+README quotes the run and its machine).
 """
 
 import ml_collections
