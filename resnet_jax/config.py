@@ -91,8 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
     # (images/s of its accelerators) / (images/s of one core) cores for it: BENCHMARKS.md.
     c.dataset.num_workers = 0
     c.dataset.read_threads = 1
-    # Decode the train split once, keep it on the devices and draw, augment and normalise every
-    # batch there from (seed, step) (fixed-size datasets such as CIFAR; data.InMemoryBatches).
+    # Decode the train split once, keep it on the devices (rows sharded over the mesh) and draw
+    # and augment every batch there from (seed, step) (fixed-size datasets such as CIFAR;
+    # data.InMemoryBatches). The CIFAR configs turn it on.
     c.dataset.in_memory = False
     c.dataset.download = False
 

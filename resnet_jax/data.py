@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import re
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -321,7 +322,9 @@ class _NamedRecords(Sequence):
 
     def _with_encoded(self, index: int, record: Record) -> Record:
         where = f'record {index} of {self._what} ({", ".join(self._files) or "?"})'
-        return {**record, 'image': decode.EncodedImage(bytes(record['image']), where)}
+        # Without the EXIF orientation, as TensorFlow's and torchvision's decoders read them.
+        image = decode.EncodedImage(bytes(record['image']), where, orient=False)
+        return {**record, 'image': image}
 
     def read_encoded(self, indices: Sequence[int]) -> list[Record]:
         """The records at `indices` (one read), their images still encoded."""
@@ -618,6 +621,7 @@ def _one_opencv_thread() -> None:
 
 
 _POOLS: dict[tuple[int, int], concurrent.futures.ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
 
 
 def map_examples(fn: Callable[[int], Record], count: int, threads: int) -> list[Record]:
@@ -629,9 +633,11 @@ def map_examples(fn: Callable[[int], Record], count: int, threads: int) -> list[
     if threads <= 1 or count <= 1:
         return [fn(j) for j in range(count)]
     key = (os.getpid(), threads)  # a pool per process: Grain's workers are processes
-    if key not in _POOLS:
-        _POOLS[key] = concurrent.futures.ThreadPoolExecutor(threads, 'resnet_jax-read')
-    return list(_POOLS[key].map(fn, range(count)))
+    with _POOLS_LOCK:  # the prefetch thread and an evaluation may ask at once
+        if key not in _POOLS:
+            _POOLS[key] = concurrent.futures.ThreadPoolExecutor(threads, 'resnet_jax-read')
+        pool = _POOLS[key]
+    return list(pool.map(fn, range(count)))
 
 
 def _stack(examples: list[Record]) -> Record:

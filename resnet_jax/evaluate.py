@@ -128,6 +128,8 @@ def evaluate(
         batch_size=sharding.local_batch_size(config.eval_batch_size, mesh),
         mesh=mesh,
         prefix=split,
+        num_workers=ds.num_workers,
+        read_threads=ds.read_threads,
     )
     return result, state, step
 

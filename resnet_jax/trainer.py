@@ -54,7 +54,8 @@ def _check_run_config(
     workdir: str, config: ml_collections.ConfigDict, identity: dict, *, resuming: bool
 ) -> None:
     """Refuses a workdir whose run is of another network or optimizer, or (`resuming` its
-    checkpoints) draws another data stream; records the config if new.
+    checkpoints) draws another data stream; records the config unless a checkpoint was made
+    under the one recorded.
 
     Compared before anything is restored, so a mistyped --workdir or --config gets one clear
     line instead of a shape error from deep in Orbax (each checkpoint is checked again on its
@@ -72,7 +73,9 @@ def _check_run_config(
         )
         if resuming:
             workdir_lib.check_stream(recorded, config, workdir)
-    elif jax.process_index() == 0:
+            return
+    # A new run, or one that never saved (its stream may change): record this config.
+    if jax.process_index() == 0:
         paths.write_text_atomic(path, workdir_lib.config_json(config))
 
 

@@ -37,8 +37,22 @@ def test_the_header_gives_the_decoded_shape_exif_rotation_included():
     assert np.abs(plain.decode().astype(int) - pixels).mean() < 5  # JPEG at quality 90
     rotated = decode.EncodedImage(_jpeg(pixels, orientation=6))  # "rotate 90 degrees"
     assert rotated.shape == (500, 300, 3) == rotated.decode().shape
-    png = cv2.imencode('.png', pixels[..., ::-1])[1].tobytes()
-    np.testing.assert_array_equal(decode.EncodedImage(png).decode(), pixels)  # lossless
+    # TFDS records are read as TensorFlow and torchvision read them: as stored.
+    stored = decode.EncodedImage(_jpeg(pixels, orientation=6), orient=False)
+    assert stored.shape == (300, 500, 3) == stored.decode().shape
+    png = decode.EncodedImage(cv2.imencode('.png', pixels[..., ::-1])[1].tobytes())
+    assert png.shape == (300, 500, 3)  # not a JPEG: its shape from decoding it, once
+    assert png.decode() is png.decode()
+    np.testing.assert_array_equal(png.decode(), pixels)  # lossless
+    assert decode.decode_at_least(png, 8)[1:] == (1.0, 1.0)  # only JPEG decodes smaller
+
+
+def test_a_damaged_exif_block_leaves_the_image_as_stored():
+    jpeg = _jpeg(_photo(40, 60), orientation=6)
+    start = jpeg.index(b'Exif\x00\x00') + 6
+    damaged = jpeg[:start] + b'XXXX' + jpeg[start + 4 :]  # not a TIFF header any more
+    image = decode.EncodedImage(damaged)
+    assert image.shape == (40, 60, 3) == image.decode().shape
 
 
 @pytest.mark.parametrize('shrink', [2, 4, 8])
@@ -118,7 +132,7 @@ def test_a_damaged_image_is_named():
         ValueError, match=r"^record 7 of split 'x' is not a readable image; expected a JPEG"
     ):
         decode.EncodedImage(data[:50], "record 7 of split 'x'").decode()
-    with pytest.raises(
-        ValueError, match=r'^a file is not a readable image.*UnidentifiedImageError'
-    ):
+    with pytest.raises(ValueError, match=r'^a file is not a readable image.*OpenCV cannot'):
         _ = decode.EncodedImage(b'not an image', 'a file').shape
+    with pytest.raises(ValueError, match=r'^a JPEG is not a readable image.*\(\w+Error: '):
+        _ = decode.EncodedImage(b'\xff\xd8\xff\xe0 and no header', 'a JPEG').shape  # header

@@ -24,6 +24,7 @@ from synthetic_data import synthetic_source
 from configs import smoke
 from resnet_jax import actions, checkpoint, data, evaluate, steps, trainer
 from resnet_jax import config as config_lib
+from resnet_jax import workdir as workdir_lib
 from resnet_jax.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -590,6 +591,14 @@ def test_a_resume_under_another_data_stream_is_refused_before_anything_changes(
     # Fields that leave the stream alone may change: here the number of steps.
     trainer.train_and_evaluate(_smoke(cifar10_data_dir, total_steps=4), str(workdir))
     assert checkpoint.committed_steps(str(workdir / 'checkpoints'))[-1] == 4
+    # A run that stopped before its first checkpoint has no stream yet: the next start records
+    # its own config, so that its own resume is not refused.
+    fresh = tmp_path / 'never_saved'
+    fresh.mkdir()
+    (fresh / trainer.RUN_CONFIG_FILE).write_text(workdir_lib.config_json(_smoke(cifar10_data_dir)))
+    trainer.train_and_evaluate(_smoke(cifar10_data_dir, seed=1, total_steps=3), str(fresh))
+    trainer.train_and_evaluate(_smoke(cifar10_data_dir, seed=1, total_steps=4), str(fresh))
+    assert workdir_lib.read_config(str(fresh)).seed == 1
 
 
 def test_a_workdir_of_another_model_is_refused_before_anything_changes(tmp_path, cifar10_data_dir):
