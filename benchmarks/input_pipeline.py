@@ -1,7 +1,7 @@
 """Input-pipeline throughput, bytes and cores: CIFAR host and in-memory paths, photographs.
 
     python benchmarks/input_pipeline.py --data_dir ~/.cache/resnet_jax/tfds \
-        [--workers 0,1,2] [--batches 20] [--photos 256]
+        [--workers 0,1,2] [--batches 20] [--rounds 4] [--photos 256]
 
 The model is idle: each row only consumes batches. The settings of a group are timed in turns
 (`measure`), so the machine's drift falls on all of them alike.
@@ -121,11 +121,21 @@ def main() -> None:
     parser.add_argument('--data_dir', required=True)
     parser.add_argument('--workers', default='0,1,2', help='comma-separated Grain worker counts')
     parser.add_argument('--batches', type=int, default=20)
+    parser.add_argument('--rounds', type=int, default=4, help='turns round each group')
     parser.add_argument('--photos', type=int, default=256, help='JPEGs made for the photo rows')
     args = parser.parse_args()
-    workers = [int(w) for w in args.workers.split(',')]
-    if args.batches < 1 or args.photos < 128 or any(w < 0 for w in workers):
-        parser.error('--batches must be positive, --photos at least 128, --workers >= 0')
+    try:
+        workers = [int(w) for w in args.workers.split(',')]
+    except ValueError:
+        parser.error(f'--workers={args.workers!r}: expected comma-separated worker counts')
+    for name, value, least in (
+        ('batches', args.batches, 1),
+        ('rounds', args.rounds, 1),
+        ('photos', args.photos, 128),
+        ('workers', min(workers), 0),
+    ):
+        if value < least:
+            parser.error(f'--{name}={value}: expected at least {least}')
     results: dict = {
         'machine': f'{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}',
         'rows': [],
@@ -147,7 +157,7 @@ def main() -> None:
         )
         for n in workers
     }
-    for settings, r in measure(pipelines, args.batches, 128).items():
+    for settings, r in measure(pipelines, args.batches, 128, args.rounds).items():
         record('CIFAR-10 host', settings, r)
 
     start = time.perf_counter()
@@ -159,7 +169,7 @@ def main() -> None:
         data.in_memory_train_batch(images, labels, key, step, batch_size=128)
         for step in range(2**31)
     )
-    r = measure({'jit, batch 128': steps}, 10 * args.batches, 128)
+    r = measure({'jit, batch 128': steps}, 10 * args.batches, 128, args.rounds)
     record('CIFAR-10 in memory', 'jit, batch 128', r['jit, batch 128'])
 
     with tempfile.TemporaryDirectory() as root:
@@ -173,7 +183,7 @@ def main() -> None:
                 )
                 for n, threads in [(n, 1) for n in workers] + [(0, 2)]
             }
-            for settings, r in measure(pipelines, args.batches, 64).items():
+            for settings, r in measure(pipelines, args.batches, 64, args.rounds).items():
                 record(f'photos, {augmentation}', settings, r)
     results['large_photo'] = large_photo_crop(repeats=max(3, args.batches // 4))
     summarize(results, workers)

@@ -99,6 +99,7 @@ def test_input_pipeline_benchmark_measures_uint8_batches_and_cores(cifar10_data_
         f'--data_dir={cifar10_data_dir}',
         '--workers=0,2',
         '--batches=1',
+        '--rounds=1',
         '--photos=128',
     )
     rows = {(r['pipeline'], r['settings']): r for r in record['rows']}
@@ -177,8 +178,11 @@ print('imported')
         (['prefetch.py', '--steps=0'], '--steps=0: expected > 0'),
         (
             ['input_pipeline.py', '--data_dir=/nowhere', '--photos=10'],
-            '--batches must be positive, --photos at least 128',
+            '--photos=10: expected at least 128',
         ),
+        (['input_pipeline.py', '--data_dir=/nowhere', '--rounds=0'], '--rounds=0: expected at'),
+        (['input_pipeline.py', '--data_dir=/x', '--workers=0,-1'], '--workers=-1: expected at'),
+        (['input_pipeline.py', '--data_dir=/x', '--workers=2,a'], "--workers='2,a': expected"),
         (
             ['cifar_loop.py', '--data_dir=/nowhere', '--steps=3', '--log_every=2'],
             '--steps must be a multiple of --log_every',
