@@ -125,11 +125,9 @@ def evaluate(
         state,
         source,
         preprocess,
-        batch_size=sharding.local_batch_size(config.eval_batch_size, mesh),
+        config=config,
         mesh=mesh,
         prefix=split,
-        num_workers=ds.num_workers,
-        read_threads=ds.read_threads,
     )
     return result, state, step
 

@@ -132,20 +132,22 @@ def evaluate_split(
     source: Any,
     preprocess: data.Preprocess,
     *,
-    batch_size: int,
+    config: ml_collections.ConfigDict,
     mesh: Any,
     prefix: str,
-    num_workers: int = 0,
-    read_threads: int = 1,
 ) -> dict[str, float]:
-    """Exact metrics over a whole split: masked sums divided by the real example count."""
+    """Exact metrics over a whole split: masked sums divided by the real example count.
+
+    The batch size, workers and read threads are the config's, for the trainer's evaluations
+    and `resnet_jax.evaluate` alike.
+    """
     sums = None
     for local in data.eval_dataset(
         source,
         preprocess,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        read_threads=read_threads,
+        batch_size=sharding.local_batch_size(config.eval_batch_size, mesh),
+        num_workers=config.dataset.num_workers,
+        read_threads=config.dataset.read_threads,
     ):
         out = eval_step(state, sharding.global_batch(local, mesh))
         sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
@@ -420,11 +422,9 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, closers: list) ->
             state,
             sources[split],
             preprocess[False],
-            batch_size=sharding.local_batch_size(config.eval_batch_size, mesh),
+            config=config,
             mesh=mesh,
             prefix=split,
-            num_workers=ds.num_workers,
-            read_threads=ds.read_threads,
         )
 
     ctx = actions.Context(
