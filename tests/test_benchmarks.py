@@ -98,7 +98,10 @@ def test_input_pipeline_benchmark_measures_uint8_batches_and_cores(cifar10_data_
         'input_pipeline.py',
         f'--data_dir={cifar10_data_dir}',
         '--workers=0,2',
-        '--batches=1',
+        # A pipeline with 2 workers holds about 8 batches made while the others were timed: a
+        # turn of a few batches can be all of them, timed in under a clock tick of CPU (/proc's
+        # 10 ms), and its row reports 0 cores. 12 outlast that buffer.
+        '--batches=12',
         '--rounds=1',
         '--photos=128',
     )
