@@ -1,12 +1,15 @@
 """Train a ResNet: flags -> resnet_jax.trainer.train_and_evaluate.
 
     python train.py --config=configs/cifar10.py:resnet20 --workdir=DIR [--config.x=y ...]
+    python train.py --workdir=DIR [--config.x=y ...]    # resume with the run's recorded config
 
 Multi-process: on a Cloud TPU VM pod, GKE, SLURM or Open MPI pass nothing (JAX detects the
 cluster; resnet_jax.cluster decides); elsewhere --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I on every process.
 Bad input exits non-zero with one `error:` line (`--verbose` adds the traceback) and leaves the
-workdir untouched. SIGTERM or Ctrl-C saves the current step and exits 0; rerun to resume.
+workdir untouched. SIGTERM, SIGHUP or Ctrl-C saves the current step and exits 0; rerun to
+resume (before the first step there is nothing to save: one line, exit 128 + the signal).
+A workdir whose checkpoints were all found damaged is not started over without --start_over.
 """
 
 import os
@@ -18,12 +21,23 @@ from ml_collections import config_flags
 from resnet_jax import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment config file[:arg].', lock_config=True)
+config_flags.DEFINE_config_file(
+    'config',
+    None,
+    "Experiment config file[:arg]; default: the workdir's recorded one.",
+    lock_config=True,
+)
 flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go; reruns resume from it.')
 flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 (multi-process).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')
 flags.DEFINE_integer('process_id', None, 'This process (multi-process).')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.DEFINE_boolean(
+    'start_over',
+    False,
+    'Train from step 0 in a workdir whose checkpoints were all set aside as damaged (its '
+    'earlier records are moved to WORKDIR/previous/).',
+)
+flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
@@ -32,6 +46,7 @@ def main(argv):
 
     from resnet_jax import cluster
 
+    config = cli.run_config(FLAGS.config, FLAGS.workdir)
     startup = cluster.decide(
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes,
@@ -39,13 +54,13 @@ def main(argv):
     )
     cluster.start(
         startup,
-        initialization_timeout=FLAGS.config.distributed.initialization_timeout_seconds,
-        heartbeat_timeout_seconds=FLAGS.config.distributed.heartbeat_timeout_seconds,
+        initialization_timeout=config.distributed.initialization_timeout_seconds,
+        heartbeat_timeout_seconds=config.distributed.heartbeat_timeout_seconds,
     )
     from resnet_jax import trainer
 
     try:
-        result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        result = trainer.train_and_evaluate(config, FLAGS.workdir, start_over=FLAGS.start_over)
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1:
             raise

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -35,7 +36,7 @@ import jax
 import numpy as np
 import tqdm
 
-from resnet_jax import checkpoint, metrics
+from resnet_jax import checkpoint, metrics, signals
 from resnet_jax import workdir as workdir_lib
 
 logger = logging.getLogger('resnet_jax')
@@ -99,28 +100,49 @@ def checkpoint_due(ctx: Context, loop: Loop) -> bool:
 
 
 class PreemptionWatch:
-    """Has a preemption notice (SIGTERM, or Ctrl-C) arrived? Every process gets the same answer.
+    """Has a preemption notice (SIGTERM, SIGHUP or Ctrl-C) arrived? Every process gets the same
+    answer.
 
-    Multi-process: JAX's preemption sync manager (started by jax.distributed.initialize)
-    catches SIGTERM and picks a step every process reaches; Orbax asks it. SIGINT is turned into
-    a SIGTERM to this process, so Ctrl-C also saves and exits. One process: a handler for both
-    signals sets a flag, checked between steps.
+    One process: while the loop runs (`save_on_signal`), a handler for the stop signals sets a
+    flag, checked between steps: the run saves the step and stops. Before and after the loop
+    (`stop_on_signal`: set-up, final evaluation) there is no step to save, and a signal stops
+    the run at once (`resnet_jax.signals.Interrupted`); the handlers are in place from the
+    start, before the workdir's lock is taken. A second Ctrl-C stops at once, without a save.
+
+    Several processes: JAX's preemption sync manager (started by jax.distributed.initialize)
+    catches SIGTERM and picks a step every process reaches; Orbax asks it. SIGINT and SIGHUP
+    are turned into a SIGTERM to this process, so they too save and exit.
     """
 
-    def __init__(self, manager: Any):
-        self._manager = manager
+    def __init__(self):
         self._signalled = False
         self._previous: dict[int, Any] = {}
-        if threading.current_thread() is not threading.main_thread():
-            return
-        if jax.process_count() == 1:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._on_signal)
+        self._multi = jax.process_count() > 1
+        if self._multi:
+            self._set({signal.SIGINT: self._forward, signal.SIGHUP: self._forward})
         else:
-            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._forward_sigint)
+            self.stop_on_signal()
+
+    def _set(self, handlers: dict[int, Any]) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers (a run started from a thread)
+        for signum, handler in handlers.items():
+            previous = signal.signal(signum, handler)
+            self._previous.setdefault(signum, previous)
+
+    def stop_on_signal(self) -> None:
+        """From now on a stop signal raises `signals.Interrupted` (one process)."""
+        if not self._multi:
+            self._set(dict.fromkeys(signals.STOP_SIGNALS, signals.raise_interrupted))
+
+    def save_on_signal(self) -> None:
+        """From now on a stop signal asks the loop to save and stop (one process)."""
+        if not self._multi:
+            self._set(dict.fromkeys(signals.STOP_SIGNALS, self._on_signal))
 
     def _on_signal(self, signum, frame):
         del frame
+        signals.note(signum)
         if self._signalled and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the save
         self._signalled = True
@@ -129,18 +151,18 @@ class PreemptionWatch:
         )
 
     @staticmethod
-    def _forward_sigint(signum, frame):
-        del signum, frame
+    def _forward(signum, frame):
+        del frame
+        signals.note(signum)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    def reached(self, step: int) -> bool:
-        if jax.process_count() == 1:
+    def reached(self, step: int, manager: Any) -> bool:
+        if not self._multi:
             return self._signalled
-        return self._manager.reached_preemption(step)
+        return manager.reached_preemption(step)
 
     def close(self) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
+        signals.restore(self._previous)
         self._previous = {}
 
 
@@ -153,7 +175,7 @@ class PreemptionCheck:
         # one step to stop at, which may fall inside a call of several steps; all then stop at
         # the end of that call.
         steps = range(loop.step - loop.advanced + 1, loop.step + 1)
-        answers = [self.watch.reached(step) for step in steps]  # each asked, none skipped
+        answers = [self.watch.reached(step, ctx.manager) for step in steps]  # each asked
         loop.preempted = any(answers)
         loop.stop = loop.stop or loop.preempted
 
@@ -220,13 +242,20 @@ class Checkpoint:
     def __call__(self, ctx: Context, loop: Loop) -> None:
         if not checkpoint_due(ctx, loop):
             return
+        ctx.lock.check_heartbeat()
         if ctx.lock.lost:
             raise workdir_lib.WorkdirInUse(
                 f'another trainer took over {ctx.workdir!r} (its lock was judged stale); '
                 f'stopped at step {loop.step} without saving'
             )
         not_logged = [{k: float(v) for k, v in r.items()} for r in jax.device_get(loop.pending)]
-        meta = {'identity': ctx.identity, 'pending_train_metrics': not_logged}
+        meta = {
+            'identity': ctx.identity,
+            # The config the step was saved under: a resume is checked against it, and a
+            # reader needs nothing else when config.json is gone.
+            'config': json.loads(workdir_lib.config_json(ctx.config)),
+            'pending_train_metrics': not_logged,
+        }
         evaluated = every(ctx.config.eval_every_steps, loop)
         try:
             checkpoint.save(
@@ -236,12 +265,14 @@ class Checkpoint:
                 meta=meta,
                 metrics=loop.eval_metrics if evaluated else None,
                 force=loop.last or loop.preempted,
+                timeout=ctx.config.storage_timeout_seconds,
             )
             if loop.preempted or loop.last:
-                checkpoint.wait(ctx.manager)
-        except checkpoint.SaveError:
-            with contextlib.suppress(Exception):
-                ctx.manager.wait_until_finished()  # earlier saves may still be committing
+                checkpoint.wait(ctx.manager, ctx.config.storage_timeout_seconds)
+        except checkpoint.SaveError as e:
+            if not e.hard_exit:  # earlier saves may still be committing
+                with contextlib.suppress(Exception):
+                    checkpoint.wait(ctx.manager, ctx.config.storage_timeout_seconds)
             raise
         if loop.preempted:
             logger.warning(

@@ -12,6 +12,11 @@ One `CheckpointManager` per workdir (`workdir/checkpoints`):
   by a crash is never taken for the latest one (leftovers are cleaned at start);
 * restores the state onto whatever shardings the caller asks for, so a run saved on 8 devices
   (or 2 processes) resumes on 1;
+* readers (evaluate, predict, analysis, init_from) open steps with `read_state` / `read_meta_of`,
+  which never write, clean or delete anything: a reader beside a live trainer never touches the
+  step it is saving;
+* every call that waits on the store is bounded (`bounded`): a store that does not answer stops
+  the run with one line after `storage_timeout_seconds`, or at once on a stop signal;
 * saves beside the state a small JSON item, `meta`: what the state is of (the network, input
   normalisation and optimizer, `resnet_jax.workdir.identity`), checked by every reader before
   the arrays are restored, and the host-side progress of the run;
@@ -26,14 +31,17 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
-from typing import Any
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.path import atomicity
 
-from resnet_jax import paths
+from resnet_jax import paths, signals
 
 BEST_METRIC = 'eval/top1_acc'
 FINGERPRINT_FILE = 'fingerprint.json'
@@ -43,7 +51,9 @@ logger = logging.getLogger('resnet_jax')
 
 
 def create_manager(directory: str, *, save_every_steps: int, keep: int) -> ocp.CheckpointManager:
-    """The manager of `directory` (created on the first save)."""
+    """The trainer's manager of `directory`, which is created by the first save (a run refused
+    before it saves leaves no folder behind). Only the workdir's one writer, which holds its
+    lock, may have one: it cleans up unfinished steps, which are a live trainer's saves."""
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
         # Preemption saves are forced by the trainer, which owns the preemption check.
@@ -61,6 +71,7 @@ def create_manager(directory: str, *, save_every_steps: int, keep: int) -> ocp.C
         temporary_path_class=atomicity.CommitFileTemporaryPath,
         cleanup_tmp_directories=True,
         enable_async_checkpointing=True,
+        create=False,
     )
     return ocp.CheckpointManager(
         paths.normalize(directory),  # a local path or a gs:// URL (Orbax reads both)
@@ -72,29 +83,124 @@ def create_manager(directory: str, *, save_every_steps: int, keep: int) -> ocp.C
     )
 
 
+DEFAULT_STORAGE_TIMEOUT = 300.0  # seconds; the config's storage_timeout_seconds
+
+T = TypeVar('T')
+
+
+class StorageStalled(OSError):
+    """The store did not answer a call in time, or a stop signal came while waiting for it.
+
+    The call is abandoned but still runs in a thread nobody can cancel (TensorStore's, gcsfs'),
+    so the process must end without waiting for it: `hard_exit`.
+    """
+
+    hard_exit = True
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def bounded(fn: Callable[[], T], *, seconds: float, what: str) -> T:
+    """`fn()`, waited for at most `seconds` on a thread of its own.
+
+    The calling thread polls, so the signal handlers of the main thread run meanwhile: a stop
+    signal (`resnet_jax.signals`) ends the wait at once, whichever handler took it.
+
+    Raises:
+      StorageStalled: after `seconds`, or when a stop signal arrives meanwhile.
+      whatever `fn` raised.
+    """
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            outcome['value'] = fn()
+        except BaseException as e:  # handed to the caller
+            outcome['error'] = e
+
+    seen = signals.received()
+    deadline = time.monotonic() + seconds
+    thread = threading.Thread(target=call, name=f'storage: {what}'[:60], daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.1)
+            if signals.received() > seen:
+                signum = signals.last_received()
+                raise StorageStalled(
+                    f'stopped by {signals.name(signum)} while {what}, which the store had not '
+                    f'finished after {seconds - (deadline - time.monotonic()):.0f} s',
+                    128 + signum,
+                )
+            if thread.is_alive() and time.monotonic() > deadline:
+                raise StorageStalled(
+                    f'{what}: the store did not answer within {seconds:.0f} s '
+                    '(storage_timeout_seconds)'
+                )
+    except signals.Interrupted as e:  # a handler that raises: the call is still running
+        e.hard_exit = True
+        raise
+    if 'error' in outcome:
+        raise outcome['error']
+    return outcome['value']
+
+
+# Managers whose store stalled once: every later call on them is given up on at once (closing a
+# run after a stall must not wait for the same store again, once per closer).
+_STALLED: weakref.WeakSet = weakref.WeakSet()
+
+
+def _on_manager(
+    manager: ocp.CheckpointManager, fn: Callable[[], T], seconds: float, what: str
+) -> T:
+    """`bounded(fn)` for a call on `manager`'s store."""
+    if manager in _STALLED:
+        raise StorageStalled(f'{what}: given up, the store stalled earlier in this run')
+    try:
+        return bounded(fn, seconds=seconds, what=what)
+    except (StorageStalled, signals.Interrupted):
+        _STALLED.add(manager)
+        raise
+
+
 class SaveError(RuntimeError):
     """A checkpoint could not be written (disk full, permissions); earlier ones are intact."""
 
     def __init__(self, step: int | str, directory: str, error: BaseException):
         try:
             committed = committed_steps(directory)
-            last = f'step {committed[-1]}' if committed else 'none'
+            last = (
+                f'the last complete checkpoint is step {committed[-1]}'
+                if committed
+                else 'no checkpoint is complete yet'
+            )
         except OSError as e:  # the store itself is what failed
-            last = f'unknown: the checkpoints cannot be listed now ({e})'
-        remedy = (
-            'check that the bucket is reachable and writable'
-            if paths.is_url(directory)
-            else 'free space, or point --workdir elsewhere'
-        )
+            last = f'the checkpoints cannot be listed now ({e})'
+        if isinstance(error, StorageStalled):
+            remedy = (
+                'check that the bucket is reachable and that its credentials work for '
+                'TensorStore (GOOGLE_APPLICATION_CREDENTIALS, or gcloud auth application-default '
+                'login)'
+            )
+        elif paths.is_url(directory):
+            remedy = 'check that the bucket is reachable and writable'
+        else:
+            remedy = 'free space, or point --workdir elsewhere'
         super().__init__(
-            f'could not save checkpoint step {step} to {directory}: {_reason(error)}; the last '
-            f'complete checkpoint is {last}, and nothing was overwritten ({remedy}, and rerun '
-            'to resume)'
+            f'could not save checkpoint step {step} to {directory}: {_reason(error)}; {last}, '
+            f'and nothing was overwritten ({remedy}, and rerun to resume)'
         )
+        # A save that stalled is still running in a thread: the process must not wait for it.
+        self.hard_exit = getattr(error, 'hard_exit', False)
+        self.exit_code = getattr(error, 'exit_code', 1)
 
 
 def _reason(error: BaseException) -> str:
     """The OS's words for a failed write, wherever Orbax or TensorStore wrapped them."""
+    if isinstance(error, StorageStalled):
+        return str(error)
     seen = error
     while seen is not None:
         if isinstance(seen, OSError) and seen.strerror:
@@ -119,6 +225,7 @@ def save(
     meta: dict[str, Any],
     metrics: dict[str, float] | None = None,
     force: bool = False,
+    timeout: float = DEFAULT_STORAGE_TIMEOUT,
 ) -> bool:
     """Saves if the policy says so (or `force`); returns whether a save started.
 
@@ -128,13 +235,19 @@ def save(
         logged since the last log line), so a restore needs nothing outside the step.
 
     Raises:
-      SaveError: for any failure to write, naming the last complete checkpoint.
+      SaveError: for any failure to write, naming the last complete checkpoint; also when the
+        store stalls for `timeout` seconds (a save waits for the one before it).
     """
     directory = os.fspath(manager.directory)
     # A failed asynchronous save surfaces at the next save: name the step that failed.
     in_flight = [s for s in uncommitted_steps(directory) if s < step]
     try:
-        started = manager.save(step, args=_args(state, meta), metrics=metrics, force=force)
+        started = _on_manager(
+            manager,
+            lambda: manager.save(step, args=_args(state, meta), metrics=metrics, force=force),
+            timeout,
+            f'saving checkpoint step {step}',
+        )
     except Exception as e:  # Orbax wraps OS errors in ValueError and others
         raise SaveError(in_flight[0] if in_flight else step, directory, e) from e
     if started:  # Orbax finished (committed) the previous save before starting this one
@@ -142,15 +255,17 @@ def save(
     return started
 
 
-def wait(manager: ocp.CheckpointManager) -> None:
+def wait(manager: ocp.CheckpointManager, timeout: float = DEFAULT_STORAGE_TIMEOUT) -> None:
     """Blocks until pending saves are committed and fingerprinted.
 
     Raises:
-      SaveError: if a pending (asynchronous) save failed.
+      SaveError: if a pending (asynchronous) save failed, or did not finish within `timeout`.
     """
     directory = os.fspath(manager.directory)
     try:
-        manager.wait_until_finished()
+        _on_manager(
+            manager, manager.wait_until_finished, timeout, 'waiting for a checkpoint to commit'
+        )
     except Exception as e:
         in_flight = uncommitted_steps(directory)
         raise SaveError(in_flight[0] if in_flight else '?', directory, e) from e
@@ -160,32 +275,82 @@ def wait(manager: ocp.CheckpointManager) -> None:
     fingerprint_new_steps(directory)
 
 
+def close(manager: ocp.CheckpointManager, timeout: float = DEFAULT_STORAGE_TIMEOUT) -> None:
+    """Closes the manager; a store that stalls is given up on after `timeout` (StorageStalled)."""
+    _on_manager(manager, manager.close, timeout, 'closing the checkpoint manager')
+
+
+def _restore_args(abstract_state: Any) -> ocp.args.Composite:
+    return ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+    )
+
+
 def restore(
-    manager: ocp.CheckpointManager, step: int, abstract_state: Any
+    manager: ocp.CheckpointManager,
+    step: int,
+    abstract_state: Any,
+    timeout: float = DEFAULT_STORAGE_TIMEOUT,
 ) -> tuple[Any, dict[str, Any]]:
     """(state at `step` laid out as `abstract_state` says, the step's meta).
 
     Args:
       abstract_state: a pytree of `jax.ShapeDtypeStruct`s carrying the target shardings.
     """
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-        ),
+    restored = _on_manager(
+        manager,
+        lambda: manager.restore(step, args=_restore_args(abstract_state)),
+        timeout,
+        f'restoring checkpoint step {step}',
     )
     return restored.state, dict(restored.meta)
 
 
+# --- Readers: never write, clean or delete ----------------------------------------------------
+
+
+def _reader() -> ocp.Checkpointer:
+    """A checkpointer for reading one step folder: unlike a CheckpointManager it has no
+    cleanup of unfinished steps (a live trainer's save in progress) and writes nothing."""
+    return ocp.Checkpointer(
+        ocp.CompositeCheckpointHandler(
+            state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler()
+        )
+    )
+
+
+def read_state(
+    directory: str, step: int, abstract_state: Any, timeout: float = DEFAULT_STORAGE_TIMEOUT
+) -> tuple[Any, dict[str, Any]]:
+    """`restore` for readers: (state, meta) of committed `step`, read without a manager."""
+    step_dir = paths.join(paths.normalize(directory), str(step))
+    with _reader() as reader:
+        restored = bounded(
+            lambda: reader.restore(step_dir, args=_restore_args(abstract_state)),
+            seconds=timeout,
+            what=f'reading checkpoint step {step}',
+        )
+    return restored.state, dict(restored.meta)
+
+
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    """The meta of `step` alone (cheap: no arrays are read).
+    """The meta of `step` alone (cheap: no arrays are read); see `read_meta_of`."""
+    return read_meta_of(os.fspath(manager.directory), step)
+
+
+def read_meta_of(directory: str, step: int) -> dict[str, Any]:
+    """The meta of `step` in `directory` alone (cheap: no arrays are read), read only.
 
     Raises:
       ValueError: if the step has none (written by an older version) or it cannot be read.
     """
-    directory = os.fspath(manager.directory)
+    directory = paths.normalize(directory)
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        with _reader() as reader:
+            restored = reader.restore(
+                paths.join(directory, str(step)),
+                args=ocp.args.Composite(meta=ocp.args.JsonRestore()),
+            )
         meta = restored.meta
     except Exception as e:
         raise ValueError(
@@ -307,3 +472,25 @@ def quarantine(directory: str, step: int) -> str:
     target = paths.join(target_root, f'{step}-{int(time.time())}')
     paths.move(paths.join(directory, str(step)), target)
     return target
+
+
+def nonfinite(state: Any, what: str) -> str | None:
+    """None if every floating-point array of `state` is finite, else which is not (by path).
+
+    A NaN weight does not always show: XLA's CPU ReLU turns NaN into 0, so a net with a NaN
+    tensor can still give finite, confident logits. A checkpoint is checked where it enters.
+    """
+    leaves = [
+        (path, leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+        if hasattr(leaf, 'dtype') and jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)
+    ]
+    counts = jax.device_get([jax.numpy.sum(~jax.numpy.isfinite(leaf)) for _, leaf in leaves])
+    for (path, leaf), count in zip(leaves, counts, strict=True):
+        if count:
+            name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+            return (
+                f'{what}: {name} has {int(count)} non-finite values (NaN/Inf) of {leaf.size}; '
+                'expected finite weights'
+            )
+    return None

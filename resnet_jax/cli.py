@@ -4,11 +4,13 @@
 
 * Flags are absl flags. `--config=FILE[:ARG]` is an ml_collections config file whose fields are
   set with `--config.x=y` (config_flags: the value is parsed as the field's type, unknown keys
-  are refused). `config_flag_from_workdir` lets a command that reads a workdir default to the
-  config the run recorded there (`config.json`).
-* A mistake (a bad flag, config value, path, dataset, checkpoint, a full disk, Ctrl-C before
-  training started) prints one line, `error: ...`, to stderr and exits 1 (2 for a malformed
-  command line). With `--verbose` (or `RESNET_JAX_DEBUG=1`) the traceback follows it.
+  are refused). A command that reads a workdir runs without `--config` on the config the run
+  recorded there (`run_config`), the same `--config.x=y` overrides applied to it.
+* A mistake (a bad flag, config value, path, dataset, checkpoint, a full disk) prints one line,
+  `error: ...`, to stderr and exits 1 (2 for a malformed command line). With `--verbose` (or
+  `RESNET_JAX_DEBUG=1`) the traceback follows it.
+* SIGINT (Ctrl-C), SIGTERM and SIGHUP stop every command within seconds with one line and exit
+  130, 143 or 129 (resnet_jax.signals); the trainer saves instead once its loop runs.
 * Logging: INFO for resnet_jax, WARNING for the libraries underneath (JAX, Orbax, Grain, absl).
 """
 
@@ -17,12 +19,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import app, flags
+
+from resnet_jax import signals
 
 FLAGS = flags.FLAGS
 DEBUG_ENV = 'RESNET_JAX_DEBUG'
@@ -56,8 +61,8 @@ def verbose() -> bool:
 
 def one_line(error: BaseException) -> str:
     """The error's message on one line: whitespace collapsed, config_flags' traceback dropped."""
-    if isinstance(error, KeyboardInterrupt):
-        return 'interrupted (Ctrl-C) before training started; nothing was saved'
+    if isinstance(error, KeyboardInterrupt) and not isinstance(error, signals.Interrupted):
+        return 'interrupted (Ctrl-C)'
     message = str(error)
     # config_flags re-raises a config file's errors with the whole traceback in the message.
     if 'Error whilst parsing config file:' in message:
@@ -80,17 +85,33 @@ def one_line(error: BaseException) -> str:
     return message
 
 
+def exit_code_of(error: BaseException) -> int:
+    """1 for a mistake; for a stop signal the shell's code (128 + its number; Ctrl-C: 130),
+    also where one ended a wait on a store (`signals.Interrupted` and errors that carry an
+    `exit_code`)."""
+    code = getattr(error, 'exit_code', None)
+    if isinstance(code, int) and code > 0:
+        return code
+    return 128 + signal.SIGINT if isinstance(error, KeyboardInterrupt) else 1
+
+
 def fail(error: BaseException, exit_code: int = 1) -> None:
     """Prints `error: ...` (and the traceback if verbose) and exits with `exit_code`."""
     if verbose():
         traceback.print_exception(error)
     print(f'error: {one_line(error)}', file=sys.stderr, flush=True)
+    if getattr(error, 'hard_exit', False):
+        # A storage call is still hung in a thread that cannot be cancelled (TensorStore,
+        # gcsfs): an orderly exit would wait for it, without end.
+        sys.stderr.flush()
+        os._exit(exit_code)
     sys.exit(exit_code)
 
 
 def _parse_flags(argv: Sequence[str]) -> list[str]:
     argv = list(argv)
     try:
+        argv = _split_recorded_overrides(argv)
         for arg in argv[1:]:
             if re.match(r'^--?config=', arg):
                 check_config_file(arg.split('=', 1)[1].split(':', 1)[0])
@@ -183,30 +204,50 @@ def run(
         if len(args) > 1 and not positional:
             fail(UserError(f'unexpected arguments {args[1:]}; expected only --flags'), USAGE_ERROR)
         configure_logging()
+        signals.install()  # explicitly: a background start inherits SIGINT ignored
         try:
             return main(args)
         except SystemExit:
             raise
         except BaseException as e:
-            fail(e)
+            fail(e, exit_code_of(e))
 
     app.run(guarded, argv=list(sys.argv if argv is None else argv), flags_parser=_parse_flags)
 
 
-# --- Configs -------------------------------------------------------------------------------
+# --- Configs ---------------------------------------------------------------------------------
 
-WORKDIR_CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'workdir.py')
+# `--config.x=y` given without `--config`: set on the workdir's recorded config (`run_config`).
+_RECORDED_OVERRIDES: dict[str, str] = {}
 
 
-def config_flag_from_workdir(argv: list[str]) -> list[str]:
-    """`argv` with `--config=<the workdir's config.json>` added when only `--workdir` is given.
+def _split_recorded_overrides(argv: list[str]) -> list[str]:
+    """`argv` without the `--config.x=y` overrides of a command that was given no `--config`
+    (they are kept for `run_config`); `argv` itself otherwise."""
+    if 'config' not in FLAGS or any(re.match(r'^--?config(=|$)', a) for a in argv[1:]):
+        return argv
+    overrides = [a for a in argv[1:] if re.match(r'^--?config\.', a)]
+    for arg in overrides:
+        key, sep, value = arg.lstrip('-')[len('config.') :].partition('=')
+        if not sep:
+            raise UserError(f'{arg}: expected --config.FIELD=VALUE')
+        _RECORDED_OVERRIDES[key] = value
+    return [a for a in argv if a not in overrides]
 
-    `resnet_jax/workdir.py` is itself a config file whose `get_config(WORKDIR)` reads the run's
-    recorded config, so `--config.x=y` overrides apply to it exactly as to any config file.
+
+def run_config(config: Any, workdir: str) -> Any:
+    """The config a command that reads a workdir runs with: `--config` where given, else the one
+    the run recorded (`resnet_jax.workdir.read_config`) with the `--config.x=y` overrides.
+
+    Raises:
+      ValueError: the workdir records no readable config, or an override names no field.
     """
-    if any(re.match(r'^--?config(=|$)', a) for a in argv):
-        return argv
-    workdir = next((a.split('=', 1)[1] for a in argv if a.startswith('--workdir=')), None)
-    if workdir is None:
-        return argv
-    return [argv[0], f'--config={WORKDIR_CONFIG_FILE}:{workdir}', *argv[1:]]
+    if config is not None:
+        return config
+    from resnet_jax import config as config_lib
+    from resnet_jax import workdir as workdir_lib
+
+    recorded = workdir_lib.read_config(workdir)
+    config_lib.apply_overrides(recorded, _RECORDED_OVERRIDES)
+    recorded.lock()
+    return recorded

@@ -67,6 +67,11 @@ def base_config() -> ml_collections.ConfigDict:
     # path (local or gs://, shared by the hosts of a pod); '' turns it off.
     c.compilation_cache_dir = 'auto'
 
+    # Seconds a checkpoint save, wait or restore may go without the store answering before the
+    # run stops with one line (the last complete checkpoint intact): a bucket that cannot be
+    # reached or authenticated must not hang a run without a word.
+    c.storage_timeout_seconds = 300
+
     # Multi-process runs (train.py passes these to jax.distributed.initialize).
     c.distributed = ml_collections.ConfigDict()
     c.distributed.initialization_timeout_seconds = 300  # all processes must join within this
@@ -144,6 +149,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
             f'{config.steps_per_call} (actions run between calls)',
         )
     _positive_int(config.fsdp_min_size, 'fsdp_min_size')
+    _positive_int(config.storage_timeout_seconds, 'storage_timeout_seconds')
     _positive_int(config.bn_group_size, 'bn_group_size', zero_ok=True)
     _check(
         not config.bn_group_size or config.batch_size % config.bn_group_size == 0,

@@ -18,7 +18,6 @@ it, so a checkpoint is never evaluated as another network.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import flax.serialization
@@ -44,30 +43,57 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, step: int | N
     directory = paths.join(paths.normalize(workdir), 'checkpoints')
     if not paths.isdir(directory):
         raise ValueError(f'no checkpoints in {directory!r}; expected a workdir written by train.py')
-    manager = checkpoint.create_manager(directory, save_every_steps=1, keep=1)
-    try:
-        available = manager.all_steps()
-        step = manager.latest_step() if step is None else step
-        if step is None or step not in available:
-            raise ValueError(f'checkpoint step {step} not in {directory!r}; available: {available}')
-        problem = checkpoint.verify(directory, step)
-        if problem is not None:
-            raise ValueError(f'checkpoint step {step} in {directory!r} is damaged: {problem}')
-        workdir_lib.check_identity(
-            checkpoint.read_meta(manager, step)['identity'],
-            workdir_lib.identity(config, model),
-            f'checkpoint step {step} in {directory!r}',
-        )
-        mesh = sharding.data_mesh()
-        replicated = NamedSharding(mesh, PartitionSpec())
-        abstract = jax.eval_shape(init)
-        target = checkpoint.abstract_with_shardings(
-            abstract, jax.tree.map(lambda _: replicated, abstract)
-        )
-        state, _ = checkpoint.restore(manager, step, target)
-    finally:
-        manager.close()
-    return model, state, step, info
+    # A live trainer deletes old steps as it saves new ones: the latest step is looked up
+    # again if the one being read disappears under the reader.
+    for _ in range(3):
+        chosen = _choose_step(directory, step)
+        try:
+            return model, _read_step(directory, chosen, config, model, init), chosen, info
+        except Exception:
+            if chosen in checkpoint.committed_steps(directory):
+                raise  # still there: the error is the checkpoint's own
+            if step is not None:
+                raise ValueError(
+                    f'checkpoint step {step} in {directory!r} was deleted while it was read (a '
+                    'trainer running in this workdir keeps only its last checkpoints); pass '
+                    'the --step of a kept one'
+                ) from None
+    raise ValueError(f'the checkpoints in {directory!r} kept changing while they were read')
+
+
+def _choose_step(directory: str, step: int | None) -> int:
+    """`step`, or the newest committed step, checked to be committed."""
+    available = checkpoint.committed_steps(directory)
+    step = (available[-1] if available else None) if step is None else step
+    if step is None or step not in available:
+        raise ValueError(f'checkpoint step {step} not in {directory!r}; available: {available}')
+    return step
+
+
+def _read_step(directory: str, step: int, config: Any, model: Any, init: Any) -> Any:
+    """The train state of committed `step`, verified, of `config`'s network, replicated on all
+    devices. Read only: the step is opened without a checkpoint manager, which would clean up
+    (delete) a save in progress of a trainer writing the same workdir."""
+    problem = checkpoint.verify(directory, step)
+    if problem is not None:
+        raise ValueError(f'checkpoint step {step} in {directory!r} is damaged: {problem}')
+    workdir_lib.check_identity(
+        checkpoint.read_meta_of(directory, step)['identity'],
+        workdir_lib.identity(config, model),
+        f'checkpoint step {step} in {directory!r}',
+    )
+    replicated = NamedSharding(sharding.data_mesh(), PartitionSpec())
+    abstract = jax.eval_shape(init)
+    target = checkpoint.abstract_with_shardings(
+        abstract, jax.tree.map(lambda _: replicated, abstract)
+    )
+    state = checkpoint.read_state(directory, step, target)[0]
+    problem = checkpoint.nonfinite(
+        state.eval_variables(), f'checkpoint step {step} in {directory!r}'
+    )
+    if problem is not None:
+        raise ValueError(problem)
+    return state
 
 
 def export(state: Any, path: str) -> None:
@@ -138,6 +164,7 @@ def main(argv: list[str]) -> None:
 
     FLAGS = flags.FLAGS
     split = FLAGS.split
+    config = cli.run_config(FLAGS.config, FLAGS.workdir)
     if FLAGS.export:  # a bad destination stops the command before the evaluation, not after
         serving.check_destination(FLAGS.export)
     protocol_name = ''
@@ -147,7 +174,7 @@ def main(argv: list[str]) -> None:
         scales = protocol.parse_scales(FLAGS.scales)
         protocol.check_protocol(FLAGS.crops, scales)
         result, state, step = protocol.evaluate_protocol(
-            FLAGS.config,
+            config,
             FLAGS.workdir,
             split=split,
             crops=FLAGS.crops,
@@ -156,7 +183,7 @@ def main(argv: list[str]) -> None:
         )
         protocol_name = f' ({protocol.describe(FLAGS.crops, scales)})'
     else:
-        result, state, step = evaluate(FLAGS.config, FLAGS.workdir, split=split, step=FLAGS.step)
+        result, state, step = evaluate(config, FLAGS.workdir, split=split, step=FLAGS.step)
     top1, top5 = result[f'{split}/top1_acc'], result[f'{split}/top5_acc']
     print(
         f'step {step}: {split} top-1 error {100 * (1 - top1):.2f}%, top-5 error '
@@ -164,7 +191,7 @@ def main(argv: list[str]) -> None:
         f'{int(result[f"{split}/num_examples"])} images{protocol_name}'
     )
     if FLAGS.export:
-        written = export_for_serving(FLAGS.config, state, FLAGS.export)
+        written = export_for_serving(config, state, FLAGS.export)
         what = 'the moving average' if state.ema is not None else 'params and batch_stats'
         print(f'exported {what} (what was evaluated) to {FLAGS.export} as {written}')
 
@@ -202,5 +229,4 @@ def _define_flags() -> None:
 
 if __name__ == '__main__':
     _define_flags()
-    sys.argv = cli.config_flag_from_workdir(sys.argv)
     cli.run(main)

@@ -294,6 +294,14 @@ def _move_remote(source: str, target: str) -> None:
     fs.rm(source, recursive=folder)
 
 
+def remove_empty_dir(path: str) -> None:
+    """Removes local directory `path` if it is empty (a workdir made for a start that was
+    refused); leaves it, and anything in it, otherwise. Object stores have no empty folders."""
+    if not is_url(path):
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+
 def copy_file(source: str, target: str) -> None:
     """Copies a file from a local path or URL to a local path or URL."""
     with open_file(source, 'rb') as f:

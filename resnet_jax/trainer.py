@@ -38,6 +38,7 @@ from resnet_jax import (
     prefetch,
     pretrained,
     sharding,
+    signals,
     steps,
 )
 from resnet_jax import config as config_lib
@@ -47,40 +48,36 @@ from resnet_jax.train_state import TrainState, create_train_state
 logger = logging.getLogger('resnet_jax')
 
 
-RUN_CONFIG_FILE = workdir_lib.CONFIG_FILE
+@dataclasses.dataclass(frozen=True)
+class _Resume:
+    """What a checkpoint must agree with to be resumed (checked before its arrays are read)."""
 
+    config: ml_collections.ConfigDict
+    identity: dict[str, Any]
+    recorded: ml_collections.ConfigDict | None  # the workdir's config.json, where readable
+    steps_per_epoch: int
+    workdir: str
 
-def _check_run_config(
-    workdir: str, config: ml_collections.ConfigDict, identity: dict, *, resuming: bool
-) -> None:
-    """Refuses a workdir whose run is of another network or optimizer, or (`resuming` its
-    checkpoints) draws another data stream; records the config unless a checkpoint was made
-    under the one recorded.
-
-    Compared before anything is restored, so a mistyped --workdir or --config gets one clear
-    line instead of a shape error from deep in Orbax (each checkpoint is checked again on its
-    own record when restored: a workdir without config.json is no way around it).
-    """
-    path = paths.join(workdir, RUN_CONFIG_FILE)
-    if paths.exists(path):
-        recorded = workdir_lib.read_config(workdir)
-        try:
-            model = config_lib.create_model_from_config(recorded, identity['model.num_classes'])
-        except (ValueError, KeyError, AttributeError) as e:
-            raise ValueError(f'{path} does not describe a run of this version: {e}') from None
-        workdir_lib.check_identity(
-            workdir_lib.identity(recorded, model), identity, f'the run in {workdir!r} ({path})'
-        )
-        if resuming:
-            workdir_lib.check_stream(recorded, config, workdir)
+    def check(self, meta: dict[str, Any], step: int, where: str) -> None:
+        """Refuses a step of another network or optimizer, or one whose run resumed under this
+        config would draw another data stream or jump its learning rate."""
+        workdir_lib.check_identity(meta['identity'], self.identity, where)
+        # The config the step was saved under; config.json for steps from before it was kept.
+        saved = meta.get('config')
+        recorded = workdir_lib.config_from_values(saved) if saved else self.recorded
+        if recorded is None:
+            logger.warning(
+                '%s records no config and config.json is unreadable: its data '
+                'stream and schedule are not checked',
+                where,
+            )
             return
-    # A new run, or one that never saved (its stream may change): record this config.
-    if jax.process_index() == 0:
-        paths.write_text_atomic(path, workdir_lib.config_json(config))
+        workdir_lib.check_stream(recorded, self.config, self.workdir)
+        workdir_lib.check_schedule(recorded, self.config, step, self.steps_per_epoch, self.workdir)
 
 
 def _restore_latest_good(
-    manager: Any, abstract_state: Any, identity: dict[str, Any]
+    manager: Any, abstract_state: Any, resume: _Resume, timeout: float
 ) -> tuple[TrainState | None, dict[str, Any]]:
     """The newest checkpoint that verifies and restores; bad ones are set aside, never reused.
 
@@ -88,7 +85,8 @@ def _restore_latest_good(
       (state or None if there is no checkpoint, the step's meta).
     Raises:
       ValueError: checkpoints exist but none is usable, or the newest one is of another network
-        or optimizer (a mistake in the config, not corruption: nothing is set aside).
+        or optimizer, or would resume another run (a mistake in the config, not corruption:
+        nothing is set aside).
     """
     directory = os.fspath(manager.directory)
     set_aside = []
@@ -100,12 +98,17 @@ def _restore_latest_good(
             except ValueError as e:
                 problem = str(e)
             else:
-                where = f'checkpoint step {step} in {directory!r}'
-                workdir_lib.check_identity(meta['identity'], identity, where)
+                resume.check(meta, step, f'checkpoint step {step} in {directory!r}')
                 try:
-                    return checkpoint.restore(manager, step, abstract_state)
+                    state, meta = checkpoint.restore(manager, step, abstract_state, timeout)
+                except checkpoint.StorageStalled:
+                    raise  # the store, not the checkpoint
                 except Exception as e:  # Orbax raises many kinds for bad files
                     problem = f'it cannot be read ({type(e).__name__}: {str(e)[:200]})'
+                else:
+                    problem = checkpoint.nonfinite(state, f'checkpoint step {step}')
+                    if problem is None:
+                        return state, meta
         moved = checkpoint.quarantine(directory, step) if jax.process_index() == 0 else '?'
         set_aside.append(f'checkpoint step {step} is bad: {problem}; moved to {moved}')
         logger.warning('%s; falling back to the previous checkpoint', set_aside[-1])
@@ -188,9 +191,11 @@ def build_training(
     return model, tx, schedule, init
 
 
-def _lock_workdir(workdir: str) -> workdir_lib.WorkdirLock:
-    """Process 0 takes the workdir's lock; every process learns whether it got it."""
-    lock = workdir_lib.WorkdirLock(workdir)
+def _lock_workdir(workdir: str, closers: list, storage_timeout: float) -> workdir_lib.WorkdirLock:
+    """Process 0 takes the workdir's lock; every process learns whether it got it. Its release
+    is a closer from before it is taken: a signal right after cannot leave it behind."""
+    lock = workdir_lib.WorkdirLock(workdir, failure_limit_seconds=storage_timeout)
+    closers.append(lock.release)
     error = None
     if jax.process_index() == 0:
         try:
@@ -240,10 +245,10 @@ def _open_data(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], data.
     return sources, info
 
 
-def _initial_state(config, model, manager, init, state_shardings, identity):
+def _initial_state(config, model, manager, init, state_shardings, resume):
     """The newest good checkpoint's state and meta, or a new state made on the devices."""
     target = checkpoint.abstract_with_shardings(jax.eval_shape(init), state_shardings)
-    state, meta = _restore_latest_good(manager, target, identity)
+    state, meta = _restore_latest_good(manager, target, resume, config.storage_timeout_seconds)
     if state is None:
         state = jax.jit(init, out_shardings=state_shardings)()
         if config.get('init_from'):  # absent from the config.json of older runs
@@ -345,27 +350,42 @@ def enable_compilation_cache(setting: str) -> str | None:
     return path
 
 
-def build_run(config: ml_collections.ConfigDict, workdir: str, closers: list) -> Run:
-    """Everything a run needs, checked before the workdir is touched; registers what must be
-    closed (the lock, the checkpoint manager, the writer, the data workers) in `closers`."""
+def build_run(
+    config: ml_collections.ConfigDict, workdir: str, closers: list, *, start_over: bool = False
+) -> Run:
+    """Everything a run needs; registers what must be closed (the lock, the checkpoint manager,
+    the writer, the data workers) in `closers`.
+
+    Checks first, writes last: every check that can refuse the start (the config, the data,
+    the workdir's record and checkpoints, `init_from`, the first batch) runs before anything in
+    the workdir is written, so a refused start leaves a workdir as it was (a new one empty).
+    The run's record (config.json, class_names.json, metrics.jsonl, TensorBoard) is written
+    once the state is ready and the first batch has been read.
+    """
     config_lib.validate(config, jax.device_count(), jax.process_count())
     paths.check_supported(workdir, 'workdir')
-    if config.get('init_from') and not checkpoint.committed_steps(
+    if config.init_from and not checkpoint.committed_steps(
         paths.join(paths.normalize(workdir), 'checkpoints')
     ):
         pretrained.check_path(config.init_from)  # a resumed run never reads it
-    enable_compilation_cache(config.get('compilation_cache_dir', 'auto'))
+    enable_compilation_cache(config.compilation_cache_dir)
     sources, info = _open_data(config)
     mesh = sharding.data_mesh()
     model, tx, schedule, init = build_training(config, info, len(sources['train']))
     identity = workdir_lib.identity(config, model)
+    if not paths.exists(paths.normalize(workdir)):  # a start refused from here on removes it
+        closers.append(functools.partial(paths.remove_empty_dir, paths.normalize(workdir)))
     workdir = paths.writable_dir(workdir, 'workdir')
-    lock = _lock_workdir(workdir)
-    closers.append(lock.release)
+    lock = _lock_workdir(workdir, closers, config.storage_timeout_seconds)
     checkpoint_dir = paths.join(workdir, 'checkpoints')
-    resuming = bool(checkpoint.committed_steps(checkpoint_dir))
-    _check_run_config(workdir, config, identity, resuming=resuming)
-    workdir_lib.check_class_names(workdir, info.class_names, write=jax.process_index() == 0)
+    start = workdir_lib.check_start(
+        workdir,
+        config,
+        identity,
+        info.class_names,
+        steps=checkpoint.committed_steps(checkpoint_dir),
+        start_over=start_over,
+    )
 
     state_shardings = sharding.state_shardings(
         jax.eval_shape(init), mesh, fsdp=config.fsdp, fsdp_min_size=config.fsdp_min_size
@@ -373,48 +393,27 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, closers: list) ->
     manager = checkpoint.create_manager(
         checkpoint_dir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
     )
-    closers.append(manager.close)
-    state, meta = _initial_state(config, model, manager, init, state_shardings, identity)
-    closers.append(lambda: _wait_for_saves(manager))
+    closers.append(lambda: _close_manager(manager, config.storage_timeout_seconds))
+    steps_per_epoch = max(1, len(sources['train']) // config.batch_size)
+    resume = _Resume(config, identity, start.recorded, steps_per_epoch, workdir)
+    state, meta = _initial_state(config, model, manager, init, state_shardings, resume)
     first_step = int(jax.device_get(state.step))
-    writer = metrics.MetricWriter(workdir, resume_step=first_step)
-    closers.append(writer.close)
 
     ds = config.dataset
     preprocess = {train: data.preprocess_of(ds, info, train=train) for train in (True, False)}
-    # The data stream is a function of the step: resuming needs no iterator state, and batches
-    # prefetched past the end of a run are simply dropped.
-    if ds.in_memory:  # on the devices already: nothing to prefetch
-        batches = data.InMemoryBatches(
-            sources['train'],
-            info,
-            preprocess[True],
-            mesh=mesh,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            start_step=first_step,
-        )
-    else:
-        host_batches = iter(
-            data.train_dataset(
-                sources['train'],
-                preprocess[True],
-                batch_size=sharding.local_batch_size(config.batch_size, mesh),
-                seed=config.seed,
-                start_batch=first_step,
-                num_workers=ds.num_workers,
-                read_threads=ds.read_threads,
-            )
-        )
-        batches = prefetch.prefetch_to_device(
-            host_batches, lambda local: sharding.global_batch(local, mesh), config.prefetch_batches
-        )
+    batches = _train_batches(config, sources['train'], info, preprocess[True], mesh, first_step)
     closers.append(batches.close)
+    batches = _FirstBatchRead(batches)  # a damaged first image refuses the start here
     # Train and eval share the normalisation (only their host augmentation differs).
     normalize = preprocess[False].normalize
     train_step, eval_step = _compile_steps(
         config, model, tx, schedule, mesh, state_shardings, normalize
     )
+
+    # The run has started: its record is written from here on.
+    workdir_lib.record_start(start, config, info.class_names)
+    writer = metrics.MetricWriter(workdir, resume_step=first_step)
+    closers.append(writer.close)
 
     def evaluate(state: TrainState, split: str) -> dict[str, float]:
         return evaluate_split(
@@ -433,11 +432,66 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, closers: list) ->
     return Run(ctx, state, first_step, meta, train_step, batches, mesh, 'test' in sources, closers)
 
 
-def _wait_for_saves(manager: Any) -> None:
+def _train_batches(config, source, info, preprocess, mesh, first_step) -> Any:
+    """The global train batches from step `first_step` on, on the devices: drawn there
+    (`dataset.in_memory`) or read on the host and prefetched. The stream is a function of the
+    step: resuming needs no iterator state, and batches prefetched past the end are dropped."""
+    if config.dataset.in_memory:  # on the devices already: nothing to prefetch
+        return data.InMemoryBatches(
+            source,
+            info,
+            preprocess,
+            mesh=mesh,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            start_step=first_step,
+        )
+    host_batches = iter(
+        data.train_dataset(
+            source,
+            preprocess,
+            batch_size=sharding.local_batch_size(config.batch_size, mesh),
+            seed=config.seed,
+            start_batch=first_step,
+            num_workers=config.dataset.num_workers,
+            read_threads=config.dataset.read_threads,
+        )
+    )
+    return prefetch.prefetch_to_device(
+        host_batches, lambda local: sharding.global_batch(local, mesh), config.prefetch_batches
+    )
+
+
+class _FirstBatchRead:
+    """`batches` with the first one read at once: an input error (a damaged image, a record of
+    the wrong shape) refuses the start before the run's record is written."""
+
+    def __init__(self, batches: Any):
+        self._batches = batches
+        self._first = [next(batches)]
+
+    def __iter__(self) -> _FirstBatchRead:
+        return self
+
+    def __next__(self) -> Any:
+        return self._first.pop() if self._first else next(self._batches)
+
+    def close(self) -> None:
+        self._first = []
+        self._batches.close()
+
+
+def _close_manager(manager: Any, timeout: float) -> None:
+    """Waits for pending saves (a failed one is logged: the run's own error, if any, is the
+    line to print), then closes the manager; a stalled store is given up on, not waited for
+    twice."""
     try:
-        checkpoint.wait(manager)
+        checkpoint.wait(manager, timeout)
     except checkpoint.SaveError as e:
+        if e.hard_exit:
+            raise
         logger.error('%s', e)
+    checkpoint.close(manager, timeout)
 
 
 def run_loop(run: Run, loop: actions.Loop, sequence: list[actions.Action]) -> actions.Loop:
@@ -483,20 +537,27 @@ def train_and_evaluate(
     workdir: str,
     *,
     extra_actions: Sequence[actions.Action] = (),
+    start_over: bool = False,
 ) -> dict[str, float]:
     """Trains and evaluates as `config` says; resumes from `workdir` if it holds a checkpoint.
 
     Args:
       extra_actions: called after every step, after the eval and before the checkpoint
         (resnet_jax.actions; docs/extending.md).
+      start_over: start from step 0 in a workdir whose checkpoints were all set aside as
+        damaged (its earlier records are moved to previous/); without it that start is refused.
 
     Returns:
       The final validation (and test) metrics, or {'preempted_at_step': N} when a preemption
       notice stopped the run (its step is saved).
+
+    Raises:
+      signals.Interrupted: a stop signal before the first step or during the final evaluation,
+        where there is no step to save.
     """
     closers: list[Any] = []
     try:
-        result = _train(config, workdir, extra_actions, closers)
+        result = _train(config, workdir, extra_actions, closers, start_over)
     except BaseException:
         close_all(closers, raise_first=False)  # the error on its way out is the one to report
         raise
@@ -509,10 +570,14 @@ def _train(
     workdir: str,
     extra_actions: Sequence[actions.Action],
     closers: list[Any],
+    start_over: bool,
 ) -> dict[str, float]:
-    run = build_run(config, workdir, closers)
-    watch = actions.PreemptionWatch(run.ctx.manager)
+    watch = actions.PreemptionWatch()  # before the lock is taken: no signal is missed
     closers.append(watch.close)
+    try:
+        run = build_run(config, workdir, closers, start_over=start_over)
+    except signals.Interrupted as e:
+        raise signals.Interrupted(e.signum, 'before the first step; rerun to start') from None
     progress = actions.Progress(config.total_steps, run.first_step)
     closers.append(progress.close)
     pending = list(run.meta.get('pending_train_metrics', []))
@@ -526,10 +591,17 @@ def _train(
         actions.Checkpoint(),
         progress,
     ]
+    watch.save_on_signal()
     loop = run_loop(run, loop, sequence)
     if loop.preempted:
         return {'preempted_at_step': float(loop.step)}
-    return finish(run, loop)
+    watch.stop_on_signal()  # the last step is saved: nothing left to save on a signal
+    try:
+        return finish(run, loop)
+    except signals.Interrupted as e:
+        raise signals.Interrupted(
+            e.signum, f'during the final evaluation; step {loop.step} is saved: rerun to evaluate'
+        ) from None
 
 
 def close_all(closers: list[Any], *, raise_first: bool) -> None:

@@ -3,20 +3,22 @@ checkpoints are of.
 
     WORKDIR/
       lock.json        held by the trainer (process 0) while it runs (`WorkdirLock`)
-      config.json      the run's config, written when it starts; `get_config` reads it back
+      config.json      the run's config, written once it has started (`read_config`)
       class_names.json the dataset's class names at the start, the meaning of each label
       metrics.jsonl    one JSON object per line (resnet_jax.metrics)
       tensorboard/     event files
-      checkpoints/N/   Orbax steps, each with the run's identity (resnet_jax.checkpoint)
+      checkpoints/N/   Orbax steps, each with the run's identity and config (resnet_jax.checkpoint)
       bad_checkpoints/ steps that failed verification, set aside, never deleted
+      previous/TIME/   the records of an earlier start that left no usable checkpoint
 
-This file is also a config file for `--config`: `--config=resnet_jax/workdir.py:WORKDIR` is the
-config recorded in WORKDIR, which `evaluate` uses when no `--config` is given.
+A start is checked against these records before anything is written (`check_start`), and
+writes its own only once it has really started (`record_start`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -27,8 +29,10 @@ import uuid
 from typing import Any
 
 import ml_collections
+import numpy as np
 
-from resnet_jax import paths
+from resnet_jax import checkpoint, optim, paths
+from resnet_jax import config as config_lib
 
 logger = logging.getLogger('resnet_jax')
 
@@ -41,32 +45,69 @@ _HELD_TOKENS: set[str] = set()  # the locks this process holds now
 # --- The recorded config ---------------------------------------------------------------------
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config recorded in `workdir` when its run started.
+def read_config(workdir: str, *, from_checkpoint: bool = True) -> ml_collections.ConfigDict:
+    """The config recorded in `workdir`: config.json, written when its run started, or, where
+    that is missing or damaged (and `from_checkpoint`), the config its newest checkpoint was
+    saved under.
 
     Raises:
-      ValueError: naming the file, if the workdir has none or it is not a config.
+      ValueError: naming the file, if the workdir has neither, or its config.json is damaged
+        and it has no checkpoint that records one.
     """
     paths.check_supported(workdir, 'workdir')
-    path = paths.join(paths.normalize(workdir), CONFIG_FILE)
+    workdir = paths.normalize(workdir)
+    try:
+        return _read_config_file(paths.join(workdir, CONFIG_FILE))
+    except ValueError:
+        saved = _newest_checkpoint_config(workdir) if from_checkpoint else None
+        if saved is None:
+            raise
+        return saved
+
+
+def _read_config_file(path: str) -> ml_collections.ConfigDict:
+    # The remedies say what works: every command that reads a workdir takes --config.
     try:
         values = json.loads(paths.read_text(path))
     except FileNotFoundError:
         raise ValueError(
             f'{path} does not exist; expected the workdir of a run started by train.py, or pass '
-            '--config=FILE'
+            "--config=FILE (the run's config file)"
         ) from None
     except (OSError, ValueError) as e:
-        raise ValueError(f'{path} is not a readable config ({e}); pass --config=FILE') from None
+        reason = ' '.join(str(e).split())[:200]
+        raise ValueError(
+            f"{path} is not a readable config ({reason}); pass --config=FILE (the run's config "
+            'file): its checkpoints check that it matches, and train.py then rewrites config.json'
+        ) from None
     if not isinstance(values, dict) or 'model' not in values:
-        raise ValueError(f'{path} is not a run config (no model section); pass --config=FILE')
+        raise ValueError(
+            f"{path} is not a run config (no model section); pass --config=FILE (the run's "
+            'config file)'
+        )
+    return config_from_values(values)
+
+
+def _newest_checkpoint_config(workdir: str) -> ml_collections.ConfigDict | None:
+    """The config the newest committed checkpoint was saved under, if it records one."""
+    directory = paths.join(workdir, 'checkpoints')
+    steps = checkpoint.committed_steps(directory)
+    if not steps:
+        return None
+    try:
+        saved = checkpoint.read_meta_of(directory, steps[-1]).get('config')
+    except ValueError:
+        return None
+    return config_from_values(saved) if isinstance(saved, dict) else None
+
+
+def config_from_values(values: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A recorded config (config.json, or a checkpoint's record of it) as a ConfigDict."""
     # A run recorded before a field existed ran as if it held the field's default.
     return ml_collections.ConfigDict(_lists_as_tuples(_with_defaults(values, _base_values())))
 
 
 def _base_values() -> dict[str, Any]:
-    from resnet_jax import config as config_lib
-
     return json.loads(config_json(config_lib.base_config()))
 
 
@@ -87,13 +128,6 @@ def _lists_as_tuples(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(_lists_as_tuples(v) for v in value)
     return value
-
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """config_flags entry point: `--config=.../resnet_jax/workdir.py:WORKDIR`."""
-    if not arg:
-        raise ValueError('resnet_jax/workdir.py as a config needs the workdir: workdir.py:DIR')
-    return read_config(arg)
 
 
 def config_json(config: ml_collections.ConfigDict) -> str:
@@ -119,23 +153,16 @@ def read_class_names(workdir: str) -> tuple[str, ...] | None:
     return tuple(names)
 
 
-def check_class_names(workdir: str, class_names: tuple[str, ...], *, write: bool) -> None:
-    """Records the dataset's class names, or checks them against the recorded ones: a dataset
-    whose classes changed (a class folder added or renamed) would give the labels of the
-    checkpoints another meaning.
+def check_class_names(workdir: str, class_names: tuple[str, ...]) -> None:
+    """Checks the dataset's class names against those the run recorded at its start, if any: a
+    dataset whose classes changed (a class folder added or renamed) would give the labels of
+    the checkpoints another meaning.
 
     Raises:
       ValueError: naming the classes that differ.
     """
-    if not class_names:
-        return
-    recorded = read_class_names(workdir)
-    if recorded is None:
-        if write:
-            path = paths.join(paths.normalize(workdir), CLASS_NAMES_FILE)
-            paths.write_text(path, json.dumps(list(class_names), indent=1))
-        return
-    if recorded != tuple(class_names):
+    recorded = read_class_names(workdir) if class_names else None
+    if recorded is not None and recorded != tuple(class_names):
         gone = [n for n in recorded if n not in class_names]
         new = [n for n in class_names if n not in recorded]
         what = f'missing now: {gone}, new: {new}' if gone or new else 'the same names, reordered'
@@ -171,7 +198,8 @@ def check_stream(
     recorded: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str
 ) -> None:
     """Raises ValueError naming every `STREAM_FIELDS` value where `config` differs from the
-    config the run in `workdir` started with (`recorded`, as `read_config` returns it)."""
+    config the run in `workdir` was saved under (`recorded`: a checkpoint's record, or
+    config.json as `read_config` returns it)."""
     differ = [f for f in STREAM_FIELDS if _get(recorded, f) != _get(config, f)]
     if differ:
         values = ', '.join(
@@ -180,8 +208,36 @@ def check_stream(
         flags = ' '.join(f'--config.{f}={_get(recorded, f)}' for f in differ)
         raise ValueError(
             f'the run in {workdir!r} draws its batches with {values}; resumed under other '
-            f'values it would not continue its own data stream: pass {flags}, omit --config '
+            f'values it would not continue its own data stream: pass {flags}, or omit --config '
             "to take the workdir's own, or use another workdir"
+        )
+
+
+def check_schedule(
+    recorded: ml_collections.ConfigDict,
+    config: ml_collections.ConfigDict,
+    step: int,
+    steps_per_epoch: int,
+    workdir: str,
+) -> None:
+    """Raises ValueError when resuming at `step` under `config` would change the learning rate
+    the run had there: a schedule laid out over `total_steps` (cosine, warm-up, boundaries in
+    epochs) restarts mid-way when a finished run is resumed with more steps."""
+    if recorded.total_steps == config.total_steps:
+        return
+
+    def rate(c: ml_collections.ConfigDict) -> float:
+        schedule = optim.learning_rate_schedule(c.optimizer, c.total_steps, steps_per_epoch)
+        return float(schedule(step))
+
+    before, after = rate(recorded), rate(config)
+    if not np.isclose(before, after, rtol=1e-6, atol=0.0):
+        raise ValueError(
+            f'the run in {workdir!r} was scheduled for total_steps={recorded.total_steps} '
+            f'({recorded.optimizer.schedule}); resumed at step {step} with '
+            f'total_steps={config.total_steps} its learning rate would jump from {before:.4g} '
+            f'to {after:.4g}: keep --config.total_steps={recorded.total_steps}, or train on '
+            f'from it in a new workdir with --config.init_from={workdir}'
         )
 
 
@@ -240,6 +296,125 @@ def check_identity(recorded: dict[str, Any], expected: dict[str, Any], where: st
         )
 
 
+# --- A start: checked against the workdir's record before anything is written ---------------
+
+PREVIOUS_DIR = 'previous'  # an earlier start's records, moved aside when a run starts over
+# What an earlier start that left no usable checkpoint wrote, and a new start would replace.
+EARLIER_RECORDS = ('metrics.jsonl', 'tensorboard', checkpoint.QUARANTINE_DIR)
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """What a start found in its workdir, for `record_start` once the run has started."""
+
+    workdir: str
+    resuming: bool  # it has a committed checkpoint
+    recorded: ml_collections.ConfigDict | None  # config.json, where it is readable
+    damaged: str | None  # why config.json cannot be read, where it exists
+    earlier: tuple[str, ...]  # an earlier start's records (fresh starts only): moved aside
+
+
+def _recorded_or_problem(workdir: str) -> tuple[ml_collections.ConfigDict | None, str | None]:
+    if not paths.exists(paths.join(workdir, CONFIG_FILE)):
+        return None, None
+    try:
+        return read_config(workdir, from_checkpoint=False), None
+    except ValueError as e:
+        return None, str(e)
+
+
+def check_start(
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    expected: dict[str, Any],
+    class_names: tuple[str, ...],
+    *,
+    steps: list[int],
+    start_over: bool,
+) -> Start:
+    """Checks a start against what `workdir` records; reads only.
+
+    Args:
+      expected: the new run's `identity`; steps: the committed checkpoints.
+      start_over: the user asked to start from step 0 where no checkpoint is usable.
+
+    Raises:
+      ValueError: a run of another network or classes; a start over asked for where there are
+        checkpoints; a start from step 0 not asked for where a run's checkpoints were all set
+        aside as damaged (it would throw the run away without a word).
+    """
+    recorded, damaged = _recorded_or_problem(workdir)
+    if steps and start_over:
+        raise ValueError(
+            f'--start_over: {workdir!r} holds usable checkpoints (the latest is step '
+            f'{steps[-1]}); starting over would discard them: resume (without --start_over), '
+            'or use another workdir'
+        )
+    if recorded is not None and not start_over:
+        model = config_lib.create_model_from_config(recorded, expected['model.num_classes'])
+        where = f'the run in {workdir!r} ({paths.join(workdir, CONFIG_FILE)})'
+        check_identity(identity(recorded, model), expected, where)
+    if not start_over:
+        check_class_names(workdir, class_names)
+    earlier = ()
+    if not steps:
+        earlier = tuple(n for n in EARLIER_RECORDS if paths.exists(paths.join(workdir, n)))
+        set_aside = paths.listdir(paths.join(workdir, checkpoint.QUARANTINE_DIR))
+        if set_aside and not start_over:
+            raise ValueError(
+                f"no usable checkpoint in {workdir!r}: its run's checkpoints were damaged and set "
+                f'aside in {checkpoint.QUARANTINE_DIR}/ ({", ".join(set_aside)}), so it would '
+                "start over from step 0: pass --start_over to do that (the old run's records are "
+                f'moved to {PREVIOUS_DIR}/), or move a good checkpoint back into checkpoints/'
+            )
+    return Start(workdir, bool(steps), recorded, damaged, earlier)
+
+
+def record_start(start: Start, config: ml_collections.ConfigDict, class_names: tuple) -> None:
+    """Writes the run's record once it has started (its state is ready and its first batch
+    read): an earlier start's records moved aside, then config.json (a new run's, or in place
+    of a damaged one) and class_names.json. Process 0 only."""
+    import jax
+
+    if jax.process_index() != 0:
+        return
+    workdir = start.workdir
+    if start.earlier:
+        _move_aside(workdir, start.earlier)
+    if not start.resuming or start.recorded is None:
+        if start.damaged and start.resuming:
+            logger.warning(
+                '%s was damaged: rewrote it with this config, which the checkpoint resumed from '
+                'matches',
+                paths.join(workdir, CONFIG_FILE),
+            )
+        paths.write_text(paths.join(workdir, CONFIG_FILE), config_json(config))
+    if class_names and not paths.exists(paths.join(workdir, CLASS_NAMES_FILE)):
+        paths.write_text(
+            paths.join(workdir, CLASS_NAMES_FILE), json.dumps(list(class_names), indent=1)
+        )
+
+
+def _move_aside(workdir: str, names: tuple[str, ...]) -> None:
+    """Moves an earlier start's records (and the config they were made under) to
+    previous/<UTC time>/: a new start never deletes what an earlier one wrote."""
+    target = paths.join(workdir, PREVIOUS_DIR, time.strftime('%Y%m%d-%H%M%S', time.gmtime()))
+    moved = []
+    for name in (*names, CONFIG_FILE, CLASS_NAMES_FILE):
+        source = paths.join(workdir, name)
+        if paths.exists(source):
+            if not paths.is_url(target):
+                os.makedirs(target, exist_ok=True)
+            paths.move(source, paths.join(target, name))
+            moved.append(name)
+    logger.warning(
+        'starting %s from step 0: moved the records of an earlier start (%s) to %s',
+        workdir,
+        ', '.join(moved),
+        target,
+    )
+
+
 # --- One writer per workdir ------------------------------------------------------------------
 
 
@@ -278,10 +453,14 @@ class WorkdirLock:
         *,
         heartbeat_seconds: float = 30.0,
         stale_after_seconds: float = 600.0,
+        failure_limit_seconds: float = 300.0,
     ):
         self.path = paths.join(workdir, LOCK_FILE)
         self.heartbeat_seconds = heartbeat_seconds
         self.stale_after_seconds = stale_after_seconds
+        # Never as long as another trainer waits before it takes a silent lock over.
+        self.failure_limit_seconds = min(failure_limit_seconds, stale_after_seconds / 2)
+        self._failure: tuple[float, str] | None = None  # (since, what) while the beat fails
         self.token = uuid.uuid4().hex
         self.lost = False
         self._stop = threading.Event()
@@ -394,14 +573,27 @@ class WorkdirLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_seconds):
-            if not self._still_ours():
-                self.lost = True
-                logger.error('the workdir lock %s was taken over by another trainer', self.path)
-                return
             try:
+                if not self._still_ours():
+                    self.lost = True
+                    logger.error('the workdir lock %s was taken over by another trainer', self.path)
+                    return
                 paths.touch(self.path)
-            except OSError as e:
-                logger.warning('could not refresh the workdir lock %s: %s', self.path, e)
+            except Exception as e:  # the store: reported by check_heartbeat, in the main thread
+                self._failure = self._failure or (time.monotonic(), f'{type(e).__name__}: {e}')
+            else:
+                self._failure = None
+
+    def check_heartbeat(self) -> None:
+        """Raises StorageError once the heartbeat has failed for `failure_limit_seconds` in a
+        row (the store cannot be reached): the run stops with one line, in the main thread,
+        before another trainer could judge the lock stale and take the workdir over."""
+        failure = self._failure
+        if failure is not None and time.monotonic() - failure[0] > self.failure_limit_seconds:
+            raise paths.StorageError(
+                f'could not refresh the workdir lock {self.path} for '
+                f'{time.monotonic() - failure[0]:.0f} s: {" ".join(failure[1].split())[:300]}'
+            )
 
     def _still_ours(self) -> bool:
         found = self._read()

@@ -84,7 +84,7 @@ def test_a_run_on_a_bucket_resumes_falls_back_and_reports(
     trainer.train_and_evaluate(_smoke(cifar10_data_dir, **run), str(local))
 
     with monkeypatch.context() as patch:
-        patch.setattr(actions.PreemptionWatch, 'reached', lambda self, step: step == 4)
+        patch.setattr(actions.PreemptionWatch, 'reached', lambda self, step, manager: step == 4)
         result = trainer.train_and_evaluate(_smoke(cifar10_data_dir, **run), remote)
     assert result == {'preempted_at_step': 4.0}
     assert checkpoint.committed_steps(f'{remote}/checkpoints') == [3, 4]

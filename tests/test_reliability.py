@@ -452,7 +452,7 @@ def test_metrics_after_any_interruption_equal_an_uninterrupted_runs(
     # Preempted at step 6: steps 5 and 6 are not logged yet; their metrics ride in the
     # checkpoint, so the line at step 8 averages 5..8 as it does without the interruption.
     with monkeypatch.context() as patch:
-        patch.setattr(actions.PreemptionWatch, 'reached', lambda self, step: step == 6)
+        patch.setattr(actions.PreemptionWatch, 'reached', lambda self, step, manager: step == 6)
         assert trainer.train_and_evaluate(_smoke(cifar10_data_dir, **run), str(preempted)) == {
             'preempted_at_step': 6.0
         }
@@ -595,7 +595,7 @@ def test_a_resume_under_another_data_stream_is_refused_before_anything_changes(
     # its own config, so that its own resume is not refused.
     fresh = tmp_path / 'never_saved'
     fresh.mkdir()
-    (fresh / trainer.RUN_CONFIG_FILE).write_text(workdir_lib.config_json(_smoke(cifar10_data_dir)))
+    (fresh / workdir_lib.CONFIG_FILE).write_text(workdir_lib.config_json(_smoke(cifar10_data_dir)))
     trainer.train_and_evaluate(_smoke(cifar10_data_dir, seed=1, total_steps=3), str(fresh))
     trainer.train_and_evaluate(_smoke(cifar10_data_dir, seed=1, total_steps=4), str(fresh))
     assert workdir_lib.read_config(str(fresh)).seed == 1
@@ -613,7 +613,7 @@ def test_a_workdir_of_another_model_is_refused_before_anything_changes(tmp_path,
     ):
         trainer.train_and_evaluate(plain, str(workdir))
     # Without the recorded config, the checkpoint's own record refuses it.
-    (workdir / trainer.RUN_CONFIG_FILE).unlink()
+    (workdir / workdir_lib.CONFIG_FILE).unlink()
     with pytest.raises(
         ValueError, match=r"checkpoint step 3 in .* is of another network.*model.shortcut='A'"
     ):
@@ -624,10 +624,10 @@ def test_a_workdir_of_another_model_is_refused_before_anything_changes(tmp_path,
     other_input = _smoke(cifar10_data_dir, **{'dataset.normalization': 'channel'})
     with pytest.raises(ValueError, match=r"dataset.normalization='pixel_mean'"):
         trainer.train_and_evaluate(other_input, str(workdir))
-    after = {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()}
-    for path, blob in before.items():
-        if path.name != trainer.RUN_CONFIG_FILE:
-            assert after[path] == blob, path
+    # Nothing changed, and no config.json was written by the refused commands.
+    assert {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()} == {
+        p: b for p, b in before.items() if p.name != workdir_lib.CONFIG_FILE
+    }
     assert not (workdir / checkpoint.QUARANTINE_DIR).exists()
 
 

@@ -1,0 +1,91 @@
+"""Readers of a workdir (evaluate, predict, analysis, init_from) only read: beside a live
+trainer they never delete, clean or write anything, so the trainer loses no step."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+from configs import smoke
+from resnet_jax import checkpoint, evaluate
+from resnet_jax import config as config_lib
+from resnet_jax.metrics import read_metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TIMEOUT = 300
+
+
+def _snapshot(directory):
+    return {p: p.read_bytes() for p in pathlib.Path(directory).rglob('*') if p.is_file()}
+
+
+@pytest.mark.slow
+def test_evaluating_in_a_loop_beside_a_trainer_saving_every_2_steps_loses_no_step(
+    tmp_path, cifar10_data_dir
+):
+    workdir = tmp_path / 'run'
+    total = 120
+    trainer = subprocess.Popen(
+        [
+            sys.executable,
+            'train.py',
+            '--config=configs/smoke.py',
+            f'--workdir={workdir}',
+            f'--config.dataset.data_dir={cifar10_data_dir}',
+            f'--config.total_steps={total}',
+            '--config.log_every_steps=1',
+            '--config.checkpoint_every_steps=2',
+            '--config.keep_checkpoints=2',
+            '--config.eval_every_steps=1000',
+        ],
+        cwd=REPO,
+        env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    config = smoke.get_config()
+    config_lib.apply_overrides(config, {'dataset.data_dir': str(cifar10_data_dir)})
+    directory = str(workdir / 'checkpoints')
+    reads, deadline = [], time.monotonic() + TIMEOUT
+    try:
+        while trainer.poll() is None and time.monotonic() < deadline:
+            if not checkpoint.committed_steps(directory):
+                time.sleep(0.05)
+                continue
+            # What evaluate, predict, analysis and init_from do to a workdir.
+            _, state, step, _ = evaluate.restore_state(config, str(workdir))
+            assert int(state.step) == step
+            reads.append(step)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+        _, err = trainer.communicate(timeout=60)
+    assert trainer.returncode == 0, err[-3000:]
+    assert len(reads) >= 5, reads  # read all along the run, while it saved
+    assert len(set(reads)) >= 3, reads
+    assert checkpoint.committed_steps(directory)[-1] == total
+    logged = [r['step'] for r in read_metrics(workdir / 'metrics.jsonl') if 'train/loss' in r]
+    assert logged == list(range(1, total + 1))
+
+
+def test_a_reader_writes_nothing_in_the_workdir(tmp_path, cifar10_data_dir):
+    from resnet_jax import trainer
+
+    config = smoke.get_config()
+    config_lib.apply_overrides(
+        config, {'dataset.data_dir': str(cifar10_data_dir), 'total_steps': 3}
+    )
+    workdir = tmp_path / 'run'
+    trainer.train_and_evaluate(config, str(workdir))
+    # A save cut off by a kill: the trainer's own manager cleans it up, a reader never does.
+    partial = workdir / 'checkpoints' / '5'
+    (partial / 'state').mkdir(parents=True)
+    before = _snapshot(workdir)
+    _, state, step, _ = evaluate.restore_state(config, str(workdir))
+    assert step == 3 == int(state.step)
+    assert _snapshot(workdir) == before
+    assert partial.exists()
