@@ -136,7 +136,7 @@ def bounded(fn: Callable[[], T], *, seconds: float, what: str) -> T:
                 )
             if thread.is_alive() and time.monotonic() > deadline:
                 raise StorageStalled(
-                    f'{what}: the store did not answer within {seconds:.0f} s '
+                    f'{what}: the store did not answer within {seconds:g} s '
                     '(storage_timeout_seconds)'
                 )
     except signals.Interrupted as e:  # a handler that raises: the call is still running

@@ -273,3 +273,74 @@ def test_the_store_going_away_mid_run_is_one_error_and_the_last_checkpoint_survi
         assert sorted(_losses(remote)) == [1, 2, 3, 4, 5, 6]
     finally:
         emulator.stop()
+
+
+def _without_tensorstore_credentials(env):
+    """gcsfs reaches the emulator, TensorStore (Orbax's array files) does not: it searches for
+    Application Default Credentials and tries the real storage.googleapis.com, which this
+    machine cannot reach. Before, the run hung at its first save for over 10 minutes, silent,
+    and SIGTERM did not end it."""
+    env = dict(env)
+    for name in ('TENSORSTORE_GCS_HTTP_URL', 'GOOGLE_AUTH_TOKEN_FOR_TESTING'):
+        env.pop(name, None)
+    return env
+
+
+@pytest.mark.slow
+def test_a_store_tensorstore_cannot_use_stops_the_run_within_the_storage_timeout(
+    gcs_bucket, cifar10_data_dir
+):
+    argv = [
+        sys.executable,
+        *_train_argv(f'{gcs_bucket}/run', cifar10_data_dir),
+        '--config.storage_timeout_seconds=15',
+    ]
+    env = _without_tensorstore_credentials(_env(2))
+    started = time.monotonic()
+    result = subprocess.run(
+        argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT
+    )
+    took = time.monotonic() - started
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+    assert errors == [result.stderr.strip().splitlines()[-1]], result.stderr[-3000:]
+    assert 'the store did not answer within 15 s (storage_timeout_seconds)' in errors[0]
+    assert 'no checkpoint is complete yet, and nothing was overwritten' in errors[0]
+    assert 'Traceback' not in result.stderr
+    # Set-up and compilation, then the first save's 15 s and the next save's 15 s at most.
+    assert took < 150, took
+    assert checkpoint.committed_steps(f'{gcs_bucket}/run/checkpoints') == []
+    assert not paths.exists(f'{gcs_bucket}/run/lock.json')  # released on the way out
+
+    # SIGTERM while the save waits on the store: honoured within seconds, with one line.
+    proc = subprocess.Popen(
+        [*argv[:-1], '--config.storage_timeout_seconds=600', '--config.total_steps=10000'],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + TIMEOUT
+    while 'step 4/' not in _stderr_so_far(proc):  # past the first save, which now hangs
+        assert proc.poll() is None and time.monotonic() < deadline
+    time.sleep(5)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 20
+    assert proc.returncode == 143, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert re.match(
+        r'error: could not save checkpoint step \d+ to .*: stopped by SIGTERM while', last
+    )
+
+
+_SEEN: dict[int, str] = {}
+
+
+def _stderr_so_far(proc):
+    """What `proc` has written to stderr so far (one line at a time, blocking for each)."""
+    line = proc.stderr.readline()
+    _SEEN[proc.pid] = _SEEN.get(proc.pid, '') + line
+    return _SEEN[proc.pid]

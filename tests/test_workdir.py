@@ -76,6 +76,31 @@ def test_the_heartbeat_refreshes_the_lock_and_notices_a_take_over(tmp_path):
     assert json.loads(lock_file.read_text())['token'] == 'theirs'  # not ours to remove
 
 
+def test_a_heartbeat_the_store_refuses_is_one_error_in_the_main_thread(tmp_path, monkeypatch):
+    """Before, a store gone away made the heartbeat thread die with a 100-line traceback."""
+    from resnet_jax import paths
+
+    lock = workdir.WorkdirLock(str(tmp_path), heartbeat_seconds=0.02, failure_limit_seconds=0.2)
+    lock.acquire()
+    crashed = []
+    monkeypatch.setattr('threading.excepthook', lambda args: crashed.append(args))
+
+    def unreachable(path):
+        raise paths.StorageError(f'could not read {path}: ClientConnectorError: no route')
+
+    monkeypatch.setattr(paths, 'read_text', unreachable)
+    lock.check_heartbeat()  # failing for less than the limit: not yet
+    time.sleep(0.5)
+    with pytest.raises(paths.StorageError, match=r'could not refresh the workdir lock .* for'):
+        lock.check_heartbeat()
+    assert not crashed and lock._thread.is_alive()  # it keeps trying, silently
+    monkeypatch.undo()
+    time.sleep(0.1)
+    lock.check_heartbeat()  # the store is back
+    lock.release()
+    assert not (tmp_path / workdir.LOCK_FILE).exists()
+
+
 def test_the_recorded_config_reads_back_as_written(tmp_path):
     config = smoke.get_config()
     config_lib.apply_overrides(config, {'optimizer.learning_rate': 0.05, 'model.name': 'plain20'})

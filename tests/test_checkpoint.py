@@ -1,0 +1,96 @@
+"""resnet_jax.checkpoint: calls that wait on a store are bounded, and stop on a signal."""
+
+import re
+import signal
+import threading
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import checkpoint, signals
+
+
+def test_a_call_that_does_not_answer_is_given_up_after_its_time():
+    never = threading.Event()
+    started = time.monotonic()
+    with pytest.raises(checkpoint.StorageStalled) as e:
+        checkpoint.bounded(never.wait, seconds=0.3, what='saving checkpoint step 3')
+    assert 0.3 <= time.monotonic() - started < 5
+    assert str(e.value) == (
+        'saving checkpoint step 3: the store did not answer within 0.3 s (storage_timeout_seconds)'
+    )
+    assert e.value.hard_exit and e.value.exit_code == 1
+    never.set()
+    assert checkpoint.bounded(lambda: 7, seconds=1, what='x') == 7
+    with pytest.raises(ZeroDivisionError):
+        checkpoint.bounded(lambda: 1 / 0, seconds=1, what='x')
+
+
+def test_a_stop_signal_ends_the_wait_at_once_with_its_exit_code():
+    never = threading.Event()
+    timer = threading.Timer(0.2, signals.note, args=(signal.SIGTERM,))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(checkpoint.StorageStalled, match=r'stopped by SIGTERM while reading') as e:
+        checkpoint.bounded(never.wait, seconds=60, what='reading checkpoint step 3')
+    assert time.monotonic() - started < 5
+    assert e.value.exit_code == 143
+    never.set()
+
+
+def test_non_finite_weights_are_named_by_their_path():
+    state = {'params': {'conv': {'kernel': jnp.ones(4)}}, 'step': jnp.zeros((), jnp.int32)}
+    assert checkpoint.nonfinite(state, 'checkpoint step 3') is None
+    state['params']['conv']['kernel'] = jnp.array([1.0, np.nan, np.inf, 2.0])
+    assert checkpoint.nonfinite(state, 'checkpoint step 3') == (
+        'checkpoint step 3: params/conv/kernel has 2 non-finite values (NaN/Inf) of 4; '
+        'expected finite weights'
+    )
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_where_it_enters(
+    tmp_path, cifar10_data_dir, caplog
+):
+    """Readers refuse it with one line naming the tensor; the trainer sets it aside and resumes
+    from the one before (XLA's CPU ReLU turns a NaN into 0: such a net still answers)."""
+    import logging
+    import shutil
+
+    import jax
+
+    from configs import smoke
+    from resnet_jax import config as config_lib
+    from resnet_jax import evaluate, trainer
+
+    def config(**overrides):
+        c = smoke.get_config()
+        config_lib.apply_overrides(c, {'dataset.data_dir': str(cifar10_data_dir), **overrides})
+        return c
+
+    run = tmp_path / 'run'
+    directory = str(run / 'checkpoints')
+    trainer.train_and_evaluate(config(), str(run))
+    _, state, _, _ = evaluate.restore_state(config(), str(run), 6)
+    meta = checkpoint.read_meta_of(directory, 6)
+    poisoned = state.replace(
+        params=jax.tree_util.tree_map_with_path(
+            lambda p, x: x * jnp.nan if 'stage2' in jax.tree_util.keystr(p) else x, state.params
+        )
+    )
+    shutil.rmtree(run / 'checkpoints' / '6')
+    manager = checkpoint.create_manager(directory, save_every_steps=1, keep=5)
+    checkpoint.save(manager, 6, poisoned, meta=meta, force=True)
+    checkpoint.wait(manager)
+    checkpoint.close(manager)
+    assert checkpoint.verify(directory, 6) is None  # its files are as saved: only NaN inside
+
+    named = r'params/stage2/block1/\w+/\w+ has \d+ non-finite values \(NaN/Inf\)'
+    with pytest.raises(ValueError, match=rf'checkpoint step 6 in .*: {named}'):
+        evaluate.restore_state(config(), str(run))
+    caplog.set_level(logging.INFO, logger='resnet_jax')
+    trainer.train_and_evaluate(config(total_steps=9), str(run))
+    assert re.search(f'checkpoint step 6 is bad: checkpoint step 6: {named}', caplog.text)
+    assert 'resumed from' in caplog.text and 'at step 3' in caplog.text
+    assert checkpoint.committed_steps(directory)[-1] == 9
