@@ -26,7 +26,7 @@ import jax
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from resnet_jax import checkpoint, cli, data, paths, serving, sharding, steps, trainer
+from resnet_jax import checkpoint, cli, data, paths, serving, sharding, steps, trainer, weights
 from resnet_jax import config as config_lib
 from resnet_jax import workdir as workdir_lib
 
@@ -103,10 +103,27 @@ def export_for_serving(config: ml_collections.ConfigDict, state: Any, path: str)
     )
 
 
-def load_exported(path: str) -> dict[str, Any]:
-    """{'params', 'batch_stats'} written by `export`, for `resnet_jax.apply_model`."""
+def load_exported(path: str, what: str = 'weights') -> dict[str, Any]:
+    """{'params', 'batch_stats'} written by `export`, for `resnet_jax.apply_model`.
+
+    Raises:
+      ValueError: naming `what` (the flag or field it was given as) and the file, if it is not
+        a file `export` writes (damaged, cut off, of another kind) or holds a NaN or Inf.
+    """
     with paths.open_file(path, 'rb') as f:
-        return flax.serialization.msgpack_restore(f.read())
+        blob = f.read()
+    expected = 'expected a file written by python -m resnet_jax.evaluate --export=FILE.msgpack'
+    try:
+        variables = flax.serialization.msgpack_restore(blob)
+    except Exception as e:  # msgpack's errors for a file of another kind: ValueError and kin
+        raise ValueError(
+            f'{what} {path!r}: not a file written by --export ({type(e).__name__}: {e}); {expected}'
+        ) from e
+    params = variables.get('params') if isinstance(variables, dict) else None
+    if not isinstance(params, dict) or 'bias' not in params.get('head', {}):
+        raise ValueError(f'{what} {path!r} holds no params/head/bias; {expected}')
+    weights.check_finite(variables, f'{what} {path!r}')
+    return variables
 
 
 def evaluate(
