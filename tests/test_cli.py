@@ -106,6 +106,23 @@ CASES = [
         "unknown config key in --config.optimizer.lr=1: 'lr' is not a field of the config",
     ),
     (
+        'near-miss-key',
+        lambda t, d, w, x: (_train(t / 'run', d, '--config.totl_steps=5'), t / 'run'),
+        2,
+        "unknown config key in --config.totl_steps=5: 'totl_steps' is not a field of the config; "
+        'did you mean total_steps?',
+    ),
+    (
+        'near-miss-nested-key',
+        lambda t, d, w, x: (
+            _train(t / 'run', d, '--config.optimizer.learing_rate=0.1'),
+            t / 'run',
+        ),
+        2,
+        "unknown config key in --config.optimizer.learing_rate=0.1: 'learing_rate' is not a field "
+        'of the config; did you mean optimizer.learning_rate?',
+    ),
+    (
         'wrong-type',
         lambda t, d, w, x: (_train(t / 'run', d, '--config.total_steps=ten'), t / 'run'),
         2,
