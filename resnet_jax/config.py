@@ -164,9 +164,16 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
     _positive_int(
         config.distributed.heartbeat_timeout_seconds, 'distributed.heartbeat_timeout_seconds'
     )
-    _check(0.0 <= config.label_smoothing < 1.0, f'label_smoothing={config.label_smoothing}')
+    _check(
+        0.0 <= config.label_smoothing < 1.0,
+        f'label_smoothing={config.label_smoothing}; expected [0, 1)',
+    )
     for field in ('mixup_alpha', 'cutmix_alpha'):
-        _check(config[field] >= 0, f'{field}={config[field]}; expected a number >= 0 (0: off)')
+        # Inf passes `>= 0` and then draws NaN mixing weights from Beta(inf, inf).
+        _check(
+            optim.is_finite_number(config[field]) and config[field] >= 0,
+            f'{field}={config[field]}; expected a finite number >= 0 (0: off)',
+        )
     _check(0.0 <= config.cutmix_prob <= 1.0, f'cutmix_prob={config.cutmix_prob}; expected [0, 1]')
     ds = config.dataset
     try:

@@ -182,13 +182,29 @@ CASES = [
             t / 'run',
         ),
         1,
-        'optimizer.learning_rate=-1.0; expected > 0',
+        'optimizer.learning_rate=-1.0; expected a finite number > 0',
     ),
     (
         'unknown-optimizer',
         lambda t, d, w, x: (_train(t / 'run', d, '--config.optimizer.name=adamm'), t / 'run'),
         1,
         "optimizer.name='adamm'; expected one of sgd, momentum",
+    ),
+    (
+        'infinite-mixup-alpha',
+        lambda t, d, w, x: (_train(t / 'run', d, '--config.mixup_alpha=inf'), t / 'run'),
+        1,
+        'invalid config: mixup_alpha=inf; expected a finite number >= 0 (0: off)',
+    ),
+    (
+        'accumulation-not-dividing-the-run',
+        lambda t, d, w, x: (
+            _train(t / 'run', d, '--config.optimizer.accumulate_steps=4'),
+            t / 'run',
+        ),
+        1,
+        'invalid config: optimizer.accumulate_steps=4 does not divide total_steps=6: the last 2 '
+        'micro-batches would never be applied',
     ),
     (
         'label-smoothing-out-of-range',
