@@ -15,7 +15,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from resnet_jax import cli
+from resnet_jax import cli, paths
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file[:arg].', lock_config=True)
@@ -31,6 +31,10 @@ def main(argv):
     import jax
 
     from resnet_jax import cluster
+
+    # Before joining a cluster: '--workdir=' (an unset variable in a script) would train into
+    # the current directory, and '--workdir=" "' into a folder named ' '.
+    paths.check_path_text(FLAGS.workdir, '--workdir')
 
     startup = cluster.decide(
         coordinator_address=FLAGS.coordinator_address,

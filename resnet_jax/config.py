@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from resnet_jax import augment, data, datasets, models, optim, sharding
+from resnet_jax import augment, data, datasets, models, optim, paths, sharding
 
 DTYPES = ('float32', 'bfloat16')
 NONFINITE_POLICIES = ('stop', 'skip')
@@ -157,6 +157,18 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
     _one_of(config.dtype, DTYPES, 'dtype')
     _one_of(config.nonfinite, NONFINITE_POLICIES, 'nonfinite')
     _positive_int(config.max_skipped_steps, 'max_skipped_steps', zero_ok=True)
+    # '' turns these off (or means the default); ' ' would be a folder named ' ' (XLA creates
+    # the cache there) and ' /x.pth' a file that does not exist, named as if it did.
+    for field, value in (
+        ('compilation_cache_dir', config.get('compilation_cache_dir')),
+        ('init_from', config.get('init_from')),
+        ('dataset.data_dir', config.dataset.data_dir),
+    ):
+        if value:
+            try:
+                paths.check_path_text(value, field)
+            except ValueError as e:
+                _check(False, str(e))
     _positive_int(
         config.distributed.initialization_timeout_seconds,
         'distributed.initialization_timeout_seconds',

@@ -155,6 +155,13 @@ def main(argv: list[str]) -> None:
 
     FLAGS = flags.FLAGS
     split = FLAGS.split
+    # With --config given, nothing has read --workdir yet ('' would be the current directory).
+    paths.check_path_text(FLAGS.workdir, '--workdir')
+    # Both are found only after restoring the checkpoint otherwise.
+    if FLAGS.step is not None and FLAGS.step < 0:
+        raise cli.UserError(f'--step={FLAGS.step}; expected a checkpoint step >= 0 (or none)')
+    if not split.strip():
+        raise cli.UserError(f'--split={split!r}; expected a split name, e.g. test')
     if FLAGS.export:  # a bad destination stops the command before the evaluation, not after
         serving.check_destination(FLAGS.export)
     protocol_name = ''

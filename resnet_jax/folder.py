@@ -46,8 +46,11 @@ def read_image(path: str) -> np.ndarray:
     """An image file as uint8 RGB (height, width, 3); grayscale and RGBA become RGB.
 
     Raises:
-      ValueError: naming the file if it does not exist or is not a readable image.
+      ValueError: naming the file if it does not exist, is a directory or is not a readable
+        image.
     """
+    if paths.isdir(path):
+        raise ValueError(f'image {path!r} is a directory; expected an image file')
     if not paths.isfile(path):
         raise ValueError(f'image {path!r} does not exist')
     with paths.open_file(path, 'rb') as f:

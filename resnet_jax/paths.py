@@ -47,6 +47,28 @@ def check_supported(path: str, what: str) -> None:
         )
 
 
+def check_path_text(path: Any, what: str) -> None:
+    """Refuses a path given as nothing, as blanks, or with blanks around it, naming `what`.
+
+    `normalize('')` is the current directory and `normalize(' ')` a folder named ' ': a flag
+    left empty by a script (`--workdir=$UNSET`) or a stray space would silently train into,
+    or read from, somewhere nobody meant.
+
+    Raises:
+      ValueError: naming `what` (the flag or field, e.g. '--workdir') and the value.
+    """
+    if path is None:
+        raise ValueError(f'{what} is not given; expected a path')
+    text = str(path)
+    if not text.strip():
+        raise ValueError(f'{what} {text!r} is {"blank" if text else "empty"}; expected a path')
+    if text != text.strip():
+        raise ValueError(
+            f'{what} {text!r} begins or ends with whitespace; expected a path without it (a '
+            'stray space or newline in the command?)'
+        )
+
+
 def normalize(path: str) -> str:
     """An absolute local path (~ expanded), or the URL without a trailing slash."""
     path = str(path)
@@ -319,8 +341,10 @@ def writable_dir(path: str, what: str) -> str:
     credentials or an unreachable store stop the run here, before anything else is written.
 
     Raises:
-      ValueError: naming `what` (e.g. 'workdir') and the path, with the reason.
+      ValueError: naming `what` (e.g. 'workdir') and the path, with the reason: empty or
+        blank-edged (`check_path_text`), unsupported, not creatable or not writable.
     """
+    check_path_text(path, what)
     check_supported(path, what)
     path = normalize(path)
     if is_url(path):

@@ -45,8 +45,10 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The config recorded in `workdir` when its run started.
 
     Raises:
-      ValueError: naming the file, if the workdir has none or it is not a config.
+      ValueError: naming the file, if the workdir has none or it is not a config; naming the
+        workdir, if it is empty or has blanks around it (`paths.check_path_text`).
     """
+    paths.check_path_text(workdir, 'workdir')
     paths.check_supported(workdir, 'workdir')
     path = paths.join(paths.normalize(workdir), CONFIG_FILE)
     try:
@@ -91,9 +93,9 @@ def _lists_as_tuples(value: Any) -> Any:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """config_flags entry point: `--config=.../resnet_jax/workdir.py:WORKDIR`."""
-    if not arg:
+    if arg is None:
         raise ValueError('resnet_jax/workdir.py as a config needs the workdir: workdir.py:DIR')
-    return read_config(arg)
+    return read_config(arg)  # '' (from --workdir=) is refused there, naming the workdir
 
 
 def config_json(config: ml_collections.ConfigDict) -> str:

@@ -250,6 +250,24 @@ CASES = [
     ),
     # --- workdir --------------------------------------------------------------------------
     (
+        'empty-workdir',  # once: trained into the current directory
+        lambda t, d, w, x: (_train('', d), REPO / 'checkpoints'),
+        1,
+        "--workdir '' is empty; expected a path",
+    ),
+    (
+        'blank-workdir',  # once: trained into a folder named ' '
+        lambda t, d, w, x: (_train(' ', d), REPO / ' '),
+        1,
+        "--workdir ' ' is blank; expected a path",
+    ),
+    (
+        'empty-workdir-evaluate',
+        lambda t, d, w, x: (_evaluate(''), REPO / 'checkpoints'),
+        2,  # found while reading the flags: the workdir's config.json is the --config
+        "workdir '' is empty; expected a path",
+    ),
+    (
         'workdir-in-use',
         lambda t, d, w, x: (_train(_locked(w, t), d), t / 'run'),
         1,
@@ -332,6 +350,24 @@ CASES = [
         lambda t, d, w, x: (_evaluate(t / 'bare'), t / 'bare'),
         2,
         'config.json does not exist; expected the workdir of a run started by train.py',
+    ),
+    (
+        'evaluate-a-negative-step',
+        lambda t, d, w, x: (_evaluate(w, '--step=-1'), w),
+        1,
+        '--step=-1; expected a checkpoint step >= 0 (or none)',
+    ),
+    (
+        'evaluate-an-empty-split',
+        lambda t, d, w, x: ([*_evaluate(w), '--split='], w),
+        1,
+        "--split=''; expected a split name, e.g. test",
+    ),
+    (
+        'analysis-an-empty-split',
+        lambda t, d, w, x: (['-m', 'resnet_jax.analysis', f'--workdir={w}', '--split='], w),
+        1,
+        "--split=''; expected a split name, e.g. test",
     ),
     (
         'evaluate-as-another-network',

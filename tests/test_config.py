@@ -77,6 +77,16 @@ INF, NAN = math.inf, math.nan
             {'optimizer.boundaries_epochs': (INF,)},
             'optimizer.boundaries_epochs=(inf,); expected a tuple of finite numbers',
         ),
+        # XLA made a cache folder named ' ' in the current directory.
+        ({'compilation_cache_dir': ' '}, "compilation_cache_dir ' ' is blank; expected a path"),
+        (
+            {'init_from': ' /w/resnet20.pth'},
+            "init_from ' /w/resnet20.pth' begins or ends with whitespace; expected a path",
+        ),
+        (
+            {'dataset.data_dir': '/data/tfds\n'},
+            "dataset.data_dir '/data/tfds\\n' begins or ends with whitespace",
+        ),
         (
             {'optimizer.accumulate_steps': 3},
             'optimizer.accumulate_steps=3 does not divide total_steps=64000: the last 1 '
