@@ -9,7 +9,7 @@ devices at hand (any number), prints top-1 / top-5 error and loss on the split, 
 `--export` writes the evaluated variables ({'params', 'batch_stats'}: the moving average where
 the run kept one): as a model for serving with the run's input normalisation inside (`.stablehlo`:
 jax.export, `.onnx`: ONNX; resnet_jax/serving.py), or as a Flax msgpack file that
-`load_exported` reads (any other suffix).
+`load_exported` reads (`.msgpack`). Any other suffix, or none, is refused before evaluating.
 
 The config is the one the run recorded (DIR/config.json) unless `--config` is given; either way
 the checkpoint's own record of what it is (network, input normalisation, optimizer) must match
@@ -81,7 +81,7 @@ def export_for_serving(config: ml_collections.ConfigDict, state: Any, path: str)
 
     `.stablehlo` and `.onnx` get the run's network with its input normalisation
     (`config.dataset.normalization`) inside, for uint8 images of its eval size
-    (`serving.export`); any other suffix the msgpack file of `export`.
+    (`serving.export`); `.msgpack` the file of `export`; any other suffix is a ValueError.
     """
     fmt = serving.check_destination(path)
     if fmt == 'msgpack':
@@ -207,8 +207,8 @@ def _define_flags() -> None:
         'export',
         None,
         'Write the evaluated variables here, by suffix: .stablehlo (jax.export) or .onnx, a '
-        'model for serving that takes uint8 images and normalises them itself; any other '
-        '(.msgpack) the Flax msgpack of the variables.',
+        'model for serving that takes uint8 images and normalises them itself; .msgpack the '
+        'Flax msgpack of the variables (no other suffix).',
     )
     flags.DEFINE_integer(
         'crops',

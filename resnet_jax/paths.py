@@ -223,17 +223,25 @@ def read_text(path: str) -> str:
 def write_bytes(path: str, data: bytes) -> None:
     """Writes `path` all at once: a reader sees the old contents or the new, never part.
 
-    Local: a temporary file renamed over it. URL: one object upload, which the store commits
-    whole (there is nothing to rename).
+    Local: a temporary file beside it (same folder, so the rename is atomic; a hidden name of
+    its own, so two writers never share one), renamed over it, and removed if anything fails
+    (a full disk, a directory where the file should go). URL: one object upload, which the
+    store commits whole (there is nothing to rename).
     """
     if is_url(path):
         with _remote(path, 'write'):
             _fs(path).pipe_file(path, data)
         return
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        f.write(data)
-    os.replace(tmp, path)
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f'.{name}.{uuid.uuid4().hex[:8]}.tmp')
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
 
 
 def write_text(path: str, text: str) -> None:

@@ -364,6 +364,18 @@ CASES = [
         "--split=''; expected a split name, e.g. test",
     ),
     (
+        'export-to-the-workdir',  # once: found after evaluating, a .tmp file left in the workdir
+        lambda t, d, w, x: (_evaluate(w, f'--export={w}/'), w),
+        1,
+        "is a directory; expected a file name in it, e.g. '",
+    ),
+    (
+        'export-of-an-unknown-kind',  # once: silently msgpack
+        lambda t, d, w, x: (_evaluate(w, f'--export={t}/model.pt'), w),
+        1,
+        "model.pt' has suffix '.pt'; expected .stablehlo, .onnx, .msgpack",
+    ),
+    (
         'analysis-an-empty-split',
         lambda t, d, w, x: (['-m', 'resnet_jax.analysis', f'--workdir={w}', '--split='], w),
         1,

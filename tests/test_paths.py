@@ -29,3 +29,16 @@ def test_a_path_of_nothing_or_with_blanks_around_it_is_refused(
     assert list(tmp_path.iterdir()) == []
     paths.check_path_text('run', '--workdir')  # a plain path passes
 
+
+def test_a_failed_write_leaves_no_temporary_file_and_the_old_contents(tmp_path):
+    target = tmp_path / 'config.json'
+    paths.write_text(str(target), 'old')
+    assert os.listdir(tmp_path) == ['config.json']  # the temporary file was renamed over it
+    (tmp_path / 'run').mkdir()
+    # A directory where the file should go: the rename fails after the temporary is written.
+    for path in (tmp_path / 'run', f'{tmp_path / "run"}/'):
+        with pytest.raises(OSError):
+            paths.write_bytes(str(path), b'new')
+    assert sorted(os.listdir(tmp_path)) == ['config.json', 'run']
+    assert os.listdir(tmp_path / 'run') == []
+    assert target.read_text() == 'old'
