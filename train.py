@@ -18,7 +18,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from resnet_jax import cli
+from resnet_jax import cli, paths
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -46,6 +46,9 @@ def main(argv):
 
     from resnet_jax import cluster
 
+    # Before joining a cluster: '--workdir=' (an unset variable in a script) would train into
+    # the current directory, and '--workdir=" "' into a folder named ' '.
+    paths.check_path_text(FLAGS.workdir, '--workdir')
     config = cli.run_config(FLAGS.config, FLAGS.workdir)
     startup = cluster.decide(
         coordinator_address=FLAGS.coordinator_address,

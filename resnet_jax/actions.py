@@ -190,7 +190,12 @@ class NonFiniteCheck:
         flags = jax.device_get([flag for _, flag in loop.unchecked])
         bad = [s for (s, _), flag in zip(loop.unchecked, flags, strict=True) if flag]
         loop.unchecked = []
-        where = f'The last checkpoint is step {ctx.manager.latest_step()} in {ctx.checkpoint_dir}.'
+        latest = ctx.manager.latest_step()
+        where = (
+            f'There is no checkpoint yet in {ctx.checkpoint_dir}.'
+            if latest is None
+            else f'The last checkpoint is step {latest} in {ctx.checkpoint_dir}.'
+        )
         if bad and ctx.config.nonfinite == 'stop':
             raise FloatingPointError(
                 f'the loss or the gradients are not finite at step {bad[0]}; stopped without '

@@ -212,6 +212,7 @@ def write_figure7(workdir: str, out: str, split: str = 'test') -> tuple[str, str
     """Analyses every run of `workdir`; writes figure7.csv and figure7.png into `out`."""
     from resnet_jax import paths
 
+    paths.check_path_text(workdir, '--workdir')  # '' would be the current directory
     run_dirs = find_run_dirs(paths.normalize(workdir))
     out = paths.writable_dir(out, '--out')
     responses = [analyse_run(d, split) for d in run_dirs]
@@ -231,6 +232,8 @@ def main(argv: Sequence[str]) -> None:
     from absl import flags
 
     FLAGS = flags.FLAGS
+    if not FLAGS.split.strip():  # found only after restoring the first run otherwise
+        raise cli.UserError(f'--split={FLAGS.split!r}; expected a split name, e.g. test')
     csv_path, png_path = write_figure7(FLAGS.workdir, FLAGS.out or FLAGS.workdir, FLAGS.split)
     print(f'wrote {csv_path} and {png_path}')
 

@@ -117,9 +117,7 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
                 check_config_file(arg.split('=', 1)[1].split(':', 1)[0])
         return FLAGS(argv)
     except (KeyError, AttributeError) as e:  # config_flags: an override of no field
-        key = str(e).strip('"\'')
-        given = next((a for a in argv if re.match(rf'^--?config\..*\b{re.escape(key)}\b', a)), key)
-        fail(UserError(f'unknown config key in {given}: {key!r} is not a field of the config'), 2)
+        fail(UserError(_unknown_config_key(argv, e)), USAGE_ERROR)
     except flags.Error as e:
         fail(UserError(str(e)), USAGE_ERROR)
     except BaseException as e:
@@ -127,6 +125,34 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
             raise
         fail(e, USAGE_ERROR)
     raise AssertionError('unreachable: fail() exits')
+
+
+def _unknown_config_key(argv: Sequence[str], error: BaseException) -> str:
+    """Which `--config.a.b=v` names no field, and the field it most likely meant.
+
+    config_flags' own message is a KeyError's repr wrapped in another's (quotes escaped
+    twice, a newline inside): the config is loaded again and each override's path walked.
+    """
+    import difflib
+
+    config_arg = next((a.split('=', 1)[1] for a in argv if re.match(r'^--?config=', a)), None)
+    try:
+        config = FLAGS['config'].parser.parse(config_arg)
+    except Exception as e:  # the KeyError came from the config file itself, not an override
+        return f'config {config_arg}: {type(e).__name__}: {" ".join(str(e).split())}'
+    for arg in argv[1:]:
+        match = re.match(r'^--?config\.([^=]+)', arg)
+        if not match:
+            continue
+        node, walked = config, []
+        for part in match.group(1).split('.'):
+            fields = list(node.keys()) if hasattr(node, 'keys') else []
+            if part not in fields:
+                close = difflib.get_close_matches(part, fields, n=1)
+                hint = f'; did you mean {".".join([*walked, close[0]])}?' if close else ''
+                return f'unknown config key in {arg}: {part!r} is not a field of the config{hint}'
+            node, walked = node[part], [*walked, part]
+    return f'unknown config key: {" ".join(str(error).split())}'
 
 
 def check_config_file(path: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from resnet_jax import augment, data, datasets, models, optim, sharding
+from resnet_jax import augment, data, datasets, models, optim, paths, sharding
 
 DTYPES = ('float32', 'bfloat16')
 NONFINITE_POLICIES = ('stop', 'skip')
@@ -163,6 +163,18 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
     _one_of(config.dtype, DTYPES, 'dtype')
     _one_of(config.nonfinite, NONFINITE_POLICIES, 'nonfinite')
     _positive_int(config.max_skipped_steps, 'max_skipped_steps', zero_ok=True)
+    # '' turns these off (or means the default); ' ' would be a folder named ' ' (XLA creates
+    # the cache there) and ' /x.pth' a file that does not exist, named as if it did.
+    for field, value in (
+        ('compilation_cache_dir', config.get('compilation_cache_dir')),
+        ('init_from', config.get('init_from')),
+        ('dataset.data_dir', config.dataset.data_dir),
+    ):
+        if value:
+            try:
+                paths.check_path_text(value, field)
+            except ValueError as e:
+                _check(False, str(e))
     _positive_int(
         config.distributed.initialization_timeout_seconds,
         'distributed.initialization_timeout_seconds',
@@ -170,9 +182,16 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
     _positive_int(
         config.distributed.heartbeat_timeout_seconds, 'distributed.heartbeat_timeout_seconds'
     )
-    _check(0.0 <= config.label_smoothing < 1.0, f'label_smoothing={config.label_smoothing}')
+    _check(
+        0.0 <= config.label_smoothing < 1.0,
+        f'label_smoothing={config.label_smoothing}; expected [0, 1)',
+    )
     for field in ('mixup_alpha', 'cutmix_alpha'):
-        _check(config[field] >= 0, f'{field}={config[field]}; expected a number >= 0 (0: off)')
+        # Inf passes `>= 0` and then draws NaN mixing weights from Beta(inf, inf).
+        _check(
+            optim.is_finite_number(config[field]) and config[field] >= 0,
+            f'{field}={config[field]}; expected a finite number >= 0 (0: off)',
+        )
     _check(0.0 <= config.cutmix_prob <= 1.0, f'cutmix_prob={config.cutmix_prob}; expected [0, 1]')
     ds = config.dataset
     try:

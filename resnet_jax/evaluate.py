@@ -9,7 +9,7 @@ devices at hand (any number), prints top-1 / top-5 error and loss on the split, 
 `--export` writes the evaluated variables ({'params', 'batch_stats'}: the moving average where
 the run kept one): as a model for serving with the run's input normalisation inside (`.stablehlo`:
 jax.export, `.onnx`: ONNX; resnet_jax/serving.py), or as a Flax msgpack file that
-`load_exported` reads (any other suffix).
+`load_exported` reads (`.msgpack`). Any other suffix, or none, is refused before evaluating.
 
 The config is the one the run recorded (DIR/config.json) unless `--config` is given; either way
 the checkpoint's own record of what it is (network, input normalisation, optimizer) must match
@@ -25,7 +25,7 @@ import jax
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from resnet_jax import checkpoint, cli, data, paths, serving, sharding, steps, trainer
+from resnet_jax import checkpoint, cli, data, paths, serving, sharding, steps, trainer, weights
 from resnet_jax import config as config_lib
 from resnet_jax import workdir as workdir_lib
 
@@ -107,7 +107,7 @@ def export_for_serving(config: ml_collections.ConfigDict, state: Any, path: str)
 
     `.stablehlo` and `.onnx` get the run's network with its input normalisation
     (`config.dataset.normalization`) inside, for uint8 images of its eval size
-    (`serving.export`); any other suffix the msgpack file of `export`.
+    (`serving.export`); `.msgpack` the file of `export`; any other suffix is a ValueError.
     """
     fmt = serving.check_destination(path)
     if fmt == 'msgpack':
@@ -129,10 +129,27 @@ def export_for_serving(config: ml_collections.ConfigDict, state: Any, path: str)
     )
 
 
-def load_exported(path: str) -> dict[str, Any]:
-    """{'params', 'batch_stats'} written by `export`, for `resnet_jax.apply_model`."""
+def load_exported(path: str, what: str = 'weights') -> dict[str, Any]:
+    """{'params', 'batch_stats'} written by `export`, for `resnet_jax.apply_model`.
+
+    Raises:
+      ValueError: naming `what` (the flag or field it was given as) and the file, if it is not
+        a file `export` writes (damaged, cut off, of another kind) or holds a NaN or Inf.
+    """
     with paths.open_file(path, 'rb') as f:
-        return flax.serialization.msgpack_restore(f.read())
+        blob = f.read()
+    expected = 'expected a file written by python -m resnet_jax.evaluate --export=FILE.msgpack'
+    try:
+        variables = flax.serialization.msgpack_restore(blob)
+    except Exception as e:  # msgpack's errors for a file of another kind: ValueError and kin
+        raise ValueError(
+            f'{what} {path!r}: not a file written by --export ({type(e).__name__}: {e}); {expected}'
+        ) from e
+    params = variables.get('params') if isinstance(variables, dict) else None
+    if not isinstance(params, dict) or 'bias' not in params.get('head', {}):
+        raise ValueError(f'{what} {path!r} holds no params/head/bias; {expected}')
+    weights.check_finite(variables, f'{what} {path!r}')
+    return variables
 
 
 def evaluate(
@@ -164,6 +181,13 @@ def main(argv: list[str]) -> None:
 
     FLAGS = flags.FLAGS
     split = FLAGS.split
+    # With --config given, nothing has read --workdir yet ('' would be the current directory).
+    paths.check_path_text(FLAGS.workdir, '--workdir')
+    # Both are found only after restoring the checkpoint otherwise.
+    if FLAGS.step is not None and FLAGS.step < 0:
+        raise cli.UserError(f'--step={FLAGS.step}; expected a checkpoint step >= 0 (or none)')
+    if not split.strip():
+        raise cli.UserError(f'--split={split!r}; expected a split name, e.g. test')
     config = cli.run_config(FLAGS.config, FLAGS.workdir)
     if FLAGS.export:  # a bad destination stops the command before the evaluation, not after
         serving.check_destination(FLAGS.export)
@@ -210,8 +234,8 @@ def _define_flags() -> None:
         'export',
         None,
         'Write the evaluated variables here, by suffix: .stablehlo (jax.export) or .onnx, a '
-        'model for serving that takes uint8 images and normalises them itself; any other '
-        '(.msgpack) the Flax msgpack of the variables.',
+        'model for serving that takes uint8 images and normalises them itself; .msgpack the '
+        'Flax msgpack of the variables (no other suffix).',
     )
     flags.DEFINE_integer(
         'crops',

@@ -6,11 +6,15 @@ grayscale and RGBA are made RGB) inside, in either layout:
     ROOT/train/CLASS/*.jpg  and  ROOT/val/CLASS/*.jpg     splits as given
     ROOT/CLASS/*.jpg                                       'val' is a held-out fraction
 
+A class folder is read recursively, as torchvision's ImageFolder reads it: images in folders
+inside it (CLASS/2023/a.jpg) belong to the class too. Its files come in a fixed order: its own,
+sorted, then each sub-folder's, in sorted order; hidden files and folders are skipped.
+
 In the second layout an image belongs to 'val' when a hash of its path inside its class folder
-falls below `VAL_FRACTION`: the split never depends on the order files are listed in, and adding
-images never moves old ones between splits. Classes are the sorted sub-folder names; the run
-records them (`class_names.json` in the workdir) and refuses to resume on a folder whose classes
-changed, since the labels would silently mean other classes.
+(CLASS/2023/a.jpg) falls below `VAL_FRACTION`: the split never depends on the order files are
+listed in, and adding images never moves old ones between splits. Classes are the sorted
+sub-folder names; the run records them (`class_names.json` in the workdir) and refuses to resume
+on a folder whose classes changed, since the labels would silently mean other classes.
 
 Reading needs no TensorFlow: the folder is listed once (file names and the first bytes of each
 file, so a stray non-image stops the run before it starts, naming the file), and images are
@@ -22,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -42,8 +46,11 @@ def read_image(path: str) -> np.ndarray:
     """An image file as uint8 RGB (height, width, 3); grayscale and RGBA become RGB.
 
     Raises:
-      ValueError: naming the file if it does not exist or is not a readable image.
+      ValueError: naming the file if it does not exist, is a directory or is not a readable
+        image.
     """
+    if paths.isdir(path):
+        raise ValueError(f'image {path!r} is a directory; expected an image file')
     if not paths.isfile(path):
         raise ValueError(f'image {path!r} does not exist')
     with paths.open_file(path, 'rb') as f:
@@ -78,32 +85,51 @@ def _subfolders(directory: str) -> list[str]:
 
 
 def _images_of(class_dir: str) -> list[str]:
-    """The image files of one class folder (hidden files are ignored).
+    """The image files of one class folder and of the folders inside it, in a fixed order.
 
     Raises:
-      ValueError: naming a file that is not an image, or an empty class folder.
+      ValueError: naming a file that is not an image, or a class folder without images.
     """
-    files = []
-    for name in sorted(paths.listdir(class_dir)):
-        path = paths.join(class_dir, name)
-        if name.startswith('.') or paths.isdir(path):
-            continue
-        if not name.lower().endswith(IMAGE_SUFFIXES):
-            raise ValueError(
-                f'{path!r} is not an image; a class folder holds only images '
-                f'({", ".join(IMAGE_SUFFIXES)}): move it out'
-            )
-        with paths.open_file(path, 'rb') as f:
-            head = f.read(16)
-        if not head.startswith(_SIGNATURES):
-            raise ValueError(
-                f'{path!r} is not a readable image (its first bytes are no image format'
-                f"'s); replace or remove it"
-            )
-        files.append(path)
+    files = list(_images_below(class_dir, set()))
     if not files:
         raise ValueError(f'class folder {class_dir!r} holds no images; add some or remove it')
     return files
+
+
+def _images_below(directory: str, seen: set[str]) -> Iterator[str]:
+    """`directory`'s own images (sorted), then each sub-folder's; hidden names skipped.
+
+    Folders are followed through symbolic links, as ImageFolder does, each real folder once
+    (a link back up would otherwise list the same images forever).
+    """
+    real = os.path.realpath(directory)
+    if real in seen:
+        return
+    seen.add(real)
+    names = [name for name in paths.listdir(directory) if not name.startswith('.')]
+    folders = [name for name in names if paths.isdir(paths.join(directory, name))]
+    for name in names:
+        if name not in folders:
+            yield _checked_image(paths.join(directory, name))
+    for name in folders:
+        yield from _images_below(paths.join(directory, name), seen)
+
+
+def _checked_image(path: str) -> str:
+    """`path`, once its name and first bytes show an image. Raises ValueError naming it."""
+    if not path.lower().endswith(IMAGE_SUFFIXES):
+        raise ValueError(
+            f'{path!r} is not an image; a class folder holds only images '
+            f'({", ".join(IMAGE_SUFFIXES)}): move it out'
+        )
+    with paths.open_file(path, 'rb') as f:
+        head = f.read(16)
+    if not head.startswith(_SIGNATURES):
+        raise ValueError(
+            f"{path!r} is not a readable image (its first bytes are no image format's); "
+            'replace or remove it'
+        )
+    return path
 
 
 def _classes(directory: str, what: str) -> list[str]:
@@ -170,8 +196,11 @@ def scan(root: str) -> FolderIndex:
     classes = _classes(root, 'folder dataset')
     train, val = [], []
     for label, name in enumerate(classes):
-        for path in _images_of(paths.join(root, name)):
-            (val if in_val(f'{name}/{os.path.basename(path)}') else train).append((path, label))
+        class_dir = paths.join(root, name)
+        for path in _images_of(class_dir):
+            # The path inside the class folder: a top-level image keeps the hash it always had.
+            inside = os.path.relpath(path, class_dir).replace(os.sep, '/')
+            (val if in_val(f'{name}/{inside}') else train).append((path, label))
     if not val:
         raise ValueError(
             f'folder dataset {root!r} is too small to hold {VAL_FRACTION:.0%} of it out for '

@@ -42,12 +42,12 @@ def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
     Counts the logits at or above the label's instead of sorting (lax.top_k), at a fraction of
     the cost. A tie counts against the label (a model that outputs equal logits for every class
-    has not classified anything), and so does a NaN anywhere in the row: a collapsed or diverged
-    model scores 0, never 100%.
+    has not classified anything), and so does a NaN or an Inf anywhere in the row: a collapsed
+    or diverged model scores 0, never 100% (an Inf at the label is above every finite logit).
     """
     label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
     at_or_above = jnp.sum(logits >= label_logit, axis=-1) - 1  # the label itself excluded
-    finite_row = ~jnp.any(jnp.isnan(logits), axis=-1)
+    finite_row = jnp.all(jnp.isfinite(logits), axis=-1)
     return ((at_or_above < k) & finite_row).astype(jnp.float32)
 
 

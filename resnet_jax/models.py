@@ -485,8 +485,8 @@ class ResNet(nn.Module):
     )
     bn_epsilon: float = _option(
         1e-5,
-        lambda v: _is_number(v) and v > 0.0,
-        'a positive number',
+        lambda v: _is_number(v) and 0.0 < v < float('inf'),  # inf: every BN output 0
+        'a finite positive number',
         'added to the BatchNorm variance (torchvision 1e-5, Keras 1.001e-5)',
     )
     scan_blocks: bool = _option(

@@ -28,6 +28,8 @@ A new optimizer is one `@register_optimizer(name)` function here (docs/extending
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -213,9 +215,23 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_finite_number(value: Any) -> bool:
+    """An int or float that is not NaN or Inf.
+
+    NaN fails every comparison, so `x > 0` refuses it, but Inf passes `x > 0` and `x >= 0`:
+    an infinite learning rate or weight decay validates and then gives NaN at the first step.
+    """
+    return _is_number(value) and math.isfinite(value)
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(f'invalid config: optimizer.{message}')
+
+
+def _finite(cfg: Any, field: str, ok: Callable[[float], bool], expected: str) -> None:
+    value = getattr(cfg, field)
+    _require(is_finite_number(value) and ok(value), f'{field}={value!r}; expected {expected}')
 
 
 def check_config(cfg: Any, total_steps: int) -> None:
@@ -234,21 +250,24 @@ def check_config(cfg: Any, total_steps: int) -> None:
             getattr(cfg, field) in allowed,
             f'{field}={getattr(cfg, field)!r}; expected one of {", ".join(allowed)}',
         )
-    _require(cfg.learning_rate > 0, f'learning_rate={cfg.learning_rate}; expected > 0')
-    _require(cfg.weight_decay >= 0, f'weight_decay={cfg.weight_decay}; expected >= 0')
-    _require(cfg.grad_clip_norm >= 0, f'grad_clip_norm={cfg.grad_clip_norm}; expected >= 0')
+    positive, non_negative = (lambda x: x > 0), (lambda x: x >= 0)
+    _finite(cfg, 'learning_rate', positive, 'a finite number > 0')
+    _finite(cfg, 'weight_decay', non_negative, 'a finite number >= 0')
+    _finite(cfg, 'grad_clip_norm', non_negative, 'a finite number >= 0 (0: off)')
+    # Momentum 1 never forgets a gradient; above 1, or below 0, updates grow without bound.
+    _finite(cfg, 'momentum', lambda x: 0 <= x < 1, 'a number in [0, 1)')
+    _finite(cfg, 'ema_decay', lambda x: 0 <= x < 1, 'a number in [0, 1) (0: off)')
+    # 0 or less would stop or reverse learning at the first boundary; a NaN the whole run.
+    _finite(cfg, 'decay_factor', positive, 'a finite number > 0')
+    _finite(cfg, 'warmup_learning_rate', non_negative, 'a finite number >= 0')
+    _finite(cfg, 'backbone_lr_multiplier', non_negative, 'a finite number >= 0')
     _require(
         isinstance(cfg.warmup_steps, int) and cfg.warmup_steps >= 0,
         f'warmup_steps={cfg.warmup_steps!r}; expected a non-negative int',
     )
-    _require(0.0 <= cfg.ema_decay < 1.0, f'ema_decay={cfg.ema_decay}; expected [0, 1)')
     _require(
         cfg.warmup_steps == 0 or total_steps == 0 or cfg.warmup_steps < total_steps,
         f'warmup_steps={cfg.warmup_steps} must be below total_steps={total_steps}',
-    )
-    _require(
-        _is_number(cfg.backbone_lr_multiplier) and cfg.backbone_lr_multiplier >= 0,
-        f'backbone_lr_multiplier={cfg.backbone_lr_multiplier!r}; expected a number >= 0',
     )
     _require(
         isinstance(cfg.frozen, (tuple, list)) and all(isinstance(p, str) for p in cfg.frozen),
@@ -265,11 +284,55 @@ def check_config(cfg: Any, total_steps: int) -> None:
         and cfg.accumulate_steps >= 1,
         f'accumulate_steps={cfg.accumulate_steps!r}; expected a positive int',
     )
+    # MultiSteps applies an update every N micro-batches: the last total_steps % N would be
+    # computed and never applied.
+    _require(
+        total_steps % cfg.accumulate_steps == 0,
+        f'accumulate_steps={cfg.accumulate_steps} does not divide total_steps={total_steps}: '
+        f'the last {total_steps % cfg.accumulate_steps} micro-batches would never be applied',
+    )
+    _check_boundaries(cfg)
+
+
+def _check_boundaries(cfg: Any) -> None:
+    """`boundaries` (steps counted from the start, warm-up included) and `boundaries_epochs`.
+
+    Each must be increasing: the schedule sorts them, and merges repeats into one decay (a dict
+    of step -> factor), so (400, 400) would decay once, not twice. A boundary at step 0 or
+    inside the warm-up would decay the learning rate before it was ever used.
+    """
+    _require(
+        isinstance(cfg.boundaries, (tuple, list)) and all(_is_int(b) for b in cfg.boundaries),
+        f'boundaries={cfg.boundaries!r}; expected a tuple of steps (ints)',
+    )
+    _require(
+        isinstance(cfg.boundaries_epochs, (tuple, list))
+        and all(is_finite_number(e) for e in cfg.boundaries_epochs),
+        f'boundaries_epochs={cfg.boundaries_epochs!r}; expected a tuple of finite numbers',
+    )
+    first = _first_boundary(cfg)
     for boundary in cfg.boundaries:
         _require(
-            isinstance(boundary, int) and cfg.warmup_steps <= boundary,
-            f'boundaries has {boundary!r}; expected ints >= warmup_steps',
+            boundary >= first,
+            f'boundaries has {boundary}; expected steps >= {first} (after step 0 and the '
+            f'warm-up of warmup_steps={cfg.warmup_steps})',
         )
+    for epoch in cfg.boundaries_epochs:
+        _require(epoch > 0, f'boundaries_epochs has {epoch!r}; expected epochs > 0')
+    for field in ('boundaries', 'boundaries_epochs'):
+        values = tuple(getattr(cfg, field))
+        _require(
+            all(a < b for a, b in itertools.pairwise(values)),
+            f'{field}={values!r}; expected increasing values, each once',
+        )
+
+
+def _first_boundary(cfg: Any) -> int:
+    return max(cfg.warmup_steps, 1)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def weight_decay_mask(params: Any, decay_bn_and_bias: bool) -> Any:
@@ -293,6 +356,7 @@ def learning_rate_schedule(cfg: Any, total_steps: int, steps_per_epoch: int) -> 
         boundaries = list(cfg.boundaries) + [
             int(e * steps_per_epoch) for e in cfg.boundaries_epochs
         ]
+        _check_boundary_steps(cfg, boundaries, steps_per_epoch)
         # Boundaries count from the start of training, warm-up included (as the paper's 32k/48k).
         main = optax.piecewise_constant_schedule(
             base, {b - cfg.warmup_steps: cfg.decay_factor for b in sorted(boundaries)}
@@ -308,6 +372,20 @@ def learning_rate_schedule(cfg: Any, total_steps: int, steps_per_epoch: int) -> 
     else:
         warmup = optax.constant_schedule(cfg.warmup_learning_rate)
     return optax.join_schedules([warmup, main], [cfg.warmup_steps])
+
+
+def _check_boundary_steps(cfg: Any, steps: list[int], steps_per_epoch: int) -> None:
+    """Boundaries in epochs become steps only here, where the epoch's length is known: they
+    must not land on step 0, inside the warm-up, or on another boundary (merged into one)."""
+    repeated = sorted({s for s in steps if steps.count(s) > 1})
+    early = [s for s in steps if s < _first_boundary(cfg)]
+    _require(
+        not repeated and not early,
+        f'boundaries_epochs={tuple(cfg.boundaries_epochs)!r} at {steps_per_epoch} steps per '
+        f'epoch, with boundaries={tuple(cfg.boundaries)!r}, give the steps {sorted(steps)}: '
+        + (f'{repeated} twice' if repeated else f'{early} before step {_first_boundary(cfg)}')
+        + '; expected distinct steps after step 0 and the warm-up',
+    )
 
 
 def create_optimizer(

@@ -47,6 +47,28 @@ def check_supported(path: str, what: str) -> None:
         )
 
 
+def check_path_text(path: Any, what: str) -> None:
+    """Refuses a path given as nothing, as blanks, or with blanks around it, naming `what`.
+
+    `normalize('')` is the current directory and `normalize(' ')` a folder named ' ': a flag
+    left empty by a script (`--workdir=$UNSET`) or a stray space would silently train into,
+    or read from, somewhere nobody meant.
+
+    Raises:
+      ValueError: naming `what` (the flag or field, e.g. '--workdir') and the value.
+    """
+    if path is None:
+        raise ValueError(f'{what} is not given; expected a path')
+    text = str(path)
+    if not text.strip():
+        raise ValueError(f'{what} {text!r} is {"blank" if text else "empty"}; expected a path')
+    if text != text.strip():
+        raise ValueError(
+            f'{what} {text!r} begins or ends with whitespace; expected a path without it (a '
+            'stray space or newline in the command?)'
+        )
+
+
 def normalize(path: str) -> str:
     """An absolute local path (~ expanded), or the URL without a trailing slash."""
     path = str(path)
@@ -201,17 +223,25 @@ def read_text(path: str) -> str:
 def write_bytes(path: str, data: bytes) -> None:
     """Writes `path` all at once: a reader sees the old contents or the new, never part.
 
-    Local: a temporary file renamed over it. URL: one object upload, which the store commits
-    whole (there is nothing to rename).
+    Local: a temporary file beside it (same folder, so the rename is atomic; a hidden name of
+    its own, so two writers never share one), renamed over it, and removed if anything fails
+    (a full disk, a directory where the file should go). URL: one object upload, which the
+    store commits whole (there is nothing to rename).
     """
     if is_url(path):
         with _remote(path, 'write'):
             _fs(path).pipe_file(path, data)
         return
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        f.write(data)
-    os.replace(tmp, path)
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f'.{name}.{uuid.uuid4().hex[:8]}.tmp')
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
 
 
 def write_text(path: str, text: str) -> None:
@@ -327,8 +357,10 @@ def writable_dir(path: str, what: str) -> str:
     credentials or an unreachable store stop the run here, before anything else is written.
 
     Raises:
-      ValueError: naming `what` (e.g. 'workdir') and the path, with the reason.
+      ValueError: naming `what` (e.g. 'workdir') and the path, with the reason: empty or
+        blank-edged (`check_path_text`), unsupported, not creatable or not writable.
     """
+    check_path_text(path, what)
     check_supported(path, what)
     path = normalize(path)
     if is_url(path):

@@ -156,10 +156,24 @@ def main(argv: list[str]) -> None:
     images = argv[1:]
     if not images:
         raise cli.UserError('no images given; expected IMAGE paths after the flags')
+    for flag in ('workdir', 'weights'):  # '--workdir=' must not count as not given
+        if FLAGS[flag].value is not None:
+            paths.check_path_text(FLAGS[flag].value, f'--{flag}')
     if bool(FLAGS.workdir) == bool(FLAGS.weights):
         raise cli.UserError('pass exactly one of --workdir=DIR and --weights=FILE')
     if FLAGS.weights and not FLAGS.model:
         raise cli.UserError('--weights needs --model (e.g. --model=resnet20)')
+    if FLAGS.top_k < 1:  # 0 would print each image's name and no class at all
+        raise cli.UserError(f'--top_k={FLAGS.top_k}; expected a positive int (classes per image)')
+    if FLAGS.step is not None and FLAGS.step < 0:
+        raise cli.UserError(f'--step={FLAGS.step}; expected a checkpoint step >= 0 (or none)')
+    # Flags of the other source would be ignored without a word: a run has its own network,
+    # dataset and normalisation (recorded), a weights file one set of weights.
+    other = ('model', 'dataset', 'normalization') if FLAGS.workdir else ('step',)
+    given = [f'--{name}' for name in other if FLAGS[name].present]
+    if given:
+        source = '--workdir (the run recorded them)' if FLAGS.workdir else '--weights'
+        raise cli.UserError(f'{", ".join(given)} cannot be used with {source}')
     pixels = [read_image(path) for path in images]  # every file checked before the model loads
     if FLAGS.workdir:
         predictor = from_workdir(FLAGS.workdir, FLAGS.step)

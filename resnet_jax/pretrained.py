@@ -95,23 +95,17 @@ def _from_keras_file(path: str, model: ResNet) -> tuple[Variables, int | None]:
     source_model = (
         model if classes in (None, model.num_classes) else model.clone(num_classes=classes)
     )
-    return weights.from_keras(keras_model, source_model), classes
+    try:
+        return weights.from_keras(keras_model, source_model), classes
+    except ValueError as e:  # what does not fit, or a NaN weight: named with the file
+        raise ValueError(f'init_from {path!r}: {e}') from e
 
 
 def _from_export(path: str) -> tuple[Variables, int | None]:
     from resnet_jax import evaluate  # the trainer imports this module
 
-    try:
-        variables = evaluate.load_exported(path)
-    except Exception as e:  # msgpack raises its own errors for a file of another kind
-        raise ValueError(f'init_from {path!r}: not a file written by --export: {e}') from e
-    head = variables.get('params', {}).get('head', {}) if isinstance(variables, dict) else {}
-    if 'bias' not in head:
-        raise ValueError(
-            f'init_from {path!r} holds no params/head/bias; expected a file written by '
-            'python -m resnet_jax.evaluate --export'
-        )
-    return variables, int(np.shape(head['bias'])[0])
+    variables = evaluate.load_exported(path, what='init_from')
+    return variables, int(np.shape(variables['params']['head']['bias'])[0])
 
 
 def _from_workdir(path: str) -> tuple[Variables, int]:
@@ -121,6 +115,7 @@ def _from_workdir(path: str) -> tuple[Variables, int]:
     config = workdir_lib.read_config(path)
     _, state, step, _ = evaluate.restore_state(config, path)
     variables = jax.device_get(state.eval_variables())
+    weights.check_finite(variables, f'init_from {path!r} (its checkpoint step {step})')
     logger.info('init_from: %s at step %d', path, step)
     return variables, int(np.shape(variables['params']['head']['bias'])[0])
 

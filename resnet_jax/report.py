@@ -193,6 +193,7 @@ def _copy_logs(workdir: str, runs: Sequence[RunLog], out: str) -> None:
 
 def write_report(workdir: str, out: str) -> tuple[str, str]:
     """Writes table.md and figure6.png (and, out of `workdir`, runs/) into `out`."""
+    paths.check_path_text(workdir, '--workdir')  # '' would be the current directory
     workdir = paths.normalize(workdir)
     runs = find_runs(workdir)
     out = paths.writable_dir(out, '--out')

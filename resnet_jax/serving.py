@@ -4,7 +4,9 @@
     python -m resnet_jax.evaluate --workdir=DIR --export=model.onnx        # ONNX (jax2onnx)
     python -m resnet_jax.evaluate --workdir=DIR --export=weights.msgpack   # the variables only
 
-The format follows from the suffix (`export_format`). The two serving formats hold the whole
+The format follows from the suffix (`export_format`); another suffix, or none, is refused: a
+file named `model.pt` or `model` that holds msgpack would mislead whoever loads it. The two
+serving formats hold the whole
 inference function: the input normalisation of the run (`(x - mean) / std`, per channel or the
 per-pixel mean image) and the network in eval mode, its weights as constants. Their input is a
 batch of uint8 NHWC images of the size the network was evaluated at (CIFAR 32x32, ImageNet
@@ -17,7 +19,7 @@ feed the network differently normalised images than it was trained on.
   StableHLO). Only jax is needed to run it.
 - `.onnx`: an ONNX graph for onnxruntime and other ONNX runtimes; needs the `export` extra
   (`pip install 'resnet_jax[export]'`: jax2onnx, onnx) to write, not to run.
-- anything else (`.msgpack`): the Flax msgpack of the variables (`evaluate.load_exported`).
+- `.msgpack`: the Flax msgpack of the variables (`evaluate.load_exported`).
 
 Weights, normalisation and image size are arguments here: `resnet_jax.evaluate` takes them from
 a run (the moving average where the run kept one, `config.dataset.normalization`).
@@ -39,7 +41,7 @@ import numpy as np
 
 from resnet_jax import augment, models, paths, weights
 
-FORMATS = {'.stablehlo': 'stablehlo', '.onnx': 'onnx'}  # any other suffix: 'msgpack'
+FORMATS = {'.stablehlo': 'stablehlo', '.onnx': 'onnx', '.msgpack': 'msgpack'}
 # Lowered for all three: an artifact exported on a CPU host serves on GPUs and TPUs.
 PLATFORMS = ('cpu', 'cuda', 'tpu')
 # ONNX opset 21 (ONNX 1.16), not jax2onnx's default (23): older runtimes read it, and the file
@@ -50,29 +52,59 @@ EXPORT_EXTRA = "pip install 'resnet_jax[export]'"
 
 
 def export_format(path: str) -> str:
-    """'stablehlo', 'onnx' or 'msgpack' (every other suffix, as `--export` always wrote)."""
-    return FORMATS.get(os.path.splitext(str(path))[1].lower(), 'msgpack')
+    """'stablehlo', 'onnx' or 'msgpack', from the suffix of `path`.
+
+    Raises:
+      ValueError: for another suffix or none (once, every other one silently meant msgpack).
+    """
+    suffix = os.path.splitext(str(path).rstrip('/'))[1]
+    if suffix.lower() not in FORMATS:
+        given = f'suffix {suffix!r}' if suffix else 'no suffix'
+        raise ValueError(
+            f'export {str(path)!r} has {given}; expected {", ".join(FORMATS)} (the format follows '
+            'from it)'
+        )
+    return FORMATS[suffix.lower()]
 
 
 def check_destination(path: str) -> str:
     """The format of `path`, once it is known that it can be written: called before a long
-    evaluation, so a typo in the folder or a missing package stops the command at once.
+    evaluation, so a typo in the name or the folder, a read-only place or a missing package
+    stops the command at once, with nothing written.
 
     Raises:
-      ValueError: a local folder that does not exist, a URL scheme `paths` does not support,
-        or ONNX without jax2onnx / onnx installed.
+      ValueError: a suffix of no format, a URL scheme `paths` does not support; locally, a
+        folder that does not exist or is not writable, a target that is a directory or a
+        read-only file; ONNX without jax2onnx / onnx installed.
     """
+    paths.check_path_text(path, 'export')
     paths.check_supported(path, 'export')
     if not paths.is_url(path):
-        folder = os.path.dirname(paths.normalize(path))
-        if not os.path.isdir(folder):
-            raise ValueError(f'export {path!r}: folder {folder!r} does not exist')
+        _check_local_destination(path)
     fmt = export_format(path)
     if fmt == 'onnx':
         for package in ('jax2onnx', 'onnx'):
             if _find_spec(package) is None:
                 raise _missing(package)
     return fmt
+
+
+def _check_local_destination(path: str) -> None:
+    target = paths.normalize(path)
+    if os.path.isdir(target):
+        raise ValueError(
+            f'export {path!r} is a directory; expected a file name in it, e.g. '
+            f'{os.path.join(path, "model.stablehlo")!r}'
+        )
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        raise ValueError(f'export {path!r}: folder {folder!r} does not exist')
+    # The write goes to a temporary file beside the target, then renamed over it: the folder
+    # must be writable; and a read-only file there is one somebody meant to keep.
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f'export {path!r}: folder {folder!r} is not writable')
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise ValueError(f'export {path!r} exists and is read-only; expected a writable target')
 
 
 def serving_function(

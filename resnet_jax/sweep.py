@@ -259,6 +259,7 @@ def sweep(
     module = load_config_module(config_file)
     names = expand_models(models_spec if isinstance(models_spec, str) else ','.join(models_spec))
     runs = plan_runs(module, names, grid, overrides or {})
+    paths.check_path_text(workdir, '--workdir')  # '' would be the current directory
     paths.check_supported(workdir, '--workdir')
     check_runs(runs, paths.normalize(workdir))  # before anything is created
     workdir = paths.writable_dir(workdir, '--workdir')

@@ -7,6 +7,8 @@
 * `from_keras(keras_model, model)`: `keras.applications` ResNet50/101/152 (v1, stride on the first
   1x1) into a model built with `stride_on='1x1'`, `shortcut='B'`, `bn_epsilon=1.001e-5`.
 * `load_state_dict(path)`: a torchvision checkpoint file, read without executing pickled code.
+* `check_finite(tensors, source)`: the one check every loader runs on what it reads (here, and
+  `evaluate.load_exported`, `pretrained.load_variables`): no NaN or Inf enters a network.
 * `to_scanned` / `to_unrolled`: the same weights for `scan_blocks=True` / `False`.
 
 Conversions read the target model's variable shapes with `jax.eval_shape` (no weights are
@@ -174,6 +176,44 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _nonfinite_count(value: Any) -> int:
+    if hasattr(value, 'detach'):  # a torch tensor (bfloat16 has no numpy twin: made float32)
+        value = _to_numpy(value)
+    try:
+        finite = np.isfinite(np.asarray(value))
+    except TypeError:  # not numbers (a string in a msgpack file): nothing to be non-finite
+        return 0
+    return int(finite.size - np.count_nonzero(finite))
+
+
+def check_finite(tensors: Mapping[str, Any], source: str) -> None:
+    """Raises one ValueError naming the first tensor of `tensors` that holds a NaN or an Inf.
+
+    Called by every loader where weights enter (files, state dicts, Keras models, exports,
+    another run's checkpoint): a network with a NaN weight still answers with confidence, as
+    XLA's ReLU on CPU turns NaN into 0 and the logits stay finite.
+
+    Args:
+      tensors: names to arrays (torch tensors, numpy or jax arrays); nested mappings are
+        walked and their names joined by '/', so each is named as its source names it
+        ('layer1.0.conv1.weight', 'params/stem_conv/kernel').
+      source: what they were read from, e.g. "weights '/x/model.pth'".
+    """
+    bad = []
+    for path, value in _flatten(tensors):
+        count = _nonfinite_count(value)
+        if count:
+            bad.append(('/'.join(map(str, path)), count))
+    if not bad:
+        return
+    (name, count), others = bad[0], [n for n, _ in bad[1:]]
+    also = f' (and {len(others)} other tensors: {_some(others, limit=3)})' if others else ''
+    raise ValueError(
+        f'{source}: tensor {name!r} has {count} non-finite value{"s" if count > 1 else ""} '
+        f'(NaN/Inf){also}; expected finite weights'
+    )
+
+
 def _check_imagenet_model(model: Any, source: str) -> None:
     stem = getattr(model, 'stem', None)
     _require(
@@ -257,6 +297,7 @@ def _from_torch(
 
     # num_batches_tracked only drives PyTorch's momentum=None averaging; it has no counterpart.
     names = {k for k in state_dict if not k.endswith('num_batches_tracked')}
+    check_finite({k: state_dict[k] for k in _natural_sort(names)}, what)
     variables, used = _convert(model, source, names, what)
     unexpected = _natural_sort(names - used)
     _require(
@@ -294,8 +335,9 @@ def from_torchvision(state_dict: Mapping[str, Any], model: ResNet) -> Variables:
       {'params': ..., 'batch_stats': ...} as float32 numpy arrays.
 
     Raises:
-      ValueError: the model is not a matching ImageNet ResNet, or the state dict has missing,
-        unexpected or mis-shaped entries (all of them named in the message).
+      ValueError: the model is not a matching ImageNet ResNet, the state dict has missing,
+        unexpected or mis-shaped entries (all of them named in the message), or a tensor
+        holds a NaN or Inf.
     """
     _check_imagenet_model(model, 'torchvision')
     _check_torch_bottlenecks(model, 'torchvision')
@@ -379,19 +421,39 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     `.bin` with `torch.load(..., weights_only=True)`, which refuses anything but tensors and
     containers. A checkpoint that wraps the weights as {'state_dict': ..., other entries} or
     {'model': ...} is unwrapped, and DataParallel's `module.` prefix is removed.
+
+    Raises:
+      ValueError: one line naming the file: missing, empty, of an unknown kind, unreadable as
+        its kind (damaged, cut off, not a checkpoint), or holding a NaN or Inf (`check_finite`).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f'weights file {path!r} does not exist or is not a file')
-    if path.endswith('.safetensors'):
-        from safetensors.numpy import load_file
-
-        return dict(load_file(path))
-    if not path.endswith(('.pt', '.pth', '.th', '.bin')):
+    if not path.endswith(('.safetensors', '.pt', '.pth', '.th', '.bin')):
         raise ValueError(
             f'weights file {path!r} has an unknown extension; expected .safetensors, .pt, .pth, '
             '.th or .bin'
         )
+    if os.path.getsize(path) == 0:
+        raise ValueError(f'weights file {path!r} is empty; expected a saved state dict')
+    state = _read_safetensors(path) if path.endswith('.safetensors') else _read_torch(path)
+    check_finite(state, f'weights {path!r}')
+    return state
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        return dict(load_file(path))
+    except Exception as e:  # SafetensorError (not a ValueError) for a damaged or cut-off file
+        raise ValueError(
+            f'cannot read {path!r} as safetensors ({type(e).__name__}: {e}); expected a file '
+            "written by safetensors' save_file"
+        ) from e
+
+
+def _read_torch(path: str) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
@@ -401,7 +463,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        raise ValueError(f'cannot read {path!r} as a weights-only torch checkpoint: {e}') from e
+        raise ValueError(
+            f'cannot read {path!r} as a weights-only torch checkpoint ({_torch_load_reason(e)}); '
+            'expected a state dict saved by torch.save (tensors and containers only)'
+        ) from e
     for wrapper in ('state_dict', 'model'):  # beside e.g. 'best_prec1', 'epoch'
         if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]
@@ -410,6 +475,21 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if state and all(k.startswith('module.') for k in state):  # saved from DataParallel
         state = {k[len('module.') :]: v for k, v in state.items()}
     return {k: _to_numpy(v) for k, v in state.items()}
+
+
+def _torch_load_reason(error: Exception) -> str:
+    """The part of torch.load's error that says what is wrong with the file.
+
+    Its weights-only refusal is a paragraph that advises `weights_only=False` (running the
+    file's code): for a damaged file or one holding code, only the unpickler's reason counts.
+    """
+    message = ' '.join(str(error).split())
+    if isinstance(error, EOFError):
+        return 'it ends early: cut off?'
+    if 'WeightsUnpickler error:' in message:
+        reason = message.split('WeightsUnpickler error:', 1)[1].split(' Check the documentation')[0]
+        return f'not tensors and containers: {reason.strip()}'
+    return f'{type(error).__name__}: {message.split(". ")[0]}'
 
 
 # --- Keras -----------------------------------------------------------------------------------
@@ -452,8 +532,9 @@ def from_keras(keras_model: Any, model: ResNet) -> Variables:
       {'params': ..., 'batch_stats': ...} as float32 numpy arrays.
 
     Raises:
-      ValueError: the model does not match Keras's architecture, or layers are missing,
-        unexpected or mis-shaped (all of them named in the message).
+      ValueError: the model does not match Keras's architecture, layers are missing,
+        unexpected or mis-shaped (all of them named in the message), or a weight holds a NaN
+        or Inf.
     """
     _check_imagenet_model(model, 'Keras')
     _require(
@@ -480,6 +561,14 @@ def from_keras(keras_model: Any, model: ResNet) -> Variables:
         f'bn_epsilon={min(epsilons, default=KERAS_BN_EPSILON)}, got {model.bn_epsilon}',
     )
     weights = {name: layer.get_weights() for name, layer in layers.items()}
+    check_finite(
+        {
+            f'{name}/{variable.name}': value
+            for name, layer in layers.items()
+            for variable, value in zip(layer.weights, weights[name], strict=True)
+        },
+        'Keras model',
+    )
 
     def source(path: tuple[str, ...]) -> _Source:
         _, *module, leaf = path

@@ -52,8 +52,10 @@ def read_config(workdir: str, *, from_checkpoint: bool = True) -> ml_collections
 
     Raises:
       ValueError: naming the file, if the workdir has neither, or its config.json is damaged
-        and it has no checkpoint that records one.
+        and it has no checkpoint that records one; naming the workdir, if it is empty or has
+        blanks around it (`paths.check_path_text`).
     """
+    paths.check_path_text(workdir, 'workdir')
     paths.check_supported(workdir, 'workdir')
     workdir = paths.normalize(workdir)
     try:

@@ -106,6 +106,23 @@ CASES = [
         "unknown config key in --config.optimizer.lr=1: 'lr' is not a field of the config",
     ),
     (
+        'near-miss-key',
+        lambda t, d, w, x: (_train(t / 'run', d, '--config.totl_steps=5'), t / 'run'),
+        2,
+        "unknown config key in --config.totl_steps=5: 'totl_steps' is not a field of the config; "
+        'did you mean total_steps?',
+    ),
+    (
+        'near-miss-nested-key',
+        lambda t, d, w, x: (
+            _train(t / 'run', d, '--config.optimizer.learing_rate=0.1'),
+            t / 'run',
+        ),
+        2,
+        "unknown config key in --config.optimizer.learing_rate=0.1: 'learing_rate' is not a field "
+        'of the config; did you mean optimizer.learning_rate?',
+    ),
+    (
         'wrong-type',
         lambda t, d, w, x: (_train(t / 'run', d, '--config.total_steps=ten'), t / 'run'),
         2,
@@ -134,7 +151,7 @@ CASES = [
     (
         's3-workdir-evaluate',
         lambda t, d, w, x: (_evaluate('s3://my-bucket/run'), None),
-        2,  # found while reading the flags: the workdir's config.json is the --config
+        1,
         "workdir 's3://my-bucket/run': s3:// is not supported",
     ),
     (
@@ -165,13 +182,29 @@ CASES = [
             t / 'run',
         ),
         1,
-        'optimizer.learning_rate=-1.0; expected > 0',
+        'optimizer.learning_rate=-1.0; expected a finite number > 0',
     ),
     (
         'unknown-optimizer',
         lambda t, d, w, x: (_train(t / 'run', d, '--config.optimizer.name=adamm'), t / 'run'),
         1,
         "optimizer.name='adamm'; expected one of sgd, momentum",
+    ),
+    (
+        'infinite-mixup-alpha',
+        lambda t, d, w, x: (_train(t / 'run', d, '--config.mixup_alpha=inf'), t / 'run'),
+        1,
+        'invalid config: mixup_alpha=inf; expected a finite number >= 0 (0: off)',
+    ),
+    (
+        'accumulation-not-dividing-the-run',
+        lambda t, d, w, x: (
+            _train(t / 'run', d, '--config.optimizer.accumulate_steps=4'),
+            t / 'run',
+        ),
+        1,
+        'invalid config: optimizer.accumulate_steps=4 does not divide total_steps=6: the last 2 '
+        'micro-batches would never be applied',
     ),
     (
         'label-smoothing-out-of-range',
@@ -216,6 +249,24 @@ CASES = [
         'flag --workdir=None: Flag --workdir must have a value other than None',
     ),
     # --- workdir --------------------------------------------------------------------------
+    (
+        'empty-workdir',  # once: trained into the current directory
+        lambda t, d, w, x: (_train('', d), REPO / 'checkpoints'),
+        1,
+        "--workdir '' is empty; expected a path",
+    ),
+    (
+        'blank-workdir',  # once: trained into a folder named ' '
+        lambda t, d, w, x: (_train(' ', d), REPO / ' '),
+        1,
+        "--workdir ' ' is blank; expected a path",
+    ),
+    (
+        'empty-workdir-evaluate',
+        lambda t, d, w, x: (_evaluate(''), REPO / 'checkpoints'),
+        1,
+        "--workdir '' is empty; expected a path",
+    ),
     (
         'workdir-in-use',
         lambda t, d, w, x: (_train(_locked(w, t), d), t / 'run'),
@@ -297,8 +348,38 @@ CASES = [
     (
         'evaluate-without-a-recorded-config',
         lambda t, d, w, x: (_evaluate(t / 'bare'), t / 'bare'),
-        2,
+        1,
         'config.json does not exist; expected the workdir of a run started by train.py',
+    ),
+    (
+        'evaluate-a-negative-step',
+        lambda t, d, w, x: (_evaluate(w, '--step=-1'), w),
+        1,
+        '--step=-1; expected a checkpoint step >= 0 (or none)',
+    ),
+    (
+        'evaluate-an-empty-split',
+        lambda t, d, w, x: ([*_evaluate(w), '--split='], w),
+        1,
+        "--split=''; expected a split name, e.g. test",
+    ),
+    (
+        'export-to-the-workdir',  # once: found after evaluating, a .tmp file left in the workdir
+        lambda t, d, w, x: (_evaluate(w, f'--export={w}/'), w),
+        1,
+        "is a directory; expected a file name in it, e.g. '",
+    ),
+    (
+        'export-of-an-unknown-kind',  # once: silently msgpack
+        lambda t, d, w, x: (_evaluate(w, f'--export={t}/model.pt'), w),
+        1,
+        "model.pt' has suffix '.pt'; expected .stablehlo, .onnx, .msgpack",
+    ),
+    (
+        'analysis-an-empty-split',
+        lambda t, d, w, x: (['-m', 'resnet_jax.analysis', f'--workdir={w}', '--split='], w),
+        1,
+        "--split=''; expected a split name, e.g. test",
     ),
     (
         'evaluate-as-another-network',

@@ -1,8 +1,10 @@
 """resnet_jax.serving and `evaluate --export`: StableHLO that runs with jax alone and ONNX that
 onnxruntime runs, both with the normalisation inside and any batch size, giving the package's
-own logits; the msgpack export for every other suffix; and bad destinations refused up front."""
+own logits; the msgpack export of .msgpack; and bad destinations refused up front."""
 
+import os
 import pathlib
+import subprocess
 import sys
 import textwrap
 
@@ -186,12 +188,10 @@ def test_a_runs_onnx_and_msgpack_exports_by_suffix(run, tmp_path):
     )
     (logits,) = session.run(None, {'images': images})
     np.testing.assert_allclose(logits, expected, atol=TOLERANCE, rtol=0)
-    # Any other suffix is the msgpack file --export always wrote.
-    for name in ('weights.msgpack', 'weights.bin'):
-        written = evaluate.export_for_serving(config, state, str(tmp_path / name))
-        assert written == 'msgpack variables (load_exported)'
-        loaded = evaluate.load_exported(str(tmp_path / name))
-        jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(state.eval_variables()))
+    written = evaluate.export_for_serving(config, state, str(tmp_path / 'weights.msgpack'))
+    assert written == 'msgpack variables (load_exported)'
+    loaded = evaluate.load_exported(str(tmp_path / 'weights.msgpack'))
+    jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(state.eval_variables()))
 
 
 def test_the_cli_refuses_a_missing_folder_before_evaluating(run, run_process, tmp_path):
@@ -224,19 +224,65 @@ def test_onnx_without_its_packages_is_one_clear_error(monkeypatch, tmp_path, pac
     [
         ('absent/model.onnx', r"export '.*absent/model.onnx': folder '.*absent' does not exist"),
         ('s3://bucket/model.stablehlo', r's3:// is not supported'),
+        ('model.pt', r"export '.*model.pt' has suffix '.pt'; expected .stablehlo, .onnx, .msgpack"),
+        ('model', r"export '.*model' has no suffix; expected .stablehlo, .onnx, .msgpack"),
+        ('run', r"export '.*run' is a directory; expected a file name in it, e.g. '.*run/model"),
+        ('run/', r"export '.*run/' is a directory"),
+        ('run.msgpack', r"export '.*run.msgpack' is a directory"),
+        ('', r"export '' is empty; expected a path"),
     ],
 )
 def test_bad_destinations_are_refused(tmp_path, path, message):
-    path = path if '://' in path else str(tmp_path / path)
+    for folder in ('run', 'run.msgpack'):
+        (tmp_path / folder).mkdir()
+    path = path if '://' in path or not path else os.path.join(tmp_path, path)
     with pytest.raises(ValueError, match=message):
         serving.check_destination(path)
+    assert sorted(p.name for p in tmp_path.rglob('*')) == ['run', 'run.msgpack']
+
+
+def _in_a_read_only_mount(mount, code):
+    """Runs Python `code` in a mount namespace of its own (as root, or as a user with
+    unprivileged user namespaces) where `mount` (a folder or a file) is read-only: a real
+    read-only place, which even root cannot write (a chmod does not stop root)."""
+    namespace = ['unshare', '-m'] if os.geteuid() == 0 else ['unshare', '-rm']
+    script = f'mount --bind {mount} {mount} && mount -o remount,bind,ro {mount} && exec "$@"'
+    return subprocess.run(
+        [*namespace, 'sh', '-c', script, 'sh', sys.executable, '-c', code],
+        cwd=pathlib.Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_read_only_folder_or_file_is_refused(tmp_path, run_process):
+    del run_process  # a subprocess: in a mount namespace of its own
+    (tmp_path / 'ro').mkdir()
+    (tmp_path / 'kept.msgpack').write_bytes(b'keep me')
+    check = 'from resnet_jax import serving; serving.check_destination({!r})'
+    folder = _in_a_read_only_mount(
+        tmp_path / 'ro', check.format(str(tmp_path / 'ro' / 'model.msgpack'))
+    )
+    assert f"export '{tmp_path}/ro/model.msgpack': folder '{tmp_path}/ro' is not writable" in (
+        folder.stderr
+    ), folder.stderr[-2000:]
+    target = tmp_path / 'kept.msgpack'
+    file = _in_a_read_only_mount(target, check.format(str(target)))
+    assert f"export '{target}' exists and is read-only; expected a writable target" in (
+        file.stderr
+    ), file.stderr[-2000:]
+    assert target.read_bytes() == b'keep me'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['kept.msgpack', 'ro']
 
 
 def test_formats_follow_the_suffix():
     assert serving.export_format('gs://b/m.stablehlo') == 'stablehlo'
     assert serving.export_format('m.ONNX') == 'onnx'
-    for path in ('w.msgpack', 'w.bin', 'weights', 'dir.onnx/w'):
-        assert serving.export_format(path) == 'msgpack'
+    assert serving.export_format('w.msgpack') == 'msgpack'
+    for path in ('w.bin', 'weights', 'dir.onnx/w'):  # once silently msgpack
+        with pytest.raises(ValueError, match=r'expected \.stablehlo, \.onnx, \.msgpack'):
+            serving.export_format(path)
 
 
 def test_a_mean_of_another_image_size_is_refused(tmp_path):

@@ -52,7 +52,10 @@ def test_frozen_parameters_get_no_updates_and_the_backbone_a_scaled_rate():
         ({'frozen': ('stage9',)}, "frozen has 'stage9', which matches no parameter; paths look "),
         ({'frozen': ('stage[1',)}, "frozen has 'stage\\[1', not a regular expression"),
         ({'frozen': 'stem'}, "frozen='stem'; expected a tuple of regular expressions"),
-        ({'backbone_lr_multiplier': -1.0}, 'backbone_lr_multiplier=-1.0; expected a number >= 0'),
+        (
+            {'backbone_lr_multiplier': -1.0},
+            'backbone_lr_multiplier=-1.0; expected a finite number >= 0',
+        ),
     ],
 )
 def test_bad_fine_tuning_fields_are_one_clear_error(fields, message):

@@ -64,6 +64,40 @@ def test_class_folders_are_the_classes_and_val_is_a_stable_held_out_share(tmp_pa
     assert info.splits == {'train': len(again.splits['train']), 'val': len(again.splits['val'])}
 
 
+def test_images_in_folders_inside_a_class_are_read_in_a_fixed_order(tmp_path, cifar_images):
+    """As torchvision's ImageFolder: CLASS/2023/a.jpg belongs to CLASS (once skipped without a
+    word). The order is fixed (a folder's own files, then its sub-folders'), top-level images
+    keep their split, and a non-image inside a nested folder is refused as at the top."""
+    root = _layout(tmp_path / 'photos', cifar_images, per_class=8)
+    flat = folder.scan(str(root))
+    for name in CLASSES:
+        for i, image in enumerate(cifar_images[name][:8]):
+            _write(root / name / ('b' if i % 2 else 'a') / f'x{i}', image)
+    _write(root / 'cat' / 'a' / 'deeper' / 'y', cifar_images['cat'][0])
+    _write(root / 'cat' / '.hidden' / 'z', cifar_images['cat'][1])
+    (root / 'cat' / '.DS_Store').write_bytes(b'\0')
+    index = folder.scan(str(root))
+    examples = index.splits['train'] + index.splits['val']
+    assert len(examples) == 3 * 16 + 1
+    cat = [p[len(str(root / 'cat')) + 1 :] for p, label in examples if label == 1]
+    own = [f'{i:03d}.jpg' for i in range(8)]
+    nested = ['a/x0.jpg', 'a/x2.jpg', 'a/x4.jpg', 'a/x6.jpg', 'a/deeper/y.jpg']
+    expected = [*own, *nested, 'b/x1.jpg', 'b/x3.jpg', 'b/x5.jpg', 'b/x7.jpg']
+    train_cat = [p[len(str(root / 'cat')) + 1 :] for p, c in index.splits['train'] if c == 1]
+    assert sorted(cat) == sorted(expected)
+    assert train_cat == [p for p in expected if p in train_cat]  # in that order
+    assert set(flat.splits['val']) <= set(index.splits['val'])  # old images stay where they were
+    assert set(flat.splits['train']) <= set(index.splits['train'])
+    held_out = {p for p, _ in index.splits['val']}
+    for path, label in examples:  # the hash of the path inside the class folder decides
+        inside = path[len(str(root / CLASSES[label])) + 1 :]
+        assert folder.in_val(f'{CLASSES[label]}/{inside}') == (path in held_out)
+    assert folder.scan(str(root)) == index  # the same index every time
+    (root / 'ship' / 'b' / 'notes.txt').write_text('x')
+    with pytest.raises(ValueError, match=r"'.*ship/b/notes.txt' is not an image; a class folder"):
+        folder.scan(str(root))
+
+
 def test_train_and_val_folders_are_used_as_given(tmp_path, cifar_images):
     root = tmp_path / 'photos'
     for name in CLASSES:

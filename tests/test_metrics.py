@@ -29,21 +29,22 @@ def test_a_collapsed_model_scores_zero_not_one_hundred_percent():
     np.testing.assert_array_equal(metrics.top_k_correct(nan, labels, 5), 0.0)
 
 
-def test_ties_and_nans_count_against_the_label():
-    labels = jnp.array([0, 0, 0, 0, 0, 0])
+def test_ties_and_non_finite_logits_count_against_the_label():
+    labels = jnp.array([0, 0, 0, 0, 0, 0, 0])
     logits = jnp.array(
         [
             [2.0, 1.0, 1.0],  # clear winner
             [2.0, 2.0, 1.0],  # tied for first: not top-1, but top-2
             [1.0, 2.0, 2.0],  # third after a tie: neither
             [2.0, jnp.nan, 1.0],  # a NaN anywhere: the row is not a prediction
-            [jnp.inf, 1.0, 1.0],  # +inf is a legitimate (if extreme) winner
-            [jnp.inf, jnp.inf, 1.0],  # ...but not when tied
+            [jnp.inf, 1.0, 1.0],  # an Inf at the label: an overflow, not a confident answer
+            [jnp.inf, jnp.inf, 1.0],  # Infs tied
+            [2.0, 1.0, -jnp.inf],  # an Inf elsewhere: the row is not a prediction either
         ]
     )
-    np.testing.assert_array_equal(metrics.top_k_correct(logits, labels, 1), [1, 0, 0, 0, 1, 0])
-    np.testing.assert_array_equal(metrics.top_k_correct(logits, labels, 2), [1, 1, 0, 0, 1, 1])
-    np.testing.assert_array_equal(metrics.top_k_correct(logits, labels, 3), [1, 1, 1, 0, 1, 1])
+    np.testing.assert_array_equal(metrics.top_k_correct(logits, labels, 1), [1, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(metrics.top_k_correct(logits, labels, 2), [1, 1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(metrics.top_k_correct(logits, labels, 3), [1, 1, 1, 0, 0, 0, 0])
 
 
 # --- metrics.jsonl: one line per record, each step once ---------------------------------------

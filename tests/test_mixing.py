@@ -124,9 +124,13 @@ def test_the_modern_imagenet_recipe_mixes():
 @pytest.mark.parametrize(
     'field, value, message',
     [
-        ('mixup_alpha', '-0.2', 'mixup_alpha=-0.2; expected a number >= 0 (0: off)'),
-        ('cutmix_alpha', '-1.0', 'cutmix_alpha=-1.0; expected a number >= 0 (0: off)'),
+        ('mixup_alpha', '-0.2', 'mixup_alpha=-0.2; expected a finite number >= 0 (0: off)'),
+        ('cutmix_alpha', '-1.0', 'cutmix_alpha=-1.0; expected a finite number >= 0 (0: off)'),
+        # Inf passes `>= 0`, then Beta(inf, inf) draws NaN mixing weights; NaN passes nothing.
+        ('mixup_alpha', float('inf'), 'mixup_alpha=inf; expected a finite number >= 0 (0: off)'),
+        ('cutmix_alpha', float('nan'), 'cutmix_alpha=nan; expected a finite number >= 0 (0: off)'),
         ('cutmix_prob', '1.5', 'cutmix_prob=1.5; expected [0, 1]'),
+        ('cutmix_prob', float('nan'), 'cutmix_prob=nan; expected [0, 1]'),
     ],
 )
 def test_bad_mixing_fields_are_one_clear_error(field, value, message):

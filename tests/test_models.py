@@ -665,6 +665,8 @@ def test_unknown_option_lists_the_valid_ones():
         ('bn_momentum', 1.0),
         ('bn_momentum', '0.9'),
         ('bn_epsilon', 0.0),
+        ('bn_epsilon', float('inf')),
+        ('bn_epsilon', float('nan')),
         ('scan_blocks', 'yes'),
         ('input_channels', 0),
     ],

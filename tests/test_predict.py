@@ -75,28 +75,86 @@ def test_a_runs_checkpoint_predicts_with_its_class_names(cifar10_data_dir, tmp_p
             ['--weights=W', '--model=resnet20', 'IMG', 'NOTES'],
             "image 'NOTES' is not a readable image; expected a JPEG, PNG, BMP or WebP file",
         ),
+        (
+            # Once "99.69% frog": XLA-CPU's ReLU turns the NaNs into zeros.
+            ['--weights=TMP/nan.safetensors', '--model=resnet20', 'IMG'],
+            "weights 'TMP/nan.safetensors': tensor 'layer1.0.conv1.weight' has 2304 non-finite "
+            'values (NaN/Inf); expected finite weights',
+        ),
+        (
+            ['--weights=TMP/random.safetensors', '--model=resnet20', 'IMG'],
+            "cannot read 'TMP/random.safetensors' as safetensors (SafetensorError: ",
+        ),
+        (
+            ['--weights=TMP/random.msgpack', '--model=resnet20', 'IMG'],
+            "weights 'TMP/random.msgpack': not a file written by --export (",
+        ),
+        (['--weights=W', '--model=resnet20', '--top_k=0', 'IMG'], '--top_k=0; expected a positive'),
+        (
+            ['--weights=W', '--model=resnet20', 'TMP'],
+            "image 'TMP' is a directory; expected an image file",
+        ),
+        (['--workdir= ', 'IMG'], "--workdir ' ' is blank; expected a path"),
+        (['--workdir=TMP', '--step=-1', 'IMG'], '--step=-1; expected a checkpoint step >= 0'),
+        # Flags of the other source, once ignored without a word.
+        (['--weights=W', '--model=resnet20', '--step=3', 'IMG'], '--step cannot be used with'),
+        (
+            ['--workdir=TMP', '--model=resnet56', '--normalization=channel', 'IMG'],
+            '--model, --normalization cannot be used with --workdir (the run recorded them)',
+        ),
     ],
-    ids=['no-images', 'no-source', 'not-an-image'],
+    ids=[
+        'no-images',
+        'no-source',
+        'not-an-image',
+        'nan-weights',
+        'garbage-safetensors',
+        'garbage-msgpack',
+        'top-k-0',
+        'a-directory-as-image',
+        'blank-workdir',
+        'negative-step',
+        'step-with-weights',
+        'model-with-workdir',
+    ],
 )
 def test_bad_input_is_one_error_line(run_process, tmp_path, args, message):
+    from safetensors.numpy import load_file, save_file
+
     notes = tmp_path / 'notes.txt'
     notes.write_text('not an image')
     image = tmp_path / 'img.png'
     cv2.imwrite(str(image), np.zeros((32, 32, 3), np.uint8))
     weights = str(AKAMASTER / 'resnet20.safetensors')
-    argv = [
-        a.replace('NOTES', str(notes)).replace('IMG', str(image)).replace('=W', f'={weights}')
-        for a in args
-    ]
-    result = run_process(['-m', 'resnet_jax.predict', *argv], cwd=tmp_path)
+    state = load_file(weights)
+    state['layer1.0.conv1.weight'][:] = np.nan
+    save_file(state, str(tmp_path / 'nan.safetensors'))
+    for name in ('random.safetensors', 'random.msgpack'):
+        (tmp_path / name).write_bytes(np.random.default_rng(0).bytes(4096))
+    before = sorted(tmp_path.iterdir())
+
+    def filled(text):
+        return (
+            text.replace('NOTES', str(notes))
+            .replace('IMG', str(image))
+            .replace('=W', f'={weights}')
+            .replace('TMP', str(tmp_path))
+        )
+
+    result = run_process(['-m', 'resnet_jax.predict', *map(filled, args)], cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-2000:]
-    message = message.replace('NOTES', str(notes))
-    assert result.stderr.strip().splitlines()[-1].startswith(f'error: {message}'), result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(f'error: {filled(message)}'), result.stderr
+    assert [line for line in lines if 'error' in line] == lines[-1:], result.stderr
+    assert not result.stdout  # no prediction printed
+    assert sorted(tmp_path.iterdir()) == before
 
 
 def test_bad_files_and_names_are_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"image '.*missing.png' does not exist"):
         predict.read_image(str(tmp_path / 'missing.png'))
+    with pytest.raises(ValueError, match=r"image '.*' is a directory; expected an image file"):
+        predict.read_image(str(tmp_path))
     empty = tmp_path / 'empty.jpg'
     empty.write_bytes(b'')
     with pytest.raises(ValueError, match=r"image '.*empty.jpg' is not a readable image"):

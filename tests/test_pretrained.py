@@ -137,7 +137,7 @@ def test_an_exported_msgpack_loads_every_variable_and_a_bad_one_is_named(tmp_pat
         loaded['params']['head']['bias'], fresh100['params']['head']['bias']
     )
     (tmp_path / 'junk.msgpack').write_bytes(b'\x01not msgpack')
-    with pytest.raises(ValueError, match=r"init_from '.*junk.msgpack': not a file written by"):
+    with pytest.raises(ValueError, match=r"^init_from '.*junk.msgpack': not a file written by"):
         pretrained.load_variables(str(tmp_path / 'junk.msgpack'), model, _fresh(model))
     (tmp_path / 'other.msgpack').write_bytes(flax.serialization.msgpack_serialize({'a': 1}))
     with pytest.raises(ValueError, match=r'holds no params/head/bias; expected a file written'):
@@ -164,3 +164,48 @@ def test_a_keras_file_loads_every_variable(tmp_path, keras):
     paper = rj.create_model('resnet50', num_classes=5)
     with pytest.raises(ValueError, match=r'Keras BatchNorm uses epsilon=\[1.001e-05\]'):
         pretrained.load_variables(path, paper, fresh)
+
+
+def test_non_finite_weights_of_every_kind_are_refused_naming_the_tensor(
+    tmp_path, resnet20_file, monkeypatch
+):
+    """A NaN weight gives confident answers (XLA-CPU's ReLU makes it 0), and a run started
+    from it reports a finite loss: init_from refuses it from a file of any kind or a run."""
+    from safetensors.numpy import save_file
+
+    model = rj.create_model('resnet20', num_classes=10)
+    state = weights.load_state_dict(resnet20_file)
+    state['layer2.0.bn1.running_var'] = np.full_like(state['layer2.0.bn1.running_var'], np.inf)
+    save_file(state, str(tmp_path / 'inf.safetensors'))
+    with pytest.raises(
+        ValueError,
+        match=r"^weights '.*inf\.safetensors': tensor 'layer2\.0\.bn1\.running_var' has 32 "
+        r'non-finite values \(NaN/Inf\); expected finite weights$',
+    ):
+        pretrained.load_variables(str(tmp_path / 'inf.safetensors'), model, _fresh(model))
+
+    exported = jax.tree.map(np.array, _fresh(model))  # writable copies
+    exported['params']['stage1']['block1']['conv1']['kernel'][0, 0, 0, 0] = np.nan
+    (tmp_path / 'nan.msgpack').write_bytes(flax.serialization.msgpack_serialize(exported))
+    with pytest.raises(
+        ValueError,
+        match=r"^init_from '.*nan\.msgpack': tensor 'params/stage1/block1/conv1/kernel' has 1 "
+        r'non-finite value',
+    ):
+        pretrained.load_variables(str(tmp_path / 'nan.msgpack'), model, _fresh(model))
+
+    # Another run's checkpoint (restored by evaluate.restore_state, here a stand-in).
+    class State:
+        def eval_variables(self):
+            return exported
+
+    run = tmp_path / 'run'
+    (run / 'checkpoints').mkdir(parents=True)
+    monkeypatch.setattr('resnet_jax.evaluate.restore_state', lambda c, p: (0, State(), 7, 0))
+    monkeypatch.setattr('resnet_jax.workdir.read_config', lambda path: None)
+    with pytest.raises(
+        ValueError,
+        match=r"^init_from '.*run' \(its checkpoint step 7\): tensor "
+        r"'params/stage1/block1/conv1/kernel' has 1 non-finite value",
+    ):
+        pretrained.load_variables(str(run), model, _fresh(model))

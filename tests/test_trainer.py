@@ -239,7 +239,11 @@ def test_every_cifar_config_validates(name):
         ('model.stem', 'wide', "option stem='wide' is invalid; expected a registered stem"),
         ('optimizer.name', 'adamm', "optimizer.name='adamm'; expected one of sgd"),
         ('optimizer.schedule', 'step', "optimizer.schedule='step'"),
-        ('optimizer.learning_rate', -0.1, 'optimizer.learning_rate=-0.1; expected > 0'),
+        (
+            'optimizer.learning_rate',
+            -0.1,
+            'optimizer.learning_rate=-0.1; expected a finite number > 0',
+        ),
         ('optimizer.warmup_steps', 70_000, 'warmup_steps=70000 must be below total_steps'),
         ('dataset.augmentation', 'autoaugment', "dataset: unknown augmentation 'autoaugment'"),
         ('dataset.name', 'mnist', "dataset: unknown dataset 'mnist': expected one of cifar10"),

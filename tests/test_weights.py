@@ -346,3 +346,104 @@ def test_original_th_files_load_without_their_wrapper_and_dataparallel_prefix(tm
     assert set(loaded) == set(_akamaster(20))
     model = rj.create_model('resnet20', num_classes=10)
     weights.from_torch_cifar(loaded, model)  # every entry used, none missing
+
+
+# --- Non-finite and damaged files ------------------------------------------------------------
+
+
+def _with_nan(state, name='layer1.0.conv1.weight'):
+    return {**state, name: np.full_like(state[name], np.nan)}
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor_and_the_file(tmp_path, torch):
+    """A NaN weight still gives confident answers (XLA-CPU's ReLU turns NaN into 0): every
+    loader refuses it where it enters, naming the tensor as the source names it."""
+    from safetensors.numpy import save_file
+
+    state = _akamaster(20)
+    bad = _with_nan(state)
+    save_file(bad, str(tmp_path / 'nan.safetensors'))
+    with pytest.raises(
+        ValueError,
+        match=r"^weights '.*nan\.safetensors': tensor 'layer1\.0\.conv1\.weight' has 2304 "
+        r'non-finite values \(NaN/Inf\); expected finite weights$',
+    ):
+        weights.load_state_dict(tmp_path / 'nan.safetensors')
+    inf = {k: torch.tensor(v) for k, v in state.items()}  # copies: `state` stays finite
+    inf['linear.bias'][3] = float('inf')
+    inf['conv1.weight'][0, 0, 0, 0] = float('-inf')
+    torch.save({'state_dict': inf}, tmp_path / 'inf.pth')
+    with pytest.raises(
+        ValueError,
+        match=r"^weights '.*inf\.pth': tensor 'conv1\.weight' has 1 non-finite value \(NaN/Inf\) "
+        r'\(and 1 other tensors: linear\.bias\)',
+    ):
+        weights.load_state_dict(tmp_path / 'inf.pth')
+    # A state dict handed to a converter directly: torch tensors or arrays.
+    model = rj.create_model('resnet20', num_classes=10)
+    with pytest.raises(ValueError, match=r"^PyTorch CIFAR state_dict: tensor 'layer1\.0\.conv1"):
+        weights.from_torch_cifar(bad, model)
+    with pytest.raises(ValueError, match=r"^PyTorch CIFAR state_dict: tensor 'conv1\.weight'"):
+        weights.from_torch_cifar(inf, model)
+
+
+def test_a_keras_model_with_a_nan_weight_is_refused_naming_the_weight(keras_resnet50):
+    model = rj.create_model('resnet50', num_classes=1000, bn_epsilon=weights.KERAS_BN_EPSILON)
+    layer = keras_resnet50.get_layer('conv2_block1_1_bn')
+    original = layer.get_weights()
+    layer.set_weights([original[0], np.full_like(original[1], np.nan), *original[2:]])
+    try:
+        with pytest.raises(
+            ValueError,
+            match=r"^Keras model: tensor 'conv2_block1_1_bn/beta' has 64 non-finite values",
+        ):
+            weights.from_keras(keras_resnet50, model)
+    finally:
+        layer.set_weights(original)
+
+
+def _garbage(tmp_path, suffix, kind):
+    """A weights file that is random bytes, empty, or the first half of a real one."""
+    path = tmp_path / f'{kind}{suffix}'
+    if kind == 'random':
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == 'empty':
+        path.write_bytes(b'')
+    else:
+        whole = tmp_path / f'whole{suffix}'
+        if suffix == '.safetensors':
+            whole.write_bytes((AKAMASTER / 'resnet20.safetensors').read_bytes())
+        else:
+            import torch
+
+            torch.save({k: torch.from_numpy(v) for k, v in _akamaster(20).items()}, whole)
+        blob = whole.read_bytes()
+        path.write_bytes(blob[: len(blob) // 2])
+    return path
+
+
+@pytest.mark.parametrize('suffix', ['.safetensors', '.pth', '.pt', '.bin'])
+@pytest.mark.parametrize(
+    'kind, message',
+    [
+        ('empty', r"weights file '.*empty\.\w+' is empty; expected a saved state dict"),
+        (
+            'random',
+            r"cannot read '.*random\.\w+' as (safetensors|a weights-only torch checkpoint) "
+            r'\(.+\); expected ',
+        ),
+        (
+            'truncated',
+            r"cannot read '.*truncated\.\w+' as (safetensors|a weights-only torch checkpoint) "
+            r'\(.+\); expected ',
+        ),
+    ],
+)
+def test_a_damaged_weights_file_is_one_line_naming_it(tmp_path, torch, suffix, kind, message):
+    del torch  # .pth files need it
+    path = _garbage(tmp_path, suffix, kind)
+    with pytest.raises(ValueError, match=message) as error:
+        weights.load_state_dict(path)
+    assert '\n' not in str(error.value)
+    # Never torch's advice to load with weights_only=False (which would run the file's code).
+    assert 'weights_only` set to `False' not in str(error.value)
