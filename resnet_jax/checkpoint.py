@@ -472,25 +472,3 @@ def quarantine(directory: str, step: int) -> str:
     target = paths.join(target_root, f'{step}-{int(time.time())}')
     paths.move(paths.join(directory, str(step)), target)
     return target
-
-
-def nonfinite(state: Any, what: str) -> str | None:
-    """None if every floating-point array of `state` is finite, else which is not (by path).
-
-    A NaN weight does not always show: XLA's CPU ReLU turns NaN into 0, so a net with a NaN
-    tensor can still give finite, confident logits. A checkpoint is checked where it enters.
-    """
-    leaves = [
-        (path, leaf)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
-        if hasattr(leaf, 'dtype') and jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)
-    ]
-    counts = jax.device_get([jax.numpy.sum(~jax.numpy.isfinite(leaf)) for _, leaf in leaves])
-    for (path, leaf), count in zip(leaves, counts, strict=True):
-        if count:
-            name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
-            return (
-                f'{what}: {name} has {int(count)} non-finite values (NaN/Inf) of {leaf.size}; '
-                'expected finite weights'
-            )
-    return None

@@ -88,11 +88,7 @@ def _read_step(directory: str, step: int, config: Any, model: Any, init: Any) ->
         abstract, jax.tree.map(lambda _: replicated, abstract)
     )
     state = checkpoint.read_state(directory, step, target)[0]
-    problem = checkpoint.nonfinite(
-        state.eval_variables(), f'checkpoint step {step} in {directory!r}'
-    )
-    if problem is not None:
-        raise ValueError(problem)
+    weights.check_finite(state.eval_variables(), f'checkpoint step {step} in {directory!r}')
     return state
 
 

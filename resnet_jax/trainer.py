@@ -19,6 +19,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -40,6 +41,7 @@ from resnet_jax import (
     sharding,
     signals,
     steps,
+    weights,
 )
 from resnet_jax import config as config_lib
 from resnet_jax import workdir as workdir_lib
@@ -106,7 +108,7 @@ def _restore_latest_good(
                 except Exception as e:  # Orbax raises many kinds for bad files
                     problem = f'it cannot be read ({type(e).__name__}: {str(e)[:200]})'
                 else:
-                    problem = checkpoint.nonfinite(state, f'checkpoint step {step}')
+                    problem = _nonfinite(state, f'checkpoint step {step}')
                     if problem is None:
                         return state, meta
         moved = checkpoint.quarantine(directory, step) if jax.process_index() == 0 else '?'
@@ -116,6 +118,15 @@ def _restore_latest_good(
     if set_aside:
         raise ValueError(f'no usable checkpoint in {directory!r}: ' + '; '.join(set_aside))
     return None, {}
+
+
+def _nonfinite(state: TrainState, where: str) -> str | None:
+    """None if every array of `state` is finite, else which one is not."""
+    try:
+        weights.check_finite(flax.serialization.to_state_dict(state), where)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _verify_once(directory: str, step: int) -> str | None:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax.models import Bottleneck, ResNet, Variables, init_variables
@@ -177,6 +178,10 @@ def _require(condition: bool, message: str) -> None:
 
 
 def _nonfinite_count(value: Any) -> int:
+    if isinstance(value, jax.Array):  # counted on its devices: a sharded array is not gathered
+        if not jnp.issubdtype(value.dtype, jnp.inexact):
+            return 0
+        return int(jnp.sum(~jnp.isfinite(value)))
     if hasattr(value, 'detach'):  # a torch tensor (bfloat16 has no numpy twin: made float32)
         value = _to_numpy(value)
     try:
