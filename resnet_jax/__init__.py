@@ -4,6 +4,7 @@ The public surface, re-exported on purpose. Everything else is an implementation
 """
 
 from resnet_jax import weights
+from resnet_jax.counting import count_flops, count_params
 from resnet_jax.models import (
     CIFAR_MODELS,
     IMAGENET_MODELS,
@@ -11,8 +12,6 @@ from resnet_jax.models import (
     OPTION_NAMES,
     ResNet,
     apply_model,
-    count_flops,
-    count_params,
     create_model,
     init_variables,
     register_model,

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import cli, data, models, weights
+from resnet_jax import cli, data, layers, models, weights
 from resnet_jax import workdir as workdir_lib
 
 
@@ -37,10 +37,11 @@ def _response_pattern(model: models.ResNet) -> re.Pattern:
     """The BatchNorms that follow a 3x3 convolution: the CIFAR stem's, both of a basic block's
     (bn2 is the residual function's output, before the addition), a bottleneck's middle one.
     Projections are 1x1, the ImageNet stem 7x7."""
-    layers = ['/bn2$'] if issubclass(model.block_cls, models.Bottleneck) else ['/bn1$', '/bn2$']
+    bottleneck = issubclass(model.block_cls, layers.Bottleneck)
+    patterns = ['/bn2$'] if bottleneck else ['/bn1$', '/bn2$']
     if model.stem == 'cifar':
-        layers.append('^stem_bn$')
-    return re.compile('|'.join(layers))
+        patterns.append('^stem_bn$')
+    return re.compile('|'.join(patterns))
 
 
 @dataclasses.dataclass(frozen=True)

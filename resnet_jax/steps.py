@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from resnet_jax import metrics, mixing, models
+from resnet_jax import metrics, mixing, models, xla_cpu
 from resnet_jax.train_state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -122,11 +122,9 @@ def make_multi_step(train_step: Callable) -> Callable:
     """
 
     def multi_step(state: TrainState, batches: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        # XLA's CPU backend runs the gradient convolutions of a loop body as naive loops (see
-        # models.loop_conv_general_dilated), 10x slower: there the K steps are unrolled instead,
-        # compiling K copies of the step. Other backends keep one loop body.
-        unroll = jax.default_backend() == 'cpu'
-        return jax.lax.scan(train_step, state, batches, unroll=unroll)
+        # XLA's CPU backend runs the gradient convolutions of a loop body as naive loops, 10x
+        # slower: there the K steps are unrolled, compiling K copies of the step (xla_cpu).
+        return jax.lax.scan(train_step, state, batches, unroll=xla_cpu.unroll_loops())
 
     return multi_step
 

@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from resnet_jax import checkpoint, cli, models, paths
+from resnet_jax import checkpoint, cli, counting, models, paths
 from resnet_jax import config as config_lib
 from resnet_jax.workdir import WorkdirLock
 
@@ -192,7 +192,7 @@ def parameter_count(config: ml_collections.ConfigDict, num_classes: int) -> int:
     model = config_lib.create_model_from_config(config, num_classes)
     shape = (32, 32, 3) if models.family(config.model.name) == 'cifar' else (224, 224, 3)
     variables = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), shape))
-    return models.count_params(variables['params'])
+    return counting.count_params(variables['params'])
 
 
 def check_runs(runs: Sequence[Run], workdir: str) -> None:

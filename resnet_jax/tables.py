@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import jax
 
-from resnet_jax import augment, datasets, models, optim
+from resnet_jax import augment, counting, datasets, layers, models, optim
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -65,8 +65,8 @@ def _model_row(name: str) -> str:
     # Scanned blocks trace fastest; the counts are identical (tests check it).
     model = models.create_model(name, num_classes=num_classes, scan_blocks=True)
     variables = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), shape))
-    params = models.count_params(variables['params'])
-    macs = models.count_flops(model, shape)
+    params = counting.count_params(variables['params'])
+    macs = counting.count_flops(model, shape)
     blocks = '-'.join(str(n) for n in model.stage_sizes)
     return (
         f'| `{name}` | {"ImageNet" if imagenet else "CIFAR"} | {model.block_cls.__name__} '
@@ -102,8 +102,8 @@ def option_table() -> str:
 def registry_table() -> str:
     """The extension points and what is registered in each."""
     rows = [
-        ('stems', 'models.register_stem', models.STEMS),
-        ('shortcuts', 'models.register_shortcut', models.SHORTCUTS),
+        ('stems', 'layers.register_stem', layers.STEMS),
+        ('shortcuts', 'layers.register_shortcut', layers.SHORTCUTS),
         ('networks', 'models.register_model', models.MODELS),
         ('datasets', 'datasets.register_dataset', datasets.DATASETS),
         ('augmentations', 'augment.register_augmentation', augment.AUGMENTATIONS),

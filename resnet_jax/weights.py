@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax.models import Bottleneck, ResNet, Variables, init_variables
+from resnet_jax.layers import Bottleneck
+from resnet_jax.models import ResNet, Variables, init_variables
 
 TORCHVISION_BN_EPSILON = 1e-5
 KERAS_BN_EPSILON = 1.001e-5

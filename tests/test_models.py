@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import resnet_jax as rj
-from resnet_jax import models, weights
+from resnet_jax import layers, models, weights, xla_cpu
 
 CIFAR_SHAPE = (32, 32, 3)
 IMAGENET_SHAPE = (224, 224, 3)
@@ -307,7 +307,7 @@ def test_option_a_has_no_parameters_and_pads_with_zeros():
     params = _abstract_variables('resnet20', shortcut='A')['params']
     assert not any('shortcut' in p for p in _module_paths(params))
 
-    shortcut = models.Shortcut('A', features=8, strides=2, conv=None, norm=None)
+    shortcut = layers.Shortcut('A', features=8, strides=2, conv=None, norm=None)
     x = jnp.arange(2 * 4 * 4 * 4, dtype=jnp.float32).reshape(2, 4, 4, 4)
     y = shortcut.apply({}, x)
     assert y.shape == (2, 2, 2, 8)
@@ -463,7 +463,7 @@ def narrow_bottleneck_net():
         'narrow_bottleneck_net',
         family='imagenet',
         stage_sizes=(2, 2, 2, 2),
-        block_cls=models.Bottleneck,
+        block_cls=layers.Bottleneck,
         widths=(4, 8, 16, 32),
     )
     yield
@@ -521,7 +521,7 @@ def test_scanned_and_unrolled_nets_agree(name, options, shape, request):
         jax.tree.map(np.testing.assert_array_equal, roundtrip, jax.device_get(variables))
 
         # Gradients too: on CPU the scanned blocks take their own backward convolutions
-        # (models.loop_conv_general_dilated), which must give the gradients JAX would.
+        # (xla_cpu.loop_conv_general_dilated), which must give the gradients JAX would.
         def loss(model, params, stats):
             logits, _ = rj.apply_model(
                 model, {'params': params, 'batch_stats': stats}, images, train=True
@@ -572,10 +572,10 @@ def test_loop_convolution_matches_lax_in_value_and_gradients(kernel, padding, st
         functools.partial(loss, jax.lax.conv_general_dilated), argnums=(0, 1), has_aux=True
     )(x, w)
     (_, got), got_grads = jax.value_and_grad(
-        functools.partial(loss, models.loop_conv_general_dilated), argnums=(0, 1), has_aux=True
+        functools.partial(loss, xla_cpu.loop_conv_general_dilated), argnums=(0, 1), has_aux=True
     )(x, w)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-    jaxpr = str(jax.make_jaxpr(functools.partial(loss, models.loop_conv_general_dilated))(x, w))
+    jaxpr = str(jax.make_jaxpr(functools.partial(loss, xla_cpu.loop_conv_general_dilated))(x, w))
     assert ('custom_vjp_call' in jaxpr) == (strides == (1, 1)), 'took the wrong path'
     for g, e in zip(got_grads, want_grads, strict=True):
         assert g.shape == e.shape and g.dtype == e.dtype == jnp.float64
@@ -597,7 +597,7 @@ def test_loop_convolution_gradients_under_vmap_match_lax():
         return jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(0, None))(xs, w)
 
     for g, e in zip(
-        grads(models.loop_conv_general_dilated), grads(jax.lax.conv_general_dilated), strict=True
+        grads(xla_cpu.loop_conv_general_dilated), grads(jax.lax.conv_general_dilated), strict=True
     ):
         assert g.dtype == jnp.float64
         np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
@@ -606,7 +606,7 @@ def test_loop_convolution_gradients_under_vmap_match_lax():
 @pytest.mark.slow
 def test_scanned_train_step_runs_its_loop_convolutions_in_canonical_form():
     """Inside a loop, XLA's CPU backend runs fast only NHWC x HWIO convolutions (see
-    models.loop_conv_general_dilated); a transposed one there cost a 10x slower step."""
+    xla_cpu.loop_conv_general_dilated); a transposed one there cost a 10x slower step."""
     from resnet_jax import optim, steps
     from resnet_jax.train_state import create_train_state
 
@@ -768,13 +768,13 @@ def test_resnet_d_pools_then_projects_and_has_a_deep_stem():
     ]
     # The shortcut of a strided block: a 2x2 average pool, then a 1x1 projection at stride 1.
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 256))
-    shortcut = models.Shortcut('D', 512, 2, conv=_plain_conv, norm=_identity_norm)
+    shortcut = layers.Shortcut('D', 512, 2, conv=_plain_conv, norm=_identity_norm)
     out, _ = shortcut.init_with_output(jax.random.key(2), x)
     pooled = x.reshape(2, 4, 2, 4, 2, 256).mean(axis=(2, 4))
     kernel = shortcut.init(jax.random.key(2), x)['params']['proj_conv']['kernel'][0, 0]
     np.testing.assert_allclose(out, pooled @ kernel, rtol=1e-5, atol=1e-5)
     # Where only the width changes (the first block), no pool; the same shape: the identity.
-    same = models.Shortcut('D', 256, 1, conv=_plain_conv, norm=_identity_norm)
+    same = layers.Shortcut('D', 256, 1, conv=_plain_conv, norm=_identity_norm)
     assert jnp.array_equal(same.init_with_output(jax.random.key(2), x)[0], x)
     # Any ImageNet net takes the new stem and shortcut as options.
     rj.create_model('resnet18', num_classes=10, stem='deep', shortcut='D')
