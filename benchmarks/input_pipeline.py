@@ -6,9 +6,9 @@
 The model is idle: each row only consumes batches. The settings of a group are timed in turns
 (`measure`), so the machine's drift falls on all of them alike.
 
-* cifar_host: `data.train_dataset` over the shared CIFAR-10 copy (TFDS ArrayRecord, JPEG decode,
-  pad-crop-flip), batches of 128, for each Grain worker count.
-* cifar_in_memory: `data.in_memory_train_batch` (gather and augmentation inside jit) on the
+* cifar_host: `pipelines.train_dataset` over the shared CIFAR-10 copy (TFDS ArrayRecord, JPEG
+  decode, pad-crop-flip), batches of 128, for each Grain worker count.
+* cifar_in_memory: `in_memory.in_memory_train_batch` (gather and augmentation inside jit) on the
   decoded uint8 arrays; the one-off decode time is printed separately.
 * photos: ImageNet-like JPEGs made from real photographs (benchmarks/photos.py: about 500x375,
   110 KB) in a `dataset.name='folder'` layout, read by the trainer's pipeline (the files read
@@ -40,7 +40,7 @@ import jax
 import numpy as np
 import photos
 
-from resnet_jax import data
+from resnet_jax import in_memory, pipelines, preprocessing, sources
 
 RESNET50_IMAGES_PER_S = (3000, 7000)
 
@@ -64,8 +64,8 @@ def _process_tree_cpu_s() -> float:
     return sum(cpu[p] for p in tree) / os.sysconf('SC_CLK_TCK')
 
 
-def measure(pipelines: dict, batches: int, batch_size: int, rounds: int = 4) -> dict:
-    """images/s and cores busy of each of `pipelines` (name -> iterable), over `batches`
+def measure(streams: dict, batches: int, batch_size: int, rounds: int = 4) -> dict:
+    """images/s and cores busy of each of `streams` (name -> iterable), over `batches`
     batches each, timed in `rounds` turns round the group.
 
     Timing the settings in turn, a slice at a time, exposes each to the same machine (this
@@ -73,9 +73,9 @@ def measure(pipelines: dict, batches: int, batch_size: int, rounds: int = 4) -> 
     turn has its workers' batches ready: each turn first takes (and does not time) three
     batches, so the timed ones are made while it is timed.
     """
-    iterators = {name: iter(p) for name, p in pipelines.items()}
-    wall = dict.fromkeys(pipelines, 0.0)
-    cpu = dict.fromkeys(pipelines, 0.0)
+    iterators = {name: iter(p) for name, p in streams.items()}
+    wall = dict.fromkeys(streams, 0.0)
+    cpu = dict.fromkeys(streams, 0.0)
     per_round = -(-batches // rounds)
     try:
         for iterator in iterators.values():  # warm-up: worker start-up, first reads
@@ -104,7 +104,7 @@ def measure(pipelines: dict, batches: int, batch_size: int, rounds: int = 4) -> 
             'bytes_per_step': image_bytes * batch_size,
             'dtype': str(batch['image'].dtype),
         }
-        for name in pipelines
+        for name in streams
     }
 
 
@@ -149,24 +149,24 @@ def main() -> None:
         results['rows'].append({'pipeline': name, 'settings': settings, **r})
         print(_row(name, settings, r), flush=True)
 
-    source, info = data.open_split('cifar10_jpeg', 'train', args.data_dir)
-    preprocess = data.make_preprocess(info, train=True, data_dir=args.data_dir)
-    pipelines = {
-        f'{n} workers, batch 128': data.train_dataset(
+    source, info = sources.open_split('cifar10_jpeg', 'train', args.data_dir)
+    preprocess = preprocessing.make_preprocess(info, train=True, data_dir=args.data_dir)
+    streams = {
+        f'{n} workers, batch 128': pipelines.train_dataset(
             source, preprocess, batch_size=128, seed=0, num_workers=n
         )
         for n in workers
     }
-    for settings, r in measure(pipelines, args.batches, 128, args.rounds).items():
+    for settings, r in measure(streams, args.batches, 128, args.rounds).items():
         record('CIFAR-10 host', settings, r)
 
     start = time.perf_counter()
-    images, labels = data.load_arrays(source, info)
+    images, labels = in_memory.load_arrays(source, info)
     results['cifar_decode_all_s'] = time.perf_counter() - start
     images, labels = jax.device_put(images), jax.device_put(labels)
     key = jax.random.key(0)
     steps = (
-        data.in_memory_train_batch(images, labels, key, step, batch_size=128)
+        in_memory.in_memory_train_batch(images, labels, key, step, batch_size=128)
         for step in range(2**31)
     )
     r = measure({'jit, batch 128': steps}, 10 * args.batches, 128, args.rounds)
@@ -174,16 +174,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as root:
         results['photos'] = photos.write_folder(root, args.photos)
-        source, info = data.open_split('folder', 'train', root)
+        source, info = sources.open_split('folder', 'train', root)
         for augmentation in ('scale_crop_flip', 'inception_crop_flip'):
-            preprocess = data.make_preprocess(info, train=True, augmentation=augmentation)
-            pipelines = {
-                f'{n} workers x {threads} threads': data.train_dataset(
+            preprocess = preprocessing.make_preprocess(info, train=True, augmentation=augmentation)
+            streams = {
+                f'{n} workers x {threads} threads': pipelines.train_dataset(
                     source, preprocess, batch_size=64, seed=0, num_workers=n, read_threads=threads
                 )
                 for n, threads in [(n, 1) for n in workers] + [(0, 2)]
             }
-            for settings, r in measure(pipelines, args.batches, 64, args.rounds).items():
+            for settings, r in measure(streams, args.batches, 64, args.rounds).items():
                 record(f'photos, {augmentation}', settings, r)
     results['large_photo'] = large_photo_crop(repeats=max(3, args.batches // 4))
     summarize(results, workers)

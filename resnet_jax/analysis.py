@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import cli, data, layers, models, weights
+from resnet_jax import cli, layers, models, pipelines, preprocessing, sources, weights
 from resnet_jax import workdir as workdir_lib
 
 
@@ -74,9 +74,9 @@ def layer_response_stds(
       model: a network of basic blocks (the CIFAR nets, ResNet-18/34); scanned models are
         analysed in their unrolled form.
       variables: its {'params', 'batch_stats'}.
-      batches: eval batches with 'image' and 'mask' (`data.eval_dataset`).
+      batches: eval batches with 'image' and 'mask' (`pipelines.eval_dataset`).
       normalize: turns their uint8 images into the network's input inside jit
-        (`data.Preprocess.normalize`); None: the images are that input already.
+        (`preprocessing.Preprocess.normalize`); None: the images are that input already.
     """
     if model.scan_blocks:
         model, variables = model.clone(scan_blocks=False), weights.to_unrolled(variables)
@@ -131,9 +131,9 @@ def analyse_run(run_dir: str, split: str = 'test') -> Responses:
     config = workdir_lib.read_config(run_dir)
     model, state, _, info = evaluate.restore_state(config, run_dir)
     ds = config.dataset
-    source, _ = data.open_split(ds.name, split, ds.data_dir)
-    preprocess = data.preprocess_of(ds, info, train=False)
-    batches = data.eval_dataset(
+    source, _ = sources.open_split(ds.name, split, ds.data_dir)
+    preprocess = preprocessing.preprocess_of(ds, info, train=False)
+    batches = pipelines.eval_dataset(
         source, preprocess, batch_size=500, process_count=1, process_index=0
     )
     variables = jax.device_get(state.eval_variables())

@@ -1,8 +1,8 @@
 """Orbax checkpoints of the train state.
 
 The state is all a run needs to continue: the data stream is a pure function of the step
-(`data.train_dataset(start_batch=step)`), so no iterator state is saved, and none that would tie
-a checkpoint to the number of processes.
+(`pipelines.train_batches(first_step=step)`), so no iterator state is saved, and none that
+would tie a checkpoint to the number of processes.
 
 One `CheckpointManager` per workdir (`workdir/checkpoints`):
 * saves asynchronously every `checkpoint_every_steps` (the trainer forces saves at preemption

@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from resnet_jax import augment, data, datasets, models, optim, paths, sharding
+from resnet_jax import augment, datasets, models, optim, paths, preprocessing, sharding
 
 DTYPES = ('float32', 'bfloat16')
 NONFINITE_POLICIES = ('stop', 'skip')
@@ -98,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.read_threads = 1
     # Decode the train split once, keep it on the devices (rows sharded over the mesh) and draw
     # and augment every batch there from (seed, step) (fixed-size datasets such as CIFAR;
-    # data.InMemoryBatches). The CIFAR configs turn it on.
+    # in_memory.InMemoryBatches). The CIFAR configs turn it on.
     c.dataset.in_memory = False
     c.dataset.download = False
 
@@ -199,7 +199,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
         augment.parse_chain('' if ds.augmentation == 'default' else ds.augmentation)
     except ValueError as e:
         _check(False, f'dataset: {e}')
-    _one_of(ds.normalization, data.NORMALIZATIONS, 'dataset.normalization')
+    _one_of(ds.normalization, preprocessing.NORMALIZATIONS, 'dataset.normalization')
     _positive_int(ds.num_workers, 'dataset.num_workers', zero_ok=True)
     _positive_int(ds.read_threads, 'dataset.read_threads')
     _positive_int(ds.image_size, 'dataset.image_size', zero_ok=True)

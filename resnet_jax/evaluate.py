@@ -25,7 +25,18 @@ import jax
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from resnet_jax import checkpoint, cli, data, paths, serving, sharding, steps, trainer, weights
+from resnet_jax import (
+    checkpoint,
+    cli,
+    paths,
+    preprocessing,
+    serving,
+    sharding,
+    sources,
+    steps,
+    trainer,
+    weights,
+)
 from resnet_jax import config as config_lib
 from resnet_jax import workdir as workdir_lib
 
@@ -38,7 +49,7 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, step: int | N
     """
     config_lib.validate(config, jax.device_count(), jax.process_count())
     ds = config.dataset
-    train_source, info = data.open_split(ds.name, ds.train_split, ds.data_dir)
+    train_source, info = sources.open_split(ds.name, ds.train_split, ds.data_dir)
     model, _, _, init = trainer.build_training(config, info, len(train_source))
     directory = paths.join(paths.normalize(workdir), 'checkpoints')
     if not paths.isdir(directory):
@@ -110,10 +121,10 @@ def export_for_serving(config: ml_collections.ConfigDict, state: Any, path: str)
         export(state, path)
         return 'msgpack variables (load_exported)'
     ds = config.dataset
-    _, info = data.open_split(ds.name, ds.train_split, ds.data_dir)
+    _, info = sources.open_split(ds.name, ds.train_split, ds.data_dir)
     model = config_lib.create_model_from_config(config, info.num_classes)
-    preprocess = data.preprocess_of(ds, info, train=False)
-    image_shape = data.input_shape(info, ds.image_size)
+    preprocess = preprocessing.preprocess_of(ds, info, train=False)
+    image_shape = preprocessing.input_shape(info, ds.image_size)
     variables = jax.device_get(state.eval_variables())
     serving.export(
         path, model, variables, mean=preprocess.mean, std=preprocess.std, image_shape=image_shape
@@ -154,8 +165,8 @@ def evaluate(
     """(metrics of `split`, the restored state, its step)."""
     model, state, step, info = restore_state(config, workdir, step)
     ds = config.dataset
-    source, _ = data.open_split(ds.name, split, ds.data_dir)
-    preprocess = data.preprocess_of(ds, info, train=False)
+    source, _ = sources.open_split(ds.name, split, ds.data_dir)
+    preprocess = preprocessing.preprocess_of(ds, info, train=False)
     mesh = sharding.data_mesh()
     replicated = NamedSharding(mesh, PartitionSpec())
     eval_step = jax.jit(steps.make_eval_step(model, preprocess.normalize), out_shardings=replicated)

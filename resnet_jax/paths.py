@@ -28,6 +28,14 @@ from typing import Any
 os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
 
 
+CACHE_DIR_ENV = 'RESNET_JAX_CACHE_DIR'  # default: ~/.cache/resnet_jax
+
+
+def cache_dir() -> str:
+    """Where derived data is kept between runs (the pixel mean, the XLA compilation cache)."""
+    return os.environ.get(CACHE_DIR_ENV) or os.path.expanduser('~/.cache/resnet_jax')
+
+
 def is_url(path: Any) -> bool:
     """Whether `path` is a URL (gs://bucket/x, s3://...) rather than a local path."""
     scheme, sep, _ = str(path).partition('://')

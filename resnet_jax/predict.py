@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import cli, data, datasets, models, paths, weights
+from resnet_jax import cli, datasets, models, paths, preprocessing, sources, weights
 from resnet_jax.folder import read_image
 
 
@@ -37,7 +37,7 @@ class Predictor:
 
     model: Any
     variables: dict[str, Any]
-    preprocess: data.Preprocess
+    preprocess: preprocessing.Preprocess
     class_names: tuple[str, ...]
 
     def __call__(self, images: Sequence[np.ndarray], top_k: int = 5) -> list[list[tuple]]:
@@ -78,7 +78,7 @@ def from_workdir(workdir: str, step: int | None = None, config: Any = None) -> P
     config = config or workdir_lib.read_config(workdir)
     model, state, _, info = evaluate.restore_state(config, workdir, step)
     ds = config.dataset
-    preprocess = data.preprocess_of(ds, info, train=False)
+    preprocess = preprocessing.preprocess_of(ds, info, train=False)
     variables = jax.device_get(state.eval_variables())
     class_names = workdir_lib.read_class_names(workdir) or info.class_names  # as trained
     return Predictor(model, variables, preprocess, class_names)
@@ -121,7 +121,7 @@ def from_weights(
             f'weights {path!r} have {classes} classes, dataset {dataset!r} has '
             f'{info.num_classes}; pass the --dataset they were trained on'
         )
-    preprocess = data.make_preprocess(
+    preprocess = preprocessing.make_preprocess(
         info, train=False, data_dir=data_dir, normalization=normalization
     )
     return Predictor(model, variables, preprocess, info.class_names)
@@ -132,16 +132,18 @@ def _torch_options(family: str) -> dict[str, Any]:
     return {} if family == 'cifar' else {'stride_on': '3x3'}
 
 
-def _info_or_bare(name: str, data_dir: str | None, classes: int, family: str) -> data.DatasetInfo:
+def _info_or_bare(
+    name: str, data_dir: str | None, classes: int, family: str
+) -> sources.DatasetInfo:
     """The dataset's info when it is prepared (class names, image size), else the bare spec."""
     if data_dir:
         try:
-            return data.dataset_info(name, data_dir)
+            return sources.dataset_info(name, data_dir)
         except ValueError:
             pass
     datasets.spec(name)  # ValueError for an unknown dataset
     shape = (32, 32, 3) if family == 'cifar' else None
-    return data.DatasetInfo(name, classes, shape, splits={})
+    return sources.DatasetInfo(name, classes, shape, splits={})
 
 
 def format_predictions(path: str, predictions: list[tuple[str, float]]) -> str:
@@ -198,7 +200,7 @@ def _define_flags() -> None:
     flags.DEFINE_string('model', None, 'With --weights: the network, e.g. resnet20.')
     flags.DEFINE_string('dataset', None, 'With --weights: its classes (default by model).')
     flags.DEFINE_string(
-        'data_dir', os.path.join(data.cache_dir(), 'tfds'), 'Where --dataset is prepared.'
+        'data_dir', os.path.join(paths.cache_dir(), 'tfds'), 'Where --dataset is prepared.'
     )
     flags.DEFINE_string('normalization', 'imagenet', 'With --weights: the input normalisation.')
     flags.DEFINE_integer('top_k', 5, 'How many classes to print per image.')

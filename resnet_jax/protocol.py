@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 
 # evaluate.main imports this module when asked for a protocol; this one builds on restore_state.
-from resnet_jax import augment, data, evaluate, metrics, models, sharding
+from resnet_jax import augment, evaluate, metrics, models, preprocessing, sharding, sources
 
 CROPS = (1, 10)  # 1: the single centre crop (resnet_jax.evaluate.evaluate); 10: the paper's
 PAPER_SCALES = (224, 256, 384, 480, 640)
@@ -172,7 +172,7 @@ def describe(crops: int, scales: Sequence[int]) -> str:
 
 
 def views_function(
-    info: data.DatasetInfo, crops: int, scales: Sequence[int], crop_size: int
+    info: sources.DatasetInfo, crops: int, scales: Sequence[int], crop_size: int
 ) -> Callable[[np.ndarray], list[np.ndarray]]:
     """image -> its views under the protocol, for the dataset's family (see the module doc)."""
     if scales:
@@ -326,10 +326,10 @@ def evaluate_protocol(
         )
     model, state, step, _ = evaluate.restore_state(config, workdir, step)
     ds = config.dataset
-    source, info = data.open_split(ds.name, split, ds.data_dir)
+    source, info = sources.open_split(ds.name, split, ds.data_dir)
     if not len(source):
         raise ValueError(f'split {split!r} of {ds.name} has no examples')
-    preprocess = data.preprocess_of(ds, info, train=False)
+    preprocess = preprocessing.preprocess_of(ds, info, train=False)
     crop_size = preprocess.ctx.crop_size
     make_views = views_function(info, crops, scales, crop_size)
     mesh = sharding.data_mesh()
@@ -349,7 +349,7 @@ def evaluate_protocol(
     labels = np.zeros(len(source), np.int32)
 
     def load(i):
-        image, labels[i] = data._check_record(source[i], info)
+        image, labels[i] = preprocessing.check_record(source[i], info)
         return make_views(image)
 
     def examples():

@@ -4,7 +4,7 @@
     eval_step(state, batch) -> sums                batch = {'image', 'label', 'mask'}
 
 The trainer jits each once with explicit shardings. Its batches hold uint8 images, and the
-steps' `normalize` (the input pipeline's `data.Preprocess.normalize`) turns them into the
+steps' `normalize` (the input pipeline's `preprocessing.Preprocess.normalize`) turns them into the
 network's float input on the device; without one, the images must be float already. Metrics
 come back as device scalars; the caller fetches them late so the host never waits on the
 accelerator between steps.

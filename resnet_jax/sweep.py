@@ -204,7 +204,7 @@ def check_runs(runs: Sequence[Run], workdir: str) -> None:
 
 def run_sweep(runs: Sequence[Run], workdir: str) -> dict[str, dict[str, float]]:
     """Trains every run not yet finished; returns each run's final metrics."""
-    from resnet_jax import data, trainer
+    from resnet_jax import sources, trainer
 
     check_runs(runs, workdir)  # every config is checked before anything trains
     results = {}
@@ -223,7 +223,7 @@ def run_sweep(runs: Sequence[Run], workdir: str) -> dict[str, dict[str, float]]:
             'resuming' if state == 'started' else 'starting',
         )
         ds = run.config.dataset
-        info = data.dataset_info(ds.name, ds.data_dir)
+        info = sources.dataset_info(ds.name, ds.data_dir)
         record = {
             'name': run.name,
             'model': run.config.model.name,

@@ -112,11 +112,11 @@ def registry_table() -> str:
     lines = ['| what | registered with | registered now |', '|---|---|---|']
     for what, how, registry in rows:
         lines.append(f'| {what} | `{how}` | {", ".join(f"`{n}`" for n in registry)} |')
-    from resnet_jax import data
+    from resnet_jax import preprocessing
 
     lines.append(
-        f'| normalisations | `data.register_normalization` | '
-        f'{", ".join(f"`{n}`" for n in data.NORMALIZATIONS)} |'
+        f'| normalisations | `preprocessing.register_normalization` | '
+        f'{", ".join(f"`{n}`" for n in preprocessing.NORMALIZATIONS)} |'
     )
     return '\n'.join(lines)
 

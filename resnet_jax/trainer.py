@@ -31,15 +31,16 @@ from jax.sharding import NamedSharding, PartitionSpec
 from resnet_jax import (
     actions,
     checkpoint,
-    data,
     metrics,
     mixing,
     optim,
     paths,
-    prefetch,
+    pipelines,
+    preprocessing,
     pretrained,
     sharding,
     signals,
+    sources,
     steps,
     weights,
 )
@@ -144,7 +145,7 @@ def evaluate_split(
     eval_step: Any,
     state: TrainState,
     source: Any,
-    preprocess: data.Preprocess,
+    preprocess: preprocessing.Preprocess,
     *,
     config: ml_collections.ConfigDict,
     mesh: Any,
@@ -156,7 +157,7 @@ def evaluate_split(
     and `resnet_jax.evaluate` alike.
     """
     sums = None
-    for local in data.eval_dataset(
+    for local in pipelines.eval_dataset(
         source,
         preprocess,
         batch_size=sharding.local_batch_size(config.eval_batch_size, mesh),
@@ -176,11 +177,11 @@ def evaluate_split(
 
 
 def build_training(
-    config: ml_collections.ConfigDict, info: data.DatasetInfo, num_train_examples: int
+    config: ml_collections.ConfigDict, info: sources.DatasetInfo, num_train_examples: int
 ) -> tuple[Any, optax.GradientTransformation, optax.Schedule, Any]:
     """The model, optimizer, schedule and the state's init function of a config."""
     steps_per_epoch = max(1, num_train_examples // config.batch_size)
-    image_shape = data.input_shape(info, config.dataset.image_size)
+    image_shape = preprocessing.input_shape(info, config.dataset.image_size)
     model = config_lib.create_model_from_config(config, info.num_classes)
     abstract_params = jax.eval_shape(
         lambda: create_train_state(model, optax.identity(), config.seed, image_shape).params
@@ -241,19 +242,19 @@ class Run:
     closers: list[Any]  # called in reverse order when the run ends
 
 
-def _open_data(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], data.DatasetInfo]:
+def _open_data(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], sources.DatasetInfo]:
     """The sources of the train/eval/test splits and the dataset's info; ValueError if bad."""
     ds = config.dataset
-    train, info = data.open_split(ds.name, ds.train_split, ds.data_dir, download=ds.download)
-    sources = {'train': train, 'eval': data.open_split(ds.name, ds.eval_split, ds.data_dir)[0]}
+    train, info = sources.open_split(ds.name, ds.train_split, ds.data_dir, download=ds.download)
+    splits = {'train': train, 'eval': sources.open_split(ds.name, ds.eval_split, ds.data_dir)[0]}
     if ds.test_split:
-        sources['test'] = data.open_split(ds.name, ds.test_split, ds.data_dir)[0]
+        splits['test'] = sources.open_split(ds.name, ds.test_split, ds.data_dir)[0]
     if len(train) < config.batch_size:
         raise ValueError(
             f'batch_size {config.batch_size} exceeds the {len(train)} examples of '
             f'{ds.train_split!r}'
         )
-    return sources, info
+    return splits, info
 
 
 def _initial_state(config, model, manager, init, state_shardings, resume):
@@ -353,7 +354,7 @@ def enable_compilation_cache(setting: str) -> str | None:
     if not setting:
         return None
     if setting == 'auto':
-        setting = os.path.join(data.cache_dir(), 'xla')
+        setting = os.path.join(paths.cache_dir(), 'xla')
     path = setting if '://' in setting else os.path.expanduser(setting)
     jax.config.update('jax_compilation_cache_dir', path)
     # Steps compile in seconds to minutes; the many tiny eager ops are not worth a file each.
@@ -380,9 +381,9 @@ def build_run(
     ):
         pretrained.check_path(config.init_from)  # a resumed run never reads it
     enable_compilation_cache(config.compilation_cache_dir)
-    sources, info = _open_data(config)
+    splits, info = _open_data(config)
     mesh = sharding.data_mesh()
-    model, tx, schedule, init = build_training(config, info, len(sources['train']))
+    model, tx, schedule, init = build_training(config, info, len(splits['train']))
     identity = workdir_lib.identity(config, model)
     if not paths.exists(paths.normalize(workdir)):  # a start refused from here on removes it
         closers.append(functools.partial(paths.remove_empty_dir, paths.normalize(workdir)))
@@ -405,14 +406,18 @@ def build_run(
         checkpoint_dir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
     )
     closers.append(lambda: _close_manager(manager, config.storage_timeout_seconds))
-    steps_per_epoch = max(1, len(sources['train']) // config.batch_size)
+    steps_per_epoch = max(1, len(splits['train']) // config.batch_size)
     resume = _Resume(config, identity, start.recorded, steps_per_epoch, workdir)
     state, meta = _initial_state(config, model, manager, init, state_shardings, resume)
     first_step = int(jax.device_get(state.step))
 
     ds = config.dataset
-    preprocess = {train: data.preprocess_of(ds, info, train=train) for train in (True, False)}
-    batches = _train_batches(config, sources['train'], info, preprocess[True], mesh, first_step)
+    preprocess = {
+        train: preprocessing.preprocess_of(ds, info, train=train) for train in (True, False)
+    }
+    batches = pipelines.train_batches(
+        config, splits['train'], info, preprocess[True], mesh, first_step
+    )
     closers.append(batches.close)
     batches = _FirstBatchRead(batches)  # a damaged first image refuses the start here
     # Train and eval share the normalisation (only their host augmentation differs).
@@ -430,7 +435,7 @@ def build_run(
         return evaluate_split(
             eval_step,
             state,
-            sources[split],
+            splits[split],
             preprocess[False],
             config=config,
             mesh=mesh,
@@ -440,37 +445,7 @@ def build_run(
     ctx = actions.Context(
         config, workdir, checkpoint_dir, manager, writer, lock, identity, evaluate
     )
-    return Run(ctx, state, first_step, meta, train_step, batches, mesh, 'test' in sources, closers)
-
-
-def _train_batches(config, source, info, preprocess, mesh, first_step) -> Any:
-    """The global train batches from step `first_step` on, on the devices: drawn there
-    (`dataset.in_memory`) or read on the host and prefetched. The stream is a function of the
-    step: resuming needs no iterator state, and batches prefetched past the end are dropped."""
-    if config.dataset.in_memory:  # on the devices already: nothing to prefetch
-        return data.InMemoryBatches(
-            source,
-            info,
-            preprocess,
-            mesh=mesh,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            start_step=first_step,
-        )
-    host_batches = iter(
-        data.train_dataset(
-            source,
-            preprocess,
-            batch_size=sharding.local_batch_size(config.batch_size, mesh),
-            seed=config.seed,
-            start_batch=first_step,
-            num_workers=config.dataset.num_workers,
-            read_threads=config.dataset.read_threads,
-        )
-    )
-    return prefetch.prefetch_to_device(
-        host_batches, lambda local: sharding.global_batch(local, mesh), config.prefetch_batches
-    )
+    return Run(ctx, state, first_step, meta, train_step, batches, mesh, 'test' in splits, closers)
 
 
 class _FirstBatchRead:

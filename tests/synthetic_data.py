@@ -21,10 +21,10 @@ def example_indices(images: np.ndarray) -> np.ndarray:
 
 def synthetic_info(splits: dict | None = None):
     """The DatasetInfo of `synthetic_source` data: a 32x32 'cifar'-family dataset."""
-    from resnet_jax import data, datasets
+    from resnet_jax import datasets, sources
 
     spec = datasets.DatasetSpec('synthetic', 'cifar', (0, 0, 0), (1, 1, 1), 'pad_crop_flip')
-    return data.DatasetInfo('synthetic', 10, (32, 32, 3), splits or {'train': 0}, spec=spec)
+    return sources.DatasetInfo('synthetic', 10, (32, 32, 3), splits or {'train': 0}, spec=spec)
 
 
 def make_tfds_dataset(

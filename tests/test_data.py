@@ -14,14 +14,24 @@ import numpy as np
 import pytest
 from synthetic_data import example_indices, make_tfds_dataset, synthetic_info, synthetic_source
 
-from resnet_jax import augment, data, datasets, decode, sharding
+from resnet_jax import (
+    augment,
+    datasets,
+    decode,
+    in_memory,
+    paths,
+    pipelines,
+    preprocessing,
+    sharding,
+    sources,
+)
 
 DATASET = 'cifar10_jpeg'
 
 
 @pytest.fixture(scope='module')
 def cifar(cifar10_data_dir):
-    source, info = data.open_split(DATASET, 'train', str(cifar10_data_dir))
+    source, info = sources.open_split(DATASET, 'train', str(cifar10_data_dir))
     return source, info, str(cifar10_data_dir)
 
 
@@ -48,7 +58,7 @@ SYNTHETIC_INFO = synthetic_info()
 
 
 def _identity(train=False):
-    return data.make_preprocess(
+    return preprocessing.make_preprocess(
         SYNTHETIC_INFO, train=train, augmentation='none', normalization='none'
     )
 
@@ -63,7 +73,7 @@ def _indices(batch, mask=None):
 
 def test_open_split_reads_real_cifar10(cifar):
     source, info, _ = cifar
-    assert info == data.DatasetInfo(DATASET, 10, (32, 32, 3), {'train': 50000, 'test': 10000})
+    assert info == sources.DatasetInfo(DATASET, 10, (32, 32, 3), {'train': 50000, 'test': 10000})
     assert info.family == 'cifar'
     assert len(source) == 50000
     record = source[123]
@@ -71,25 +81,25 @@ def test_open_split_reads_real_cifar10(cifar):
 
 
 def test_tfds_split_strings_work(cifar10_data_dir):
-    source, _ = data.open_split(DATASET, 'test[:1003]', str(cifar10_data_dir))
+    source, _ = sources.open_split(DATASET, 'test[:1003]', str(cifar10_data_dir))
     assert len(source) == 1003
-    source, _ = data.open_split(DATASET, 'train[:10]+test[:5]', str(cifar10_data_dir))
+    source, _ = sources.open_split(DATASET, 'train[:10]+test[:5]', str(cifar10_data_dir))
     assert len(source) == 15
 
 
 def test_holdout_split_is_disjoint_stable_and_sized(cifar10_data_dir):
-    train, val = data.holdout_indices(50000)
+    train, val = sources.holdout_indices(50000)
     assert len(train) == 45000 and len(val) == 5000
     assert not set(train) & set(val)
     assert sorted([*train, *val]) == list(range(50000))
     np.random.seed(123)  # the global numpy seed must not matter
-    _, again_val = data.holdout_indices(50000)
+    _, again_val = sources.holdout_indices(50000)
     np.testing.assert_array_equal(again_val, val)
     # Pinned: changing the holdout silently would invalidate every model selection made on it.
     assert list(val[:5]) == [11, 21, 45, 74, 81]
     d = str(cifar10_data_dir)
-    train_source, _ = data.open_split(DATASET, 'train_45k', d)
-    val_source, _ = data.open_split(DATASET, 'val_5k', d)
+    train_source, _ = sources.open_split(DATASET, 'train_45k', d)
+    val_source, _ = sources.open_split(DATASET, 'val_5k', d)
     assert (len(train_source), len(val_source)) == (45000, 5000)
     val_ids = {val_source[i]['id'] for i in range(0, 5000, 50)}
     train_ids = {train_source[i]['id'] for i in range(0, 45000, 50)}
@@ -104,10 +114,10 @@ def test_holdout_split_is_disjoint_stable_and_sized(cifar10_data_dir):
 def test_train_batches_have_the_right_shapes_and_dtypes(cifar):
     source, info, data_dir = cifar
     for normalization in ('pixel_mean', 'channel'):
-        preprocess = data.make_preprocess(
+        preprocess = preprocessing.make_preprocess(
             info, train=True, data_dir=data_dir, normalization=normalization
         )
-        (batch,) = _take(data.train_dataset(source, preprocess, batch_size=16, seed=0), 1)
+        (batch,) = _take(pipelines.train_dataset(source, preprocess, batch_size=16, seed=0), 1)
         # uint8 pixels leave the host; the normalisation runs on the device, in the step.
         assert batch['image'].shape == (16, 32, 32, 3) and batch['image'].dtype == np.uint8
         assert batch['label'].shape == (16,) and batch['label'].dtype == np.int32
@@ -122,7 +132,7 @@ def test_train_batches_have_the_right_shapes_and_dtypes(cifar):
 
 def test_pixel_mean_is_the_train_mean_image(cifar):
     _, _, data_dir = cifar
-    mean = data.pixel_mean(DATASET, data_dir)
+    mean = preprocessing.pixel_mean(DATASET, data_dir)
     assert mean.shape == (32, 32, 3)
     # The shared copy's channel means (its README): 0.4913, 0.4821, 0.4465 of 255.
     np.testing.assert_allclose(mean.mean(axis=(0, 1)) / 255, [0.4913, 0.4821, 0.4465], atol=5e-4)
@@ -130,16 +140,20 @@ def test_pixel_mean_is_the_train_mean_image(cifar):
 
 def test_worker_and_thread_counts_do_not_change_the_batches(cifar):
     source, info, data_dir = cifar
-    preprocess = data.make_preprocess(info, train=True, data_dir=data_dir)
-    in_process = _take(data.train_dataset(source, preprocess, batch_size=8, seed=3), 3)
+    preprocess = preprocessing.make_preprocess(info, train=True, data_dir=data_dir)
+    in_process = _take(pipelines.train_dataset(source, preprocess, batch_size=8, seed=3), 3)
     for options in ({'num_workers': 2, 'read_threads': 2}, {'read_threads': 3}):
-        parallel = _take(data.train_dataset(source, preprocess, batch_size=8, seed=3, **options), 3)
+        parallel = _take(
+            pipelines.train_dataset(source, preprocess, batch_size=8, seed=3, **options), 3
+        )
         for a, b in zip(in_process, parallel, strict=True):
             np.testing.assert_array_equal(a['image'], b['image'])
             np.testing.assert_array_equal(a['label'], b['label'])
-    eval_preprocess = data.make_preprocess(info, train=False, data_dir=data_dir)
-    serial = list(data.eval_dataset(source, eval_preprocess, batch_size=8))[:3]
-    threaded = list(data.eval_dataset(source, eval_preprocess, batch_size=8, read_threads=3))[:3]
+    eval_preprocess = preprocessing.make_preprocess(info, train=False, data_dir=data_dir)
+    serial = list(pipelines.eval_dataset(source, eval_preprocess, batch_size=8))[:3]
+    threaded = list(pipelines.eval_dataset(source, eval_preprocess, batch_size=8, read_threads=3))[
+        :3
+    ]
     jax.tree.map(np.testing.assert_array_equal, serial, threaded)
 
 
@@ -152,7 +166,7 @@ def test_records_come_decoded_and_the_pipeline_reads_them_encoded(cifar):
     reference = tfds.data_source(DATASET, split='train', data_dir=data_dir)
     for i in (0, 17, 4242):
         np.testing.assert_array_equal(source[i]['image'], reference[i]['image'])
-    (record,) = data.read_encoded(source, [17])
+    (record,) = sources.read_encoded(source, [17])
     assert isinstance(record['image'], decode.EncodedImage)
     assert record['image'].shape == (32, 32, 3)
     np.testing.assert_array_equal(record['image'].decode(), reference[17]['image'])
@@ -161,8 +175,8 @@ def test_records_come_decoded_and_the_pipeline_reads_them_encoded(cifar):
 
 def test_iterator_state_resumes_at_the_next_batch(cifar):
     source, info, data_dir = cifar
-    preprocess = data.make_preprocess(info, train=True, data_dir=data_dir)
-    dataset = data.train_dataset(source, preprocess, batch_size=8, seed=5)
+    preprocess = preprocessing.make_preprocess(info, train=True, data_dir=data_dir)
+    dataset = pipelines.train_dataset(source, preprocess, batch_size=8, seed=5)
     with _iterate(dataset) as it:
         for _ in range(3):
             next(it)
@@ -179,7 +193,7 @@ def test_process_shards_are_disjoint_and_cover_the_split():
     source = synthetic_source(64)
     seen = []
     for process in range(2):
-        dataset = data.train_dataset(
+        dataset = pipelines.train_dataset(
             source, _identity(), batch_size=8, seed=0, process_index=process, process_count=2
         )
         indices = [i for batch in _take(dataset, 4) for i in _indices(batch)]  # one epoch
@@ -191,12 +205,12 @@ def test_process_shards_are_disjoint_and_cover_the_split():
 
 def test_global_batches_and_their_augmentation_do_not_depend_on_the_topology():
     source = synthetic_source(64)
-    preprocess = data.make_preprocess(SYNTHETIC_INFO, train=True, normalization='none')
-    one = _take(data.train_dataset(source, preprocess, batch_size=16, seed=3), 6)  # 1.5 epochs
+    preprocess = preprocessing.make_preprocess(SYNTHETIC_INFO, train=True, normalization='none')
+    one = _take(pipelines.train_dataset(source, preprocess, batch_size=16, seed=3), 6)  # 1.5 epochs
     for count in (2, 4):
         slices = [
             _take(
-                data.train_dataset(
+                pipelines.train_dataset(
                     source,
                     preprocess,
                     batch_size=16 // count,
@@ -216,14 +230,14 @@ def test_global_batches_and_their_augmentation_do_not_depend_on_the_topology():
 
 def test_epochs_reshuffle_and_the_seed_decides_the_order():
     source = synthetic_source(32)
-    batches = _take(data.train_dataset(source, _identity(), batch_size=8, seed=0), 8)
+    batches = _take(pipelines.train_dataset(source, _identity(), batch_size=8, seed=0), 8)
     epoch0 = [i for b in batches[:4] for i in _indices(b)]
     epoch1 = [i for b in batches[4:] for i in _indices(b)]
     assert sorted(epoch0) == sorted(epoch1) == list(range(32))
     assert epoch0 != epoch1
-    again = _take(data.train_dataset(source, _identity(), batch_size=8, seed=0), 4)
+    again = _take(pipelines.train_dataset(source, _identity(), batch_size=8, seed=0), 4)
     assert [i for b in again for i in _indices(b)] == epoch0
-    other = _take(data.train_dataset(source, _identity(), batch_size=8, seed=1), 4)
+    other = _take(pipelines.train_dataset(source, _identity(), batch_size=8, seed=1), 4)
     assert [i for b in other for i in _indices(b)] != epoch0
 
 
@@ -236,7 +250,7 @@ def test_eval_visits_every_example_exactly_once(processes, batch_size):
     seen = []
     num_batches = set()
     for process in range(processes):
-        dataset = data.eval_dataset(
+        dataset = pipelines.eval_dataset(
             source,
             _identity(),
             batch_size=batch_size,
@@ -254,11 +268,11 @@ def test_eval_visits_every_example_exactly_once(processes, batch_size):
 
 def test_eval_on_real_cifar10_counts_the_whole_split(cifar10_data_dir):
     d = str(cifar10_data_dir)
-    source, info = data.open_split(DATASET, 'test[:1003]', d)
-    preprocess = data.make_preprocess(info, train=False, data_dir=d)
+    source, info = sources.open_split(DATASET, 'test[:1003]', d)
+    preprocess = preprocessing.make_preprocess(info, train=False, data_dir=d)
     total = 0
     labels = np.zeros(10, int)
-    for batch in data.eval_dataset(source, preprocess, batch_size=100):
+    for batch in pipelines.eval_dataset(source, preprocess, batch_size=100):
         total += int(batch['mask'].sum())
         np.add.at(labels, batch['label'][batch['mask']], 1)
         # Eval images are the unmodified pixels minus the mean image.
@@ -364,7 +378,7 @@ def test_in_memory_batches_cover_each_epoch_and_depend_only_on_key_and_step():
     key = jax.random.key(0)
 
     def batch(step):
-        return data.in_memory_train_batch(
+        return in_memory.in_memory_train_batch(
             images, labels, key, jnp.int32(step), batch_size=batch_size
         )
 
@@ -376,12 +390,12 @@ def test_in_memory_batches_cover_each_epoch_and_depend_only_on_key_and_step():
     assert list(epoch0) != list(epoch1)
     np.testing.assert_array_equal(batch(5)['image'], batch(5)['image'])
     with pytest.raises(ValueError, match='batch_size 100 exceeds the 64 examples in memory'):
-        data.in_memory_train_batch(images, labels, key, 0, batch_size=100)
+        in_memory.in_memory_train_batch(images, labels, key, 0, batch_size=100)
 
 
 def test_load_arrays_decodes_the_split(cifar10_data_dir):
-    source, info = data.open_split(DATASET, 'test[:500]', str(cifar10_data_dir))
-    images, labels = data.load_arrays(source, info)
+    source, info = sources.open_split(DATASET, 'test[:500]', str(cifar10_data_dir))
+    images, labels = in_memory.load_arrays(source, info)
     assert images.shape == (500, 32, 32, 3) and images.dtype == np.uint8
     np.testing.assert_array_equal(images[17], source[17]['image'])
     assert labels[17] == source[17]['label']
@@ -389,7 +403,7 @@ def test_load_arrays_decodes_the_split(cifar10_data_dir):
 
 # --- ImageNet-style images of varied sizes ---------------------------------------------------
 
-IMAGENET_INFO = data.DatasetInfo(
+IMAGENET_INFO = sources.DatasetInfo(
     'fake_imagenet', 5, None, {'train': 4}, spec=datasets.spec('imagenet2012')
 )
 
@@ -405,18 +419,20 @@ def _varied_source():
 
 @pytest.mark.parametrize('augmentation', ['default', 'inception_crop_flip'])
 def test_imagenet_train_batches_from_varied_sizes(augmentation):
-    preprocess = data.make_preprocess(
+    preprocess = preprocessing.make_preprocess(
         IMAGENET_INFO, train=True, augmentation=augmentation, normalization='channel'
     )
-    (batch,) = _take(data.train_dataset(_varied_source(), preprocess, batch_size=4, seed=0), 1)
+    (batch,) = _take(pipelines.train_dataset(_varied_source(), preprocess, batch_size=4, seed=0), 1)
     assert batch['image'].shape == (4, 224, 224, 3) and batch['image'].dtype == np.uint8
     assert sorted(batch['label']) == [0, 1, 2, 3]
     assert -3 < preprocess.normalize(batch['image']).mean() < 3  # (x - mean) / std
 
 
 def test_imagenet_eval_resizes_to_256_and_center_crops_224():
-    preprocess = data.make_preprocess(IMAGENET_INFO, train=False, normalization='pixel_mean')
-    batches = list(data.eval_dataset(_varied_source(), preprocess, batch_size=3))
+    preprocess = preprocessing.make_preprocess(
+        IMAGENET_INFO, train=False, normalization='pixel_mean'
+    )
+    batches = list(pipelines.eval_dataset(_varied_source(), preprocess, batch_size=3))
     assert [int(b['mask'].sum()) for b in batches] == [3, 1]
     assert batches[0]['image'].shape == (3, 224, 224, 3)
     image = np.zeros((300, 600, 3), np.uint8)
@@ -459,16 +475,16 @@ def test_an_unknown_dataset_lists_the_registered_ones(tmp_path):
     with pytest.raises(
         ValueError, match=r"unknown dataset 'cifar11': expected one of cifar10, cifar10_jpeg"
     ):
-        data.open_split('cifar11', 'train', str(tmp_path))
+        sources.open_split('cifar11', 'train', str(tmp_path))
     with pytest.raises(ValueError, match='dataset name must be a TFDS name'):
-        data.open_split('../etc', 'train', str(tmp_path))
+        sources.open_split('../etc', 'train', str(tmp_path))
 
 
 @pytest.mark.parametrize('name', ['cifar10', 'cifar100', 'imagenet2012'])
 def test_missing_registered_dataset_says_how_to_prepare_it(tmp_path, name):
     message = rf'{name}.* is not prepared in .*tfds build {name} --file_format=array_record'
     with pytest.raises(ValueError, match=message) as info:
-        data.open_split(name, 'train', str(tmp_path))
+        sources.open_split(name, 'train', str(tmp_path))
     if name == 'imagenet2012':
         assert 'downloads/manual' in str(info.value)
 
@@ -476,13 +492,13 @@ def test_missing_registered_dataset_says_how_to_prepare_it(tmp_path, name):
 def test_download_failure_is_one_clear_error(tmp_path):
     # No internet (and no TensorFlow) here: preparing must fail fast with the manual command.
     with pytest.raises(ValueError, match=r"could not prepare dataset 'cifar100' .*tfds build"):
-        data.open_split('cifar100', 'train', str(tmp_path), download=True)
+        sources.open_split('cifar100', 'train', str(tmp_path), download=True)
 
 
 def test_damaged_dataset_directory(tmp_path):
     (tmp_path / 'cifar10' / '3.0.2').mkdir(parents=True)
     with pytest.raises(ValueError, match=r"'cifar10' in .* has no prepared splits .*tfds build"):
-        data.open_split('cifar10', 'train', str(tmp_path))
+        sources.open_split('cifar10', 'train', str(tmp_path))
 
 
 def test_missing_split_lists_the_valid_ones(cifar10_data_dir):
@@ -490,18 +506,18 @@ def test_missing_split_lists_the_valid_ones(cifar10_data_dir):
         ValueError,
         match=r"no split 'validation' .*expected one of train, test, train_45k, val_5k",
     ):
-        data.open_split(DATASET, 'validation', str(cifar10_data_dir))
+        sources.open_split(DATASET, 'validation', str(cifar10_data_dir))
     with pytest.raises(ValueError, match=r"no split 'tset'"):
-        data.open_split(DATASET, 'train+tset[:5]', str(cifar10_data_dir))
+        sources.open_split(DATASET, 'train+tset[:5]', str(cifar10_data_dir))
 
 
 def test_bad_data_dir(tmp_path):
     with pytest.raises(ValueError, match=r"data_dir '.*nowhere' does not exist"):
-        data.open_split(DATASET, 'train', str(tmp_path / 'nowhere'))
+        sources.open_split(DATASET, 'train', str(tmp_path / 'nowhere'))
     not_a_dir = tmp_path / 'file'
     not_a_dir.write_text('')
     with pytest.raises(ValueError, match=r"data_dir '.*file' is not a directory"):
-        data.open_split(DATASET, 'train', str(not_a_dir))
+        sources.open_split(DATASET, 'train', str(not_a_dir))
 
 
 def test_batch_size_must_divide_over_devices_and_processes():
@@ -511,11 +527,11 @@ def test_batch_size_must_divide_over_devices_and_processes():
     with pytest.raises(ValueError, match='batch_size 0 is not a positive int'):
         sharding.local_batch_size(0, mesh)
     with pytest.raises(ValueError, match='batch_size must be a positive int'):
-        data.train_dataset(synthetic_source(8), _identity(), batch_size=0, seed=0)
+        pipelines.train_dataset(synthetic_source(8), _identity(), batch_size=0, seed=0)
     with pytest.raises(ValueError, match=r'global batch of 16 \(1 processes x 16\) exceeds the 8'):
-        data.train_dataset(synthetic_source(8), _identity(), batch_size=16, seed=0)
+        pipelines.train_dataset(synthetic_source(8), _identity(), batch_size=16, seed=0)
     with pytest.raises(ValueError, match=r'process_index 2 is outside \[0, 2\)'):
-        data.eval_dataset(
+        pipelines.eval_dataset(
             synthetic_source(8), _identity(), batch_size=4, process_index=2, process_count=2
         )
 
@@ -540,17 +556,19 @@ def test_bad_options():
     with pytest.raises(
         ValueError, match=r"unknown augmentation 'autoaugment' in 'flip\+autoaugment'"
     ):
-        data.make_preprocess(IMAGENET_INFO, train=True, augmentation='flip+autoaugment')
+        preprocessing.make_preprocess(IMAGENET_INFO, train=True, augmentation='flip+autoaugment')
     with pytest.raises(ValueError, match=r"normalization 'zca' is invalid; expected one of pixel"):
-        data.make_preprocess(IMAGENET_INFO, train=True, normalization='zca')
+        preprocessing.make_preprocess(IMAGENET_INFO, train=True, normalization='zca')
     with pytest.raises(
         ValueError, match="'inception_crop_flip' is for imagenet datasets; synthetic is a cifar"
     ):
-        data.make_preprocess(
+        preprocessing.make_preprocess(
             SYNTHETIC_INFO, train=True, augmentation='inception_crop_flip', normalization='channel'
         )
     with pytest.raises(ValueError, match='num_workers must be an int >= 0'):
-        data.train_dataset(synthetic_source(8), _identity(), batch_size=4, seed=0, num_workers=-1)
+        pipelines.train_dataset(
+            synthetic_source(8), _identity(), batch_size=4, seed=0, num_workers=-1
+        )
 
 
 # --- A dataset described as data: docs/extending.md's example ---------------------------------
@@ -563,12 +581,12 @@ def test_a_dataset_described_as_data_trains_end_to_end(tmp_path):
     from resnet_jax import trainer
 
     written = make_tfds_dataset(tmp_path / 'tfds', 'svhn_cropped', {'train': 64, 'test': 32})
-    source, info = data.open_split('svhn_cropped', 'train', str(tmp_path / 'tfds'))
+    source, info = sources.open_split('svhn_cropped', 'train', str(tmp_path / 'tfds'))
     assert (len(source), info.num_classes, info.image_shape) == (64, 10, (32, 32, 3))
     np.testing.assert_array_equal(source[5]['image'], written['train']['image'][5])
     assert info.family == 'cifar' and info.spec.mean == datasets.SVHN_MEAN
     # Its default augmentation is the spec's: crops, never a flip.
-    preprocess = data.make_preprocess(info, train=True, normalization='channel')
+    preprocess = preprocessing.make_preprocess(info, train=True, normalization='channel')
     assert [op.name for op in preprocess.ops] == ['pad_crop']
 
     config = smoke.get_config()
@@ -593,17 +611,17 @@ def test_a_dataset_described_as_data_trains_end_to_end(tmp_path):
 def test_the_pixel_mean_is_kept_between_runs_and_measured_again_for_new_files(
     tmp_path, monkeypatch
 ):
-    monkeypatch.setenv(data.CACHE_DIR_ENV, str(tmp_path / 'cache'))
+    monkeypatch.setenv(paths.CACHE_DIR_ENV, str(tmp_path / 'cache'))
     written = make_tfds_dataset(tmp_path / 'tfds', 'svhn_cropped', {'train': 40, 'test': 8})
     data_dir = str(tmp_path / 'tfds')
-    mean = data.pixel_mean('svhn_cropped', data_dir)
+    mean = preprocessing.pixel_mean('svhn_cropped', data_dir)
     np.testing.assert_allclose(mean, written['train']['image'].mean(axis=0), rtol=1e-6)
     (cached,) = (tmp_path / 'cache' / 'pixel_mean').iterdir()
     np.save(cached, np.full_like(mean, 7.0))  # what a later run finds is what it uses
-    data.pixel_mean.cache_clear()
-    np.testing.assert_array_equal(data.pixel_mean('svhn_cropped', data_dir), 7.0)
-    (train_file,) = data.dataset_info('svhn_cropped', data_dir).files['train']
+    preprocessing.pixel_mean.cache_clear()
+    np.testing.assert_array_equal(preprocessing.pixel_mean('svhn_cropped', data_dir), 7.0)
+    (train_file,) = sources.dataset_info('svhn_cropped', data_dir).files['train']
     os.utime(train_file)  # prepared again: a new file, measured again
-    data.pixel_mean.cache_clear()
-    np.testing.assert_allclose(data.pixel_mean('svhn_cropped', data_dir), mean, rtol=1e-6)
+    preprocessing.pixel_mean.cache_clear()
+    np.testing.assert_allclose(preprocessing.pixel_mean('svhn_cropped', data_dir), mean, rtol=1e-6)
     assert len(list((tmp_path / 'cache' / 'pixel_mean').iterdir())) == 2

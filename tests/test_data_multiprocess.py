@@ -9,10 +9,12 @@ import portpicker
 import pytest
 from synthetic_data import example_indices, synthetic_info, synthetic_source
 
-from resnet_jax import data
+from resnet_jax import pipelines, preprocessing
 
 _INFO = synthetic_info()
-_PREPROCESS = data.make_preprocess(_INFO, train=False, augmentation='none', normalization='none')
+_PREPROCESS = preprocessing.make_preprocess(
+    _INFO, train=False, augmentation='none', normalization='none'
+)
 
 WORKER = pathlib.Path(__file__).parent / 'workers' / 'data_worker.py'
 
@@ -44,7 +46,7 @@ def test_two_processes_share_the_global_batch_and_the_eval_split():
     # Both processes see the same global batches, those of one process reading it all; each
     # process read only its half of each.
     assert a['train'] == b['train']
-    alone = data.train_dataset(
+    alone = pipelines.train_dataset(
         synthetic_source(64), _PREPROCESS, batch_size=16, seed=0, process_index=0, process_count=1
     )
     iterator = iter(alone)

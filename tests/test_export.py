@@ -15,7 +15,7 @@ import pytest
 from test_reliability import _smoke
 
 import resnet_jax as rj
-from resnet_jax import data, evaluate, serving, trainer
+from resnet_jax import evaluate, preprocessing, serving, sources, trainer
 
 AKAMASTER = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'models' / 'akamaster_cifar10'
 TOLERANCE = 1e-4  # float32 logits; observed differences are about 1e-5 or less
@@ -111,8 +111,8 @@ def test_onnx_gives_the_packages_logits_in_onnxruntime(tmp_path, name, size, opt
     import onnxruntime
 
     model, variables = _model(name, size, **options)
-    mean = 255 * np.asarray(data.IMAGENET_MEAN, np.float32)
-    std = 255 * np.asarray(data.IMAGENET_STD, np.float32)
+    mean = 255 * np.asarray(preprocessing.IMAGENET_MEAN, np.float32)
+    std = 255 * np.asarray(preprocessing.IMAGENET_STD, np.float32)
     path = tmp_path / 'model.onnx'
     shape = (size, size, 3)
     assert serving.export(str(path), model, variables, mean=mean, std=std, image_shape=shape)
@@ -147,8 +147,8 @@ def _test_images_and_expected_logits(config, workdir):
     """uint8 test images and the logits the package computes for them from the run."""
     model, state, _, info = evaluate.restore_state(config, str(workdir))
     ds = config.dataset
-    source, _ = data.open_split(ds.name, SPLIT, ds.data_dir)
-    preprocess = data.preprocess_of(ds, info, train=False)
+    source, _ = sources.open_split(ds.name, SPLIT, ds.data_dir)
+    preprocess = preprocessing.preprocess_of(ds, info, train=False)
     records = [source[i] for i in range(len(source))]
     images = np.stack([r['image'] for r in records])
     inputs = preprocess.normalize(np.stack([preprocess(r)['image'] for r in records]))

@@ -11,7 +11,7 @@ import pytest
 
 from configs import finetune
 from resnet_jax import config as config_lib
-from resnet_jax import data, folder, trainer, workdir
+from resnet_jax import folder, sources, trainer, workdir
 
 CLASSES = ('airplane', 'cat', 'ship')
 
@@ -27,7 +27,7 @@ def _write(path, image, suffix='.jpg'):
 @pytest.fixture(scope='module')
 def cifar_images(cifar10_data_dir):
     """{class name: [uint8 RGB 32x32 images]}: the first test images of three classes."""
-    source, info = data.open_split('cifar10_jpeg', 'test[:200]', str(cifar10_data_dir))
+    source, info = sources.open_split('cifar10_jpeg', 'test[:200]', str(cifar10_data_dir))
     images = {name: [] for name in CLASSES}
     for i in range(len(source)):
         name = info.class_names[source[i]['label']]
@@ -57,7 +57,7 @@ def test_class_folders_are_the_classes_and_val_is_a_stable_held_out_share(tmp_pa
     again = folder.scan(str(root))
     assert set(val) <= set(again.splits['val']) and set(train) <= set(again.splits['train'])
     # Records are what the pipeline reads: uint8 RGB, the label, the file.
-    source, info = data.open_split('folder', 'train', str(root))
+    source, info = sources.open_split('folder', 'train', str(root))
     record = source[0]
     assert record['image'].dtype == np.uint8 and record['image'].shape == (32, 32, 3)
     assert info.class_names == CLASSES and info.num_classes == 3 and info.image_shape is None
@@ -169,10 +169,10 @@ def test_a_damaged_image_is_named_when_read(tmp_path, cifar_images):
     root = _layout(tmp_path / 'photos', cifar_images)
     damaged = root / 'cat' / '000.jpg'
     damaged.write_bytes(damaged.read_bytes()[:40])  # a JPEG header, then nothing
-    source, _ = data.open_split('folder', 'train', str(root))
+    source, _ = sources.open_split('folder', 'train', str(root))
     examples = dict(folder.scan(str(root)).splits['train'])
     if str(damaged) not in examples:  # held out: read it from val instead
-        source, _ = data.open_split('folder', 'val', str(root))
+        source, _ = sources.open_split('folder', 'val', str(root))
     paths = [p for p, _ in source._examples]
     with pytest.raises(ValueError, match=re.escape(f"image '{damaged}' is not a readable image")):
         source[paths.index(str(damaged))]
@@ -181,9 +181,9 @@ def test_a_damaged_image_is_named_when_read(tmp_path, cifar_images):
 def test_a_wrong_split_name_says_which_exist(tmp_path, cifar_images):
     root = _layout(tmp_path / 'photos', cifar_images)
     with pytest.raises(ValueError, match=r"has splits train, val; asked for 'train_45k'"):
-        data.open_split('folder', 'train_45k', str(root))
+        sources.open_split('folder', 'train_45k', str(root))
     with pytest.raises(ValueError, match=r'needs dataset.data_dir'):
-        data.open_split('folder', 'train', '')
+        sources.open_split('folder', 'train', '')
 
 
 def _finetune_config(root, init_from, **overrides):

@@ -9,7 +9,7 @@ import pytest
 from synthetic_data import example_indices, synthetic_info, synthetic_source
 from test_reliability import _smoke
 
-from resnet_jax import data, sharding, trainer
+from resnet_jax import in_memory, preprocessing, sharding, sources, trainer
 from resnet_jax.metrics import read_metrics
 
 
@@ -34,12 +34,12 @@ def test_an_in_memory_run_resumes_exactly_and_learns(cifar10_data_dir, tmp_path)
 
 
 def test_in_memory_batches_are_sharded_pure_functions_of_the_step(cifar10_data_dir):
-    source, info = data.open_split('cifar10_jpeg', 'train[:64]', str(cifar10_data_dir))
-    preprocess = data.make_preprocess(info, train=True, normalization='channel')
+    source, info = sources.open_split('cifar10_jpeg', 'train[:64]', str(cifar10_data_dir))
+    preprocess = preprocessing.make_preprocess(info, train=True, normalization='channel')
     mesh = sharding.data_mesh()
 
     def batches(start):
-        return data.InMemoryBatches(
+        return in_memory.InMemoryBatches(
             source, info, preprocess, mesh=mesh, batch_size=16, seed=3, start_step=start
         )
 
@@ -60,13 +60,13 @@ def test_in_memory_batches_are_sharded_pure_functions_of_the_step(cifar10_data_d
 
 def test_photographs_cannot_be_in_memory(cifar10_data_dir):
     # The folder dataset's crops have no device version, and its images no one shape to stack.
-    source, _ = data.open_split('cifar10_jpeg', 'train[:16]', str(cifar10_data_dir))
-    varied = data.DatasetInfo('folder', 10, None, {'train': 16})
-    preprocess = data.make_preprocess(varied, train=True, normalization='channel')
+    source, _ = sources.open_split('cifar10_jpeg', 'train[:16]', str(cifar10_data_dir))
+    varied = sources.DatasetInfo('folder', 10, None, {'train': 16})
+    preprocess = preprocessing.make_preprocess(varied, train=True, normalization='channel')
     with pytest.raises(
         ValueError, match=r"augmentation 'inception_crop_flip' has no device version; use the host"
     ):
-        data.InMemoryBatches(
+        in_memory.InMemoryBatches(
             source,
             varied,
             preprocess,
@@ -76,13 +76,15 @@ def test_photographs_cannot_be_in_memory(cifar10_data_dir):
             start_step=0,
         )
     with pytest.raises(ValueError, match='varied sizes; the in-memory path needs a fixed shape'):
-        data.load_arrays(source, varied)
+        in_memory.load_arrays(source, varied)
 
 
 def _stream(n, *, batch_size=16, seed=3, mesh=None):
     source, info = synthetic_source(n), synthetic_info({'train': n})
-    preprocess = data.make_preprocess(info, train=True, augmentation='flip', normalization='none')
-    return data.InMemoryBatches(
+    preprocess = preprocessing.make_preprocess(
+        info, train=True, augmentation='flip', normalization='none'
+    )
+    return in_memory.InMemoryBatches(
         source,
         info,
         preprocess,

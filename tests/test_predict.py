@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from test_reliability import _smoke
 
-from resnet_jax import data, predict, trainer
+from resnet_jax import predict, sources, trainer
 
 AKAMASTER = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'models' / 'akamaster_cifar10'
 
 
 def _write_test_images(data_dir, folder, count):
     """Test images 0..count-1 as PNG files (lossless: the pixels the references saw)."""
-    source, info = data.open_split('cifar10_jpeg', f'test[:{count}]', str(data_dir))
+    source, info = sources.open_split('cifar10_jpeg', f'test[:{count}]', str(data_dir))
     paths = []
     for i in range(count):
         path = folder / f'test{i}.png'
@@ -33,7 +33,7 @@ def test_a_weights_file_gives_the_trained_nets_own_probabilities(cifar10_data_di
     results = predictor([predict.read_image(f) for f in files], top_k=10)
     reference = np.load(AKAMASTER / 'reference_logits_test0-255.npz')['r20'][:8]
     expected = np.asarray(jax.nn.softmax(reference, axis=-1))
-    names = data.dataset_info('cifar10_jpeg', str(cifar10_data_dir)).class_names
+    names = sources.dataset_info('cifar10_jpeg', str(cifar10_data_dir)).class_names
     for predictions, probabilities in zip(results, expected, strict=True):
         got = dict(predictions)  # most likely first
         assert next(iter(got)) == names[int(np.argmax(probabilities))]

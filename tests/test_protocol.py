@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from resnet_jax import augment, data, evaluate, models, protocol, trainer
+from resnet_jax import augment, evaluate, models, preprocessing, protocol, sources, trainer
 from resnet_jax import config as config_lib
 
 AKAMASTER = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'models' / 'akamaster_cifar10'
@@ -88,17 +88,19 @@ def test_multi_scale_views_keep_the_shorter_side_and_round_the_longer_to_32():
 def test_views_function_follows_the_datasets_family():
     rng = np.random.default_rng(0)
     photo = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
-    imagenet = data.DatasetInfo('imagenet2012', 1000, None, {})
+    imagenet = sources.DatasetInfo('imagenet2012', 1000, None, {})
     views = protocol.views_function(imagenet, 10, (), 224)(photo)
     assert len(views) == 10
     np.testing.assert_array_equal(views[4], augment.resize_center_crop(photo))
     tiny = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    cifar = data.DatasetInfo('cifar10', 10, (32, 32, 3), {})
+    cifar = sources.DatasetInfo('cifar10', 10, (32, 32, 3), {})
     views = protocol.views_function(cifar, 10, (), 224)(tiny)
     assert [v.shape for v in views] == [(32, 32, 3)] * 10
     np.testing.assert_array_equal(views[4], tiny)
     # Another crop size: the centre view is still what the eval preprocessing makes.
-    preprocess = data.make_preprocess(imagenet, train=False, normalization='none', image_size=160)
+    preprocess = preprocessing.make_preprocess(
+        imagenet, train=False, normalization='none', image_size=160
+    )
     views = protocol.views_function(imagenet, 10, (), 160)(photo)
     assert views[0].shape == (160, 160, 3)
     single = augment.apply_host(preprocess.ops, photo, None, preprocess.ctx)
@@ -246,12 +248,12 @@ def ten_crop(trained_workdir, cifar10_data_dir):
 def _by_hand(state, data_dir, views_of):
     """Top-1, top-5 and loss of the softmax averaged over `views_of(image)` (uint8 views), each
     view normalised and run on its own, without the module."""
-    source, _ = data.open_split('cifar10_jpeg', SPLIT, str(data_dir))
+    source, _ = sources.open_split('cifar10_jpeg', SPLIT, str(data_dir))
     model = models.create_model('resnet20', num_classes=10)
     variables = state.eval_variables()
     apply = jax.jit(lambda x: models.apply_model(model, variables, x, train=False)[0])
-    mean = 255 * np.asarray(data.IMAGENET_MEAN, np.float32)
-    std = 255 * np.asarray(data.IMAGENET_STD, np.float32)
+    mean = 255 * np.asarray(preprocessing.IMAGENET_MEAN, np.float32)
+    std = 255 * np.asarray(preprocessing.IMAGENET_STD, np.float32)
     top1, top5, loss = [], [], []
     for i in range(len(source)):
         label = int(source[i]['label'])

@@ -22,7 +22,7 @@ import pytest
 from synthetic_data import synthetic_source
 
 from configs import smoke
-from resnet_jax import actions, checkpoint, data, evaluate, steps, trainer
+from resnet_jax import actions, checkpoint, evaluate, preprocessing, sources, steps, trainer
 from resnet_jax import config as config_lib
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.metrics import read_metrics
@@ -650,14 +650,14 @@ def test_a_workdir_that_cannot_be_created_is_one_clear_error(tmp_path, cifar10_d
 def test_malformed_records_stop_training_with_one_clear_error(
     record, message, tmp_path, cifar10_data_dir, monkeypatch
 ):
-    info = data.DatasetInfo('cifar10_jpeg', 10, (32, 32, 3), {'train': 64, 'test': 64})
+    info = sources.DatasetInfo('cifar10_jpeg', 10, (32, 32, 3), {'train': 64, 'test': 64})
     bad = [{**record, 'id': f'bad{i}'} for i in range(64)]
 
     def open_split(name, split, data_dir=None, download=False):
         return (bad if split.startswith('train') else synthetic_source(64)), info
 
-    monkeypatch.setattr(data, 'open_split', open_split)
-    monkeypatch.setattr(data, 'pixel_mean', lambda name, data_dir: np.zeros((32, 32, 3)))
+    monkeypatch.setattr(sources, 'open_split', open_split)
+    monkeypatch.setattr(preprocessing, 'pixel_mean', lambda name, data_dir: np.zeros((32, 32, 3)))
     with pytest.raises(ValueError, match=message):
         trainer.train_and_evaluate(_smoke(cifar10_data_dir), str(tmp_path / 'run'))
     assert not (tmp_path / 'run' / 'checkpoints' / '3').exists()

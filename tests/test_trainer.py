@@ -16,7 +16,16 @@ from synthetic_data import synthetic_info, synthetic_source
 
 import resnet_jax as rj
 from configs import cifar10, smoke
-from resnet_jax import checkpoint, data, optim, sharding, steps, trainer
+from resnet_jax import (
+    checkpoint,
+    optim,
+    pipelines,
+    preprocessing,
+    sharding,
+    sources,
+    steps,
+    trainer,
+)
 from resnet_jax import config as config_lib
 from resnet_jax.metrics import read_metrics
 from resnet_jax.train_state import create_train_state
@@ -336,16 +345,16 @@ def test_an_empty_compilation_cache_dir_turns_it_off():
 
 def test_the_train_stream_resumes_at_any_batch():
     source = synthetic_source(32)
-    preprocess = data.make_preprocess(synthetic_info(), train=True, normalization='none')
-    whole = iter(data.train_dataset(source, preprocess, batch_size=4, seed=0))
+    preprocess = preprocessing.make_preprocess(synthetic_info(), train=True, normalization='none')
+    whole = iter(pipelines.train_dataset(source, preprocess, batch_size=4, seed=0))
     batches = [next(whole) for _ in range(11)]  # into the second epoch
-    resumed = iter(data.train_dataset(source, preprocess, batch_size=4, seed=0, start_batch=9))
+    resumed = iter(pipelines.train_dataset(source, preprocess, batch_size=4, seed=0, start_batch=9))
     for expected in batches[9:]:
         got = next(resumed)
         np.testing.assert_array_equal(got['image'], expected['image'])
         np.testing.assert_array_equal(got['label'], expected['label'])
     with pytest.raises(ValueError, match='start_batch must be an int >= 0, got -1'):
-        data.train_dataset(source, preprocess, batch_size=4, seed=0, start_batch=-1)
+        pipelines.train_dataset(source, preprocess, batch_size=4, seed=0, start_batch=-1)
 
 
 # --- End to end ------------------------------------------------------------------------------
@@ -680,9 +689,9 @@ def test_evaluate_exports_what_it_evaluated_the_moving_average(cifar10_data_dir,
     )
     # What was printed is what the exported variables score.
     model = config_lib.create_model_from_config(config, num_classes=10)
-    source, info = data.open_split('cifar10_jpeg', 'test[:32]', str(cifar10_data_dir))
-    preprocess = data.make_preprocess(info, train=False, data_dir=str(cifar10_data_dir))
-    batch = next(iter(data.eval_dataset(source, preprocess, batch_size=32)))
+    source, info = sources.open_split('cifar10_jpeg', 'test[:32]', str(cifar10_data_dir))
+    preprocess = preprocessing.make_preprocess(info, train=False, data_dir=str(cifar10_data_dir))
+    batch = next(iter(pipelines.eval_dataset(source, preprocess, batch_size=32)))
     images = preprocess.normalize(batch['image'])  # uint8 batches, normalised by the eval step
     logits, _ = rj.apply_model(model, exported, images, train=False)
     top1 = float(np.mean(np.argmax(logits, -1) == batch['label']))

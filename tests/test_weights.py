@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import resnet_jax as rj
-from resnet_jax import data, parity, weights
+from resnet_jax import parity, preprocessing, sources, weights
 
 TOLERANCE = 1e-4  # max abs difference of float32 logits of order 1
 
@@ -244,8 +244,8 @@ def _akamaster(depth):
 
 def _first_test_images(data_dir, count):
     """Test images 0..count-1 in the dataset's order, normalised as the weights were trained."""
-    source, info = data.open_split('cifar10_jpeg', f'test[:{count}]', str(data_dir))
-    preprocess = data.make_preprocess(info, train=False, normalization='imagenet')
+    source, info = sources.open_split('cifar10_jpeg', f'test[:{count}]', str(data_dir))
+    preprocess = preprocessing.make_preprocess(info, train=False, normalization='imagenet')
     return preprocess.normalize(np.stack([preprocess(source[i])['image'] for i in range(count)]))
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from resnet_jax import checkpoint, data, trainer, workdir
+from resnet_jax import checkpoint, sources, trainer, workdir
 from resnet_jax import config as config_lib
 
 
@@ -172,7 +172,7 @@ def _photos(root, data_dir, *, damaged=False):
     (the folder scan accepts them; reading them fails)."""
     import cv2
 
-    source, info = data.open_split('cifar10_jpeg', 'test[:64]', str(data_dir))
+    source, info = sources.open_split('cifar10_jpeg', 'test[:64]', str(data_dir))
     for i in range(len(source)):
         record = source[i]
         path = root / info.class_names[record['label']] / f'{i:03d}.jpg'

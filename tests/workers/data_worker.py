@@ -21,7 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from synthetic_data import example_indices, synthetic_info, synthetic_source
 
-from resnet_jax import data, sharding
+from resnet_jax import pipelines, preprocessing, sharding
 
 
 def main():
@@ -35,11 +35,13 @@ def main():
         heartbeat_timeout_seconds=10,
     )
     info = synthetic_info()
-    preprocess = data.make_preprocess(info, train=False, augmentation='none', normalization='none')
+    preprocess = preprocessing.make_preprocess(
+        info, train=False, augmentation='none', normalization='none'
+    )
     mesh = sharding.data_mesh()
     source = synthetic_source(64)
     local = sharding.local_batch_size(16, mesh)
-    train = data.train_dataset(source, preprocess, batch_size=local, seed=0)
+    train = pipelines.train_dataset(source, preprocess, batch_size=local, seed=0)
     iterator = iter(train)
     seen_train, seen_local = [], []
     for _ in range(4):  # one epoch: 4 global batches of 16
@@ -50,7 +52,7 @@ def main():
         seen_train.append(example_indices(np.asarray(gathered)).tolist())
     real_eval = 0
     seen_eval = []
-    for local_batch in data.eval_dataset(synthetic_source(37), preprocess, batch_size=4):
+    for local_batch in pipelines.eval_dataset(synthetic_source(37), preprocess, batch_size=4):
         batch = sharding.global_batch(local_batch, mesh)
         mask = np.asarray(multihost_utils.process_allgather(batch['mask'], tiled=True))
         images = np.asarray(multihost_utils.process_allgather(batch['image'], tiled=True))
