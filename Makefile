@@ -67,4 +67,4 @@ format: $(VENV)/.installed-dev
 
 # Rewrites every generated table of docs/ and results/ (a test fails when one is stale).
 tables: $(VENV)/.installed-base
-	$(PY) -m resnet_jax.tables
+	$(PY) -m resnet_jax tables

@@ -18,7 +18,8 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from resnet_jax import cli, paths
+from resnet_jax import paths
+from resnet_jax.commands import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

@@ -9,8 +9,8 @@ by 10 when the error plateaus (at about 150k and 300k iterations in Figure 4), 6
 scale augmentation [256, 480] with per-pixel mean subtraction; top-1 error on the 50k
 validation images (single 224 centre crop: about 24.7% for ResNet-50 in later reports; the
 paper's 10-crop figures are lower).
-Every expected number here is single-crop, what the run's eval and `python -m
-resnet_jax.evaluate --workdir=DIR` report; the paper's own protocols are `evaluate --crops=10`
+Every expected number here is single-crop, what the run's eval and `python -m resnet_jax
+evaluate --workdir=DIR` report; the paper's own protocols are `evaluate --crops=10`
 (10-crop testing, its Table 3: 22.85% top-1 for ResNet-50) and `evaluate
 --scales=224,256,384,480,640` (fully-convolutional at five scales, its Table 4: 20.74%), both
 lower than single-crop (docs/training.md, "The paper's test protocol").

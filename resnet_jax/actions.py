@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -37,7 +36,7 @@ import numpy as np
 import tqdm
 
 from resnet_jax import checkpoint, metrics, signals
-from resnet_jax import workdir as workdir_lib
+from resnet_jax.lock import WorkdirInUse, WorkdirLock
 
 logger = logging.getLogger('resnet_jax')
 
@@ -51,8 +50,10 @@ class Context:
     checkpoint_dir: str
     manager: Any  # orbax CheckpointManager
     writer: metrics.MetricWriter
-    lock: workdir_lib.WorkdirLock
-    identity: dict[str, Any]
+    lock: WorkdirLock
+    # What each checkpoint records beside the state: its identity, the config it is saved
+    # under and the input its network expects (a resume and every reader check against it).
+    record: dict[str, Any]
     evaluate: Callable[[Any, str], dict[str, float]]  # (state, 'eval' or 'test') -> metrics
 
 
@@ -249,18 +250,12 @@ class Checkpoint:
             return
         ctx.lock.check_heartbeat()
         if ctx.lock.lost:
-            raise workdir_lib.WorkdirInUse(
+            raise WorkdirInUse(
                 f'another trainer took over {ctx.workdir!r} (its lock was judged stale); '
                 f'stopped at step {loop.step} without saving'
             )
         not_logged = [{k: float(v) for k, v in r.items()} for r in jax.device_get(loop.pending)]
-        meta = {
-            'identity': ctx.identity,
-            # The config the step was saved under: a resume is checked against it, and a
-            # reader needs nothing else when config.json is gone.
-            'config': json.loads(workdir_lib.config_json(ctx.config)),
-            'pending_train_metrics': not_logged,
-        }
+        meta = {**ctx.record, 'pending_train_metrics': not_logged}
         evaluated = every(ctx.config.eval_every_steps, loop)
         try:
             checkpoint.save(

@@ -1,6 +1,6 @@
 """The paper's Figure 7: the standard deviation of every 3x3 layer's response.
 
-    python -m resnet_jax.analysis --workdir=SWEEP_DIR [--out=DIR] [--split=test]
+    python -m resnet_jax analysis --workdir=SWEEP_DIR [--out=DIR] [--split=test]
 
 Section 4.2: "the responses are the outputs of each 3x3 layer, after BN and before other
 nonlinearity (ReLU/addition)". For each run of a sweep (or one train.py workdir) this restores
@@ -29,8 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import cli, layers, models, pipelines, preprocessing, sources, weights
-from resnet_jax import workdir as workdir_lib
+from resnet_jax import evaluation, layers, models, pipelines, sources, weights
 
 
 def _response_pattern(model: models.ResNet) -> re.Pattern:
@@ -125,20 +124,20 @@ def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> Iterable[tuple[str, An
 
 
 def analyse_run(run_dir: str, split: str = 'test') -> Responses:
-    """The responses of a train.py workdir's newest checkpoint on `split`."""
-    from resnet_jax import evaluate
-
-    config = workdir_lib.read_config(run_dir)
-    model, state, _, info = evaluate.restore_state(config, run_dir)
-    ds = config.dataset
+    """The responses of a train.py workdir's newest checkpoint on `split` (the only data it
+    reads), its images prepared as the run's own evaluations prepared them."""
+    run = evaluation.read_run(run_dir)
+    ds = run.config.dataset
     source, _ = sources.open_split(ds.name, split, ds.data_dir)
-    preprocess = preprocessing.preprocess_of(ds, info, train=False)
+    preprocess = run.input.eval_preprocess()
     batches = pipelines.eval_dataset(
         source, preprocess, batch_size=500, process_count=1, process_index=0
     )
-    variables = jax.device_get(state.eval_variables())
-    layers, stds = layer_response_stds(model, variables, batches, preprocess.normalize)
-    return Responses(os.path.basename(os.path.normpath(run_dir)), config.model.name, layers, stds)
+    variables = evaluation.variables_on_host(run)
+    names, stds = layer_response_stds(run.model, variables, batches, preprocess.normalize)
+    return Responses(
+        os.path.basename(os.path.normpath(run_dir)), run.config.model.name, names, stds
+    )
 
 
 def find_run_dirs(workdir: str) -> list[str]:
@@ -226,28 +225,3 @@ def write_figure7(workdir: str, out: str, split: str = 'test') -> tuple[str, str
         for name in ('figure7.csv', 'figure7.md', 'figure7.png'):
             paths.upload(os.path.join(staging, name), paths.join(out, name))
     return paths.join(out, 'figure7.csv'), paths.join(out, 'figure7.png')
-
-
-def main(argv: Sequence[str]) -> None:
-    del argv
-    from absl import flags
-
-    FLAGS = flags.FLAGS
-    if not FLAGS.split.strip():  # found only after restoring the first run otherwise
-        raise cli.UserError(f'--split={FLAGS.split!r}; expected a split name, e.g. test')
-    csv_path, png_path = write_figure7(FLAGS.workdir, FLAGS.out or FLAGS.workdir, FLAGS.split)
-    print(f'wrote {csv_path} and {png_path}')
-
-
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_string('workdir', None, 'A sweep directory (or one train.py workdir).')
-    flags.DEFINE_string('out', None, 'Where figure7.csv and figure7.png go (default: --workdir).')
-    flags.DEFINE_string('split', 'test', 'The split whose images are run through the networks.')
-    flags.mark_flags_as_required(['workdir'])
-
-
-if __name__ == '__main__':
-    _define_flags()
-    cli.run(main)

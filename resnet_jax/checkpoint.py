@@ -333,6 +333,37 @@ def read_state(
     return restored.state, dict(restored.meta)
 
 
+def state_metadata(directory: str, step: int) -> dict[str, Any]:
+    """The tree of the state saved at `step`: each array's shape and dtype (ArrayMetadata),
+    None where the state held None; read from the step's metadata, no array is read."""
+    step_dir = paths.join(paths.normalize(directory), str(step))
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler(state=ocp.PyTreeCheckpointHandler())) as c:
+        return dict(c.metadata(step_dir).item_metadata['state'].tree)
+
+
+def read_partial_state(
+    directory: str, step: int, target: Any, timeout: float = DEFAULT_STORAGE_TIMEOUT
+) -> Any:
+    """The subtrees of the state at `step` that `target` names (ShapeDtypeStructs with their
+    shardings), read alone: a reader of the weights needs no optimizer to describe the rest."""
+    step_dir = paths.join(paths.normalize(directory), str(step))
+    restore_args = jax.tree.map(
+        lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype),
+        target,
+    )
+    args = ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+    )
+    handler = ocp.CompositeCheckpointHandler(state=ocp.PyTreeCheckpointHandler())
+    with ocp.Checkpointer(handler) as reader:
+        restored = bounded(
+            lambda: reader.restore(step_dir, args=args),
+            seconds=timeout,
+            what=f'reading checkpoint step {step}',
+        )
+    return restored.state
+
+
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     """The meta of `step` alone (cheap: no arrays are read); see `read_meta_of`."""
     return read_meta_of(os.fspath(manager.directory), step)

@@ -6,8 +6,8 @@ logits have unit standard deviation, converts it with `resnet_jax.weights`, and 
 float32 logits on random images in eval mode. Needs the `parity` extra (torch, torchvision,
 keras); nothing here is imported by the rest of the package.
 
-    python -m resnet_jax.parity                      # print the table
-    python -m resnet_jax.parity --write docs/weights.md
+    python -m resnet_jax parity                      # print the table
+    python -m resnet_jax parity --write docs/weights.md
 
 `tests/test_weights.py` runs the same cases and requires a max abs difference below 1e-4.
 """
@@ -175,25 +175,4 @@ def table() -> str:
     """The parity table of every case, with the machine it was measured on."""
     rows = [(*case, parity(*case)) for case in CASES]
     machine = f'{platform.machine()} CPU, {os.cpu_count()} cores'
-    return f'{render(rows)}\n\nMeasured by `python -m resnet_jax.parity` on {machine}.'
-
-
-def main(argv) -> None:
-    del argv
-    from absl import flags
-
-    from resnet_jax import tables
-
-    body = table()
-    print(body)
-    if flags.FLAGS.write:
-        tables.write_block(flags.FLAGS.write, 'weight-parity', body)
-
-
-if __name__ == '__main__':
-    from absl import flags
-
-    from resnet_jax import cli
-
-    flags.DEFINE_string('write', None, 'A markdown file whose weight-parity block to refresh.')
-    cli.run(main)
+    return f'{render(rows)}\n\nMeasured by `python -m resnet_jax parity` on {machine}.'

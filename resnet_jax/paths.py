@@ -346,6 +346,22 @@ def copy_file(source: str, target: str) -> None:
         write_bytes(target, f.read())
 
 
+@contextlib.contextmanager
+def local_copy(path: str) -> Iterator[str]:
+    """A local path holding `path`'s bytes: itself if local, else a temporary copy (same suffix,
+    removed afterwards) for readers that open only local files (torch, Keras)."""
+    if not is_url(path):
+        yield path
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix='resnet_jax-') as folder:
+        local = os.path.join(folder, path.rstrip('/').rsplit('/', 1)[-1])
+        with open_file(path, 'rb') as source, open(local, 'wb') as target:
+            shutil.copyfileobj(source, target)
+        yield local
+
+
 def upload(local_path: str, target: str) -> None:
     """Copies a local file to `target` (a URL, or another local path)."""
     if is_url(target):

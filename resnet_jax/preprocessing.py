@@ -215,9 +215,13 @@ def make_preprocess(
     """
     _check_choice(normalization, NORMALIZATIONS, 'normalization')
     mean, std = NORMALIZATIONS[normalization](info, data_dir)
+    ops = augmentation_chain(info, augmentation, train=train)
+    return Preprocess(info, ops, mean, std, _context(info, image_size))
+
+
+def _context(info: DatasetInfo, image_size: int) -> augment.Context:
     fill = tuple(round(v) for v in info.spec.mean)
-    ctx = augment.Context(crop_size=image_size or augment.IMAGENET_CROP, fill=fill)
-    return Preprocess(info, augmentation_chain(info, augmentation, train=train), mean, std, ctx)
+    return augment.Context(crop_size=image_size or augment.IMAGENET_CROP, fill=fill)
 
 
 def preprocess_of(dataset: Any, info: DatasetInfo, *, train: bool) -> Preprocess:
@@ -239,3 +243,75 @@ def input_shape(info: DatasetInfo, image_size: int = 0) -> tuple[int, int, int]:
         return tuple(info.image_shape)
     side = image_size or augment.IMAGENET_CROP
     return (side, side, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInput:
+    """What a run's network expects of its images, recorded in each of its checkpoints: a
+    reader (evaluate, predict, export, init_from) prepares images exactly as the run's own
+    evaluation did without opening its dataset (the paper's pixel mean is the train split's).
+
+    Attributes:
+      image_shape: the dataset's own fixed shape (CIFAR), or None (photographs, cropped to
+        `image_size`; 0: 224).
+      mean, std: the normalisation, on the 0..255 scale (`Preprocess.normalize`).
+    """
+
+    dataset: str
+    num_classes: int
+    image_shape: tuple[int, ...] | None
+    image_size: int
+    class_names: tuple[str, ...]
+    mean: np.ndarray
+    std: np.ndarray | None
+
+    @classmethod
+    def of(cls, preprocess: Preprocess, image_size: int) -> RunInput:
+        info = preprocess.info
+        shape = tuple(info.image_shape) if info.image_shape is not None else None
+        std = None if preprocess.std is None else np.asarray(preprocess.std, np.float32)
+        return cls(
+            info.name,
+            info.num_classes,
+            shape,
+            image_size,
+            tuple(info.class_names),
+            np.asarray(preprocess.mean, np.float32),
+            std,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        fields = dataclasses.asdict(self)
+        fields['mean'] = self.mean.tolist()
+        fields['std'] = None if self.std is None else self.std.tolist()
+        return fields
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> RunInput:
+        shape = values['image_shape']
+        std = values['std']
+        return cls(
+            values['dataset'],
+            int(values['num_classes']),
+            None if shape is None else tuple(shape),
+            int(values['image_size']),
+            tuple(values['class_names']),
+            np.asarray(values['mean'], np.float32),
+            None if std is None else np.asarray(std, np.float32),
+        )
+
+    def info(self) -> DatasetInfo:
+        """The dataset's info as far as preparing images needs it (no files, no splits)."""
+        return DatasetInfo(
+            self.dataset, self.num_classes, self.image_shape, {}, class_names=self.class_names
+        )
+
+    def eval_preprocess(self) -> Preprocess:
+        """The run's eval preprocessing: the dataset's eval crop, then its normalisation."""
+        info = self.info()
+        ops = augmentation_chain(info, 'default', train=False)
+        return Preprocess(info, ops, self.mean, self.std, _context(info, self.image_size))
+
+    def network_shape(self) -> tuple[int, int, int]:
+        """(height, width, channels) of the images the network sees."""
+        return input_shape(self.info(), self.image_size)

@@ -6,7 +6,7 @@ PATH is one of
   otherwise);
 - a Keras model file (.keras or .h5) of keras.applications.ResNet50/101/152 (`weights.from_keras`;
   needs keras, and the run's model.bn_epsilon=1.001e-5 that Keras's BatchNorm uses);
-- a file written by `python -m resnet_jax.evaluate --export=FILE.msgpack`;
+- a file written by `python -m resnet_jax evaluate --export=FILE.msgpack`;
 - another run's workdir (its latest checkpoint; the moving average where that run kept one).
 
 A head of another size is re-initialised, with a log line; every other variable must load, or
@@ -17,13 +17,12 @@ resumed one continues from its own checkpoint.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import jax
 import numpy as np
 
-from resnet_jax import weights
+from resnet_jax import evaluation, paths, serving, weights
 from resnet_jax.models import ResNet
 
 logger = logging.getLogger('resnet_jax')
@@ -36,16 +35,18 @@ KNOWN_SUFFIXES = (*TORCH_SUFFIXES, *KERAS_SUFFIXES, EXPORT_SUFFIX)
 
 
 def check_path(path: str) -> None:
-    """Raises ValueError unless `path` is a weights file of a known kind or a run's workdir."""
-    path = os.path.expanduser(path)
-    if os.path.isdir(path):
-        if not os.path.isdir(os.path.join(path, 'checkpoints')):
+    """Raises ValueError unless `path` (local or gs://) is a weights file of a known kind or a
+    run's workdir."""
+    paths.check_supported(path, 'init_from')
+    path = paths.normalize(path)
+    if paths.isdir(path):
+        if not paths.isdir(paths.join(path, 'checkpoints')):
             raise ValueError(
                 f"init_from {path!r} is a directory without checkpoints/; expected a run's "
                 'workdir or a weights file'
             )
         return
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise ValueError(
             f'init_from {path!r} does not exist; expected a weights file '
             f"({', '.join(KNOWN_SUFFIXES)}) or a run's workdir"
@@ -102,22 +103,16 @@ def _from_keras_file(path: str, model: ResNet) -> tuple[Variables, int | None]:
 
 
 def _from_export(path: str) -> tuple[Variables, int | None]:
-    from resnet_jax import evaluate  # the trainer imports this module
-
-    variables = evaluate.load_exported(path, what='init_from')
+    variables = serving.load_exported(path, what='init_from')
     return variables, int(np.shape(variables['params']['head']['bias'])[0])
 
 
 def _from_workdir(path: str) -> tuple[Variables, int]:
-    from resnet_jax import evaluate  # the trainer imports this module
-    from resnet_jax import workdir as workdir_lib
-
-    config = workdir_lib.read_config(path)
-    _, state, step, _ = evaluate.restore_state(config, path)
-    variables = jax.device_get(state.eval_variables())
-    weights.check_finite(variables, f'init_from {path!r} (its checkpoint step {step})')
-    logger.info('init_from: %s at step %d', path, step)
-    return variables, int(np.shape(variables['params']['head']['bias'])[0])
+    """What the run in `path` evaluates with, from its workdir alone (no dataset, optimizer or
+    trainer of that run is needed: resnet_jax.evaluation)."""
+    run = evaluation.read_run(path)
+    logger.info('init_from: %s at step %d', path, run.step)
+    return evaluation.variables_on_host(run), run.input.num_classes
 
 
 def load_variables(path: str, model: ResNet, fresh: Variables) -> Variables:
@@ -129,15 +124,19 @@ def load_variables(path: str, model: ResNet, fresh: Variables) -> Variables:
       ValueError: naming what does not fit.
     """
     check_path(path)
-    path = os.path.expanduser(path)
-    if os.path.isdir(path):
+    path = paths.normalize(path)
+    if paths.isdir(path):
         loaded, classes = _from_workdir(path)
-    elif path.endswith(KERAS_SUFFIXES):
-        loaded, classes = _from_keras_file(path, model)
     elif path.endswith(EXPORT_SUFFIX):
         loaded, classes = _from_export(path)
     else:
-        loaded, classes = _from_torch_file(path, model)
+        # torch and Keras read local files only: a file on a bucket is read through a copy.
+        with paths.local_copy(path) as local:
+            read = _from_keras_file if path.endswith(KERAS_SUFFIXES) else _from_torch_file
+            try:
+                loaded, classes = read(local, model)
+            except ValueError as e:  # named as the user gave it, not as the copy
+                raise ValueError(str(e).replace(local, path)) from None
     loaded = {k: dict(v) for k, v in loaded.items()}
     if classes is not None and classes != model.num_classes:
         logger.warning(

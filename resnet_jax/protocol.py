@@ -1,7 +1,7 @@
 """The paper's test protocols: 10-crop testing and fully-convolutional multi-scale testing.
 
-    python -m resnet_jax.evaluate --workdir=DIR --crops=10
-    python -m resnet_jax.evaluate --workdir=DIR --scales=224,256,384,480,640
+    python -m resnet_jax evaluate --workdir=DIR --crops=10
+    python -m resnet_jax evaluate --workdir=DIR --scales=224,256,384,480,640
 
 Section 3.4: "In testing, for comparison studies we adopt the standard 10-crop testing. For
 best results, we adopt the fully-convolutional form as in [41, 13], and average the scores at
@@ -37,13 +37,12 @@ from typing import Any
 import cv2
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 # evaluate.main imports this module when asked for a protocol; this one builds on restore_state.
-from resnet_jax import augment, evaluate, metrics, models, preprocessing, sharding, sources
+from resnet_jax import augment, metrics, models, preprocessing, sharding, sources
 
-CROPS = (1, 10)  # 1: the single centre crop (resnet_jax.evaluate.evaluate); 10: the paper's
+CROPS = (1, 10)  # 1: the single centre crop (resnet_jax.evaluation.evaluate); 10: the paper's
 PAPER_SCALES = (224, 256, 384, 480, 640)
 SCALE_MULTIPLE = 32  # the ResNets' total stride
 _READ_CHUNK = 64  # images read and cut into views at a time
@@ -277,7 +276,7 @@ def average_softmax(
 
 def scores(probabilities: np.ndarray, labels: np.ndarray, prefix: str) -> dict[str, float]:
     """Top-1 / top-5 accuracy and the cross-entropy of averaged probabilities, as
-    `resnet_jax.evaluate.evaluate` reports them (the loss clipped at float32's smallest
+    `resnet_jax.evaluation.evaluate` reports them (the loss clipped at float32's smallest
     normal, so a zero probability is a large number, not infinity)."""
     p = jnp.asarray(probabilities)
     y = jnp.asarray(labels, jnp.int32)
@@ -295,25 +294,18 @@ def scores(probabilities: np.ndarray, labels: np.ndarray, prefix: str) -> dict[s
 
 
 def evaluate_protocol(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    *,
-    split: str,
-    crops: int = 1,
-    scales: Sequence[int] = (),
-    step: int | None = None,
-) -> tuple[dict[str, float], Any, int]:
-    """(metrics of `split` under the protocol, the restored state, its step), like
-    `resnet_jax.evaluate.evaluate`: keys `{split}/top1_acc`, `top5_acc`, `loss`,
-    `num_examples`.
+    run: Any, *, split: str, crops: int = 1, scales: Sequence[int] = ()
+) -> dict[str, float]:
+    """Metrics of `run` (`evaluation.Run`) over `split` under the protocol, with the keys of
+    `evaluation.evaluate`: `{split}/top1_acc`, `top5_acc`, `loss`, `num_examples`.
 
     A batch holds `config.eval_batch_size` views of the single-crop input's size, or as many
     of a larger view as fit in the same number of pixels (rounded up to a multiple of the
     devices), so memory stays that of single-crop evaluation.
 
     Raises:
-      ValueError: for a protocol other than 10-crop or multi-scale, several processes, or any
-        of `resnet_jax.evaluate.restore_state`'s reasons.
+      ValueError: for a protocol other than 10-crop or multi-scale, several processes, or a
+        split that cannot be read.
     """
     scales = tuple(scales)
     check_protocol(crops, scales)
@@ -324,12 +316,12 @@ def evaluate_protocol(
             f'the {describe(crops, scales)} protocol runs in one process; this is one of '
             f'{jax.process_count()}'
         )
-    model, state, step, _ = evaluate.restore_state(config, workdir, step)
+    config, model = run.config, run.model
     ds = config.dataset
     source, info = sources.open_split(ds.name, split, ds.data_dir)
     if not len(source):
         raise ValueError(f'split {split!r} of {ds.name} has no examples')
-    preprocess = preprocessing.preprocess_of(ds, info, train=False)
+    preprocess = run.input.eval_preprocess()
     crop_size = preprocess.ctx.crop_size
     make_views = views_function(info, crops, scales, crop_size)
     mesh = sharding.data_mesh()
@@ -342,7 +334,7 @@ def evaluate_protocol(
     # uint8 views cross to the devices; the normalisation runs there, as in evaluation.
     normalize = _Normalize(preprocess.mean, preprocess.std)
     apply = jax.jit(lambda v, x: models.apply_model(model, v, normalize(x), train=False)[0])
-    variables = state.eval_variables()
+    variables = run.variables
     batch_sharding = sharding.batch_sharding(mesh)
     logits_fn = lambda views: apply(variables, jax.device_put(views, batch_sharding))
 
@@ -365,4 +357,4 @@ def evaluate_protocol(
         info.num_classes,
         batch_size=batch_size,
     )
-    return scores(probabilities, labels, split), state, step
+    return scores(probabilities, labels, split)

@@ -1,6 +1,6 @@
 """The paper's Table 6 and Figure 6 from the logs of a sweep (or of any train.py workdirs).
 
-    python -m resnet_jax.report --workdir=DIR [--out=DIR]
+    python -m resnet_jax report --workdir=DIR [--out=DIR]
 
 Reads DIR/*/metrics.jsonl (and DIR/*/run.json, written by resnet_jax.sweep, for the parameter
 count and config) and writes to --out (default: DIR):
@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from resnet_jax import cli, metrics, paths
+from resnet_jax import metrics, paths
 
 # Table 6 of the paper: CIFAR-10 test error (%), original data, 64k iterations, best of 5 for 110.
 PAPER_TEST_ERROR = {
@@ -211,26 +211,3 @@ def write_report(workdir: str, out: str) -> tuple[str, str]:
     if not (out == workdir or out.startswith(workdir + '/')):
         _copy_logs(workdir, runs, out)
     return table_path, figure_path
-
-
-def main(argv: Sequence[str]) -> None:
-    del argv
-    from absl import flags
-
-    FLAGS = flags.FLAGS
-    table, figure = write_report(FLAGS.workdir, FLAGS.out or FLAGS.workdir)
-    print(paths.read_text(table), end='')
-    print(f'wrote {table} and {figure}')
-
-
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_string('workdir', None, 'The sweep (or train.py) workdir.')
-    flags.DEFINE_string('out', None, 'Where table.md and figure6.png go (default: --workdir).')
-    flags.mark_flags_as_required(['workdir'])
-
-
-if __name__ == '__main__':
-    _define_flags()
-    cli.run(main)

@@ -1,8 +1,8 @@
 """Exports a trained network for serving: one file that takes uint8 images and returns logits.
 
-    python -m resnet_jax.evaluate --workdir=DIR --export=model.stablehlo   # jax.export
-    python -m resnet_jax.evaluate --workdir=DIR --export=model.onnx        # ONNX (jax2onnx)
-    python -m resnet_jax.evaluate --workdir=DIR --export=weights.msgpack   # the variables only
+    python -m resnet_jax evaluate --workdir=DIR --export=model.stablehlo   # jax.export
+    python -m resnet_jax evaluate --workdir=DIR --export=model.onnx        # ONNX (jax2onnx)
+    python -m resnet_jax evaluate --workdir=DIR --export=weights.msgpack   # the variables only
 
 The format follows from the suffix (`export_format`); another suffix, or none, is refused: a
 file named `model.pt` or `model` that holds msgpack would mislead whoever loads it. The two
@@ -19,10 +19,10 @@ feed the network differently normalised images than it was trained on.
   StableHLO). Only jax is needed to run it.
 - `.onnx`: an ONNX graph for onnxruntime and other ONNX runtimes; needs the `export` extra
   (`pip install 'resnet_jax[export]'`: jax2onnx, onnx) to write, not to run.
-- `.msgpack`: the Flax msgpack of the variables (`evaluate.load_exported`).
+- `.msgpack`: the Flax msgpack of the variables (`load_exported`).
 
-Weights, normalisation and image size are arguments here: `resnet_jax.evaluate` takes them from
-a run (the moving average where the run kept one, `config.dataset.normalization`).
+Weights, normalisation and image size are arguments of `export`; `export_run` takes them from a
+run's checkpoint (the moving average where the run kept one, and the input it recorded).
 """
 
 from __future__ import annotations
@@ -206,10 +206,52 @@ def export(
 
 
 def write_variables(path: str, variables: Any) -> None:
-    """The Flax msgpack of `variables` (what `evaluate.load_exported` reads), written whole."""
+    """The Flax msgpack of `variables` (what `load_exported` reads), written whole."""
     import flax.serialization
 
     paths.write_bytes(path, flax.serialization.msgpack_serialize(jax.device_get(variables)))
+
+
+def load_exported(path: str, what: str = 'weights') -> dict[str, Any]:
+    """{'params', 'batch_stats'} written by `export`, for `resnet_jax.apply_model`.
+
+    Raises:
+      ValueError: naming `what` (the flag or field it was given as) and the file, if it is not
+        a file `export` writes (damaged, cut off, of another kind) or holds a NaN or Inf.
+    """
+    import flax.serialization
+
+    with paths.open_file(path, 'rb') as f:
+        blob = f.read()
+    expected = 'expected a file written by evaluate --export=FILE.msgpack'
+    try:
+        variables = flax.serialization.msgpack_restore(blob)
+    except Exception as e:  # msgpack's errors for a file of another kind: ValueError and kin
+        raise ValueError(
+            f'{what} {path!r}: not a file written by --export ({type(e).__name__}: {e}); {expected}'
+        ) from e
+    params = variables.get('params') if isinstance(variables, dict) else None
+    if not isinstance(params, dict) or 'bias' not in params.get('head', {}):
+        raise ValueError(f'{what} {path!r} holds no params/head/bias; {expected}')
+    weights.check_finite(variables, f'{what} {path!r}')
+    return variables
+
+
+def export_run(run: Any, path: str) -> str:
+    """Writes what `run` (`evaluation.Run`) evaluates with to `path`, in the format its suffix
+    names, with the run's own input: its normalisation inside and uint8 images of its eval
+    size; no dataset is read. Returns what was written, in words."""
+    shape = run.input.network_shape()
+    fmt = export(
+        path, run.model, run.variables, mean=run.input.mean, std=run.input.std, image_shape=shape
+    )
+    if fmt == 'msgpack':
+        return 'msgpack variables (serving.load_exported)'
+    name = 'StableHLO (jax.export)' if fmt == 'stablehlo' else 'ONNX'
+    return (
+        f'{name}: uint8 images (batch, {", ".join(map(str, shape))}) -> logits, '
+        f'normalisation {run.config.dataset.normalization!r} inside'
+    )
 
 
 def _checked(image_shape: Sequence[int], mean: Any) -> tuple[int, ...]:

@@ -1,6 +1,6 @@
 """Train a grid of runs one after another; rerunning the command resumes it.
 
-    python -m resnet_jax.sweep --config=configs/cifar10.py \
+    python -m resnet_jax sweep --config=configs/cifar10.py \
         --models=plain20,plain56,resnet20,resnet56 --workdir=DIR [--grid=NAME] [--config.x=y ...]
 
 A run is (model, variant): `--models` (names, or the sets `degradation` = plain/resnet at depths
@@ -16,7 +16,7 @@ parameter count and final metrics) and is skipped by later invocations. A run di
 started with a different config is an error, never silently reused. All configs are validated
 before the first run trains, so a typo in the last run does not cost the hours before it.
 
-`python -m resnet_jax.report --workdir=DIR` turns DIR into the paper's table and figure.
+`python -m resnet_jax report --workdir=DIR` turns DIR into the paper's table and figure.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from typing import Any
 import jax
 import ml_collections
 
-from resnet_jax import checkpoint, cli, counting, models, paths
+from resnet_jax import checkpoint, counting, models, paths
 from resnet_jax import config as config_lib
-from resnet_jax.workdir import WorkdirLock
+from resnet_jax.lock import WorkdirLock
 
 logger = logging.getLogger('resnet_jax')
 
@@ -266,44 +266,9 @@ def sweep(
     with WorkdirLock(workdir):  # one sweep per directory; each run also locks its own
         results = run_sweep(runs, workdir)
     logger.info(
-        'sweep done: %d runs in %s; report: python -m resnet_jax.report --workdir=%s',
+        'sweep done: %d runs in %s; report: python -m resnet_jax report --workdir=%s',
         len(results),
         workdir,
         workdir,
     )
     return results
-
-
-def main(argv: Sequence[str]) -> None:
-    del argv
-    from absl import flags
-    from ml_collections import config_flags
-
-    FLAGS = flags.FLAGS
-    sweep(
-        config_flags.get_config_filename(FLAGS['config']).split(':')[0],
-        FLAGS.models,
-        FLAGS.workdir,
-        grid=FLAGS.grid,
-        overrides=config_flags.get_override_values(FLAGS['config']),
-    )
-
-
-def _define_flags() -> None:
-    from absl import flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file(
-        'config', None, 'Config file, e.g. configs/cifar10.py; get_config(MODEL) is called per run.'
-    )
-    flags.DEFINE_string(
-        'models', None, f'Comma-separated model names or sets: {", ".join(MODEL_SETS)}.'
-    )
-    flags.DEFINE_string('workdir', None, 'One subdirectory per run goes here.')
-    flags.DEFINE_string('grid', 'models', f'One of {", ".join(GRIDS)}.')
-    flags.mark_flags_as_required(['config', 'models', 'workdir'])
-
-
-if __name__ == '__main__':
-    _define_flags()
-    cli.run(main)

@@ -1,6 +1,6 @@
 """The tables the docs quote, made from the code: networks, options, registries, results.
 
-    python -m resnet_jax.tables            # rewrite every generated block of docs/ and results/
+    python -m resnet_jax tables            # rewrite every generated block of docs/ and results/
 
 Each table sits in a markdown file between `<!-- NAME:start -->` and `<!-- NAME:end -->`;
 `tests/test_docs.py` fails when one is stale, so the docs always say what the code does.
@@ -165,14 +165,10 @@ def _table(path: pathlib.Path) -> str:
     return path.read_text().rstrip('\n')
 
 
-def main(argv) -> None:
-    del argv
+def write_all() -> list[tuple[str, str]]:
+    """Rewrites every generated block; returns (file, block name) of each."""
+    written = []
     for path, marker, make in BLOCKS + results_blocks():
         write_block(REPO / path, marker, make())
-        print(f'wrote {marker} in {path}')
-
-
-if __name__ == '__main__':
-    from resnet_jax import cli
-
-    cli.run(main)
+        written.append((path, marker))
+    return written

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from resnet_jax import (
     actions,
     checkpoint,
+    evaluation,
     metrics,
     mixing,
     optim,
@@ -46,6 +48,7 @@ from resnet_jax import (
 )
 from resnet_jax import config as config_lib
 from resnet_jax import workdir as workdir_lib
+from resnet_jax.lock import WorkdirInUse, WorkdirLock
 from resnet_jax.train_state import TrainState, create_train_state
 
 logger = logging.getLogger('resnet_jax')
@@ -141,41 +144,6 @@ def _verify_once(directory: str, step: int) -> str | None:
     return problem
 
 
-def evaluate_split(
-    eval_step: Any,
-    state: TrainState,
-    source: Any,
-    preprocess: preprocessing.Preprocess,
-    *,
-    config: ml_collections.ConfigDict,
-    mesh: Any,
-    prefix: str,
-) -> dict[str, float]:
-    """Exact metrics over a whole split: masked sums divided by the real example count.
-
-    The batch size, workers and read threads are the config's, for the trainer's evaluations
-    and `resnet_jax.evaluate` alike.
-    """
-    sums = None
-    for local in pipelines.eval_dataset(
-        source,
-        preprocess,
-        batch_size=sharding.local_batch_size(config.eval_batch_size, mesh),
-        num_workers=config.dataset.num_workers,
-        read_threads=config.dataset.read_threads,
-    ):
-        out = eval_step(state, sharding.global_batch(local, mesh))
-        sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-    sums = jax.device_get(sums)
-    n = float(sums['num_examples'])
-    return {
-        f'{prefix}/loss': float(sums['loss']) / n,
-        f'{prefix}/top1_acc': float(sums['top1_correct']) / n,
-        f'{prefix}/top5_acc': float(sums['top5_correct']) / n,
-        f'{prefix}/num_examples': n,
-    }
-
-
 def build_training(
     config: ml_collections.ConfigDict, info: sources.DatasetInfo, num_train_examples: int
 ) -> tuple[Any, optax.GradientTransformation, optax.Schedule, Any]:
@@ -203,23 +171,23 @@ def build_training(
     return model, tx, schedule, init
 
 
-def _lock_workdir(workdir: str, closers: list, storage_timeout: float) -> workdir_lib.WorkdirLock:
+def _lock_workdir(workdir: str, closers: list, storage_timeout: float) -> WorkdirLock:
     """Process 0 takes the workdir's lock; every process learns whether it got it. Its release
     is a closer from before it is taken: a signal right after cannot leave it behind."""
-    lock = workdir_lib.WorkdirLock(workdir, failure_limit_seconds=storage_timeout)
+    lock = WorkdirLock(workdir, failure_limit_seconds=storage_timeout)
     closers.append(lock.release)
     error = None
     if jax.process_index() == 0:
         try:
             lock.acquire()
-        except workdir_lib.WorkdirInUse as e:
+        except WorkdirInUse as e:
             error = e
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         held = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
         if not held and error is None:
-            error = workdir_lib.WorkdirInUse(
+            error = WorkdirInUse(
                 f'workdir {workdir!r} is in use by another trainer (see process 0)'
             )
     if error is not None:
@@ -432,7 +400,7 @@ def build_run(
     closers.append(writer.close)
 
     def evaluate(state: TrainState, split: str) -> dict[str, float]:
-        return evaluate_split(
+        return evaluation.evaluate_split(
             eval_step,
             state,
             splits[split],
@@ -442,9 +410,14 @@ def build_run(
             prefix=split,
         )
 
-    ctx = actions.Context(
-        config, workdir, checkpoint_dir, manager, writer, lock, identity, evaluate
-    )
+    # What every checkpoint records beside the state, so that it reads without the rest of
+    # the workdir or the dataset (resnet_jax.evaluation).
+    record = {
+        'identity': identity,
+        'config': json.loads(workdir_lib.config_json(config)),
+        'input': preprocessing.RunInput.of(preprocess[False], ds.image_size).to_json(),
+    }
+    ctx = actions.Context(config, workdir, checkpoint_dir, manager, writer, lock, record, evaluate)
     return Run(ctx, state, first_step, meta, train_step, batches, mesh, 'test' in splits, closers)
 
 

@@ -49,9 +49,10 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_where_it_enters(
 
     import jax
 
+    import resnet_jax as rj
     from configs import smoke
     from resnet_jax import config as config_lib
-    from resnet_jax import evaluate, trainer
+    from resnet_jax import evaluation, pretrained, trainer
 
     def config(**overrides):
         c = smoke.get_config()
@@ -61,7 +62,7 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_where_it_enters(
     run = tmp_path / 'run'
     directory = str(run / 'checkpoints')
     trainer.train_and_evaluate(config(), str(run))
-    _, state, _, _ = evaluate.restore_state(config(), str(run), 6)
+    state, _ = evaluation.read_train_state(str(run), step=6, config=config())
     meta = checkpoint.read_meta_of(directory, 6)
     poisoned = state.replace(
         params=jax.tree_util.tree_map_with_path(
@@ -77,7 +78,11 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_where_it_enters(
 
     named = r"tensor 'params/stage2/block1/\w+/\w+' has \d+ non-finite values \(NaN/Inf\)"
     with pytest.raises(ValueError, match=rf'checkpoint step 6 in .*: {named}'):
-        evaluate.restore_state(config(), str(run))
+        evaluation.read_run(str(run), config=config())
+    model = rj.create_model('resnet20', num_classes=10)
+    fresh = jax.device_get(rj.init_variables(model, jax.random.key(0), (32, 32, 3)))
+    with pytest.raises(ValueError, match=rf'checkpoint step 6 in .*: {named}'):
+        pretrained.load_variables(str(run), model, fresh)  # init_from=<that workdir>
     caplog.set_level(logging.INFO, logger='resnet_jax')
     trainer.train_and_evaluate(config(total_steps=9), str(run))
     assert re.search(f'checkpoint step 6 is bad: checkpoint step 6: {named}', caplog.text)

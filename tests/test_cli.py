@@ -17,7 +17,7 @@ import pytest
 
 from configs import smoke
 from resnet_jax import config as config_lib
-from resnet_jax import trainer, workdir
+from resnet_jax import lock, trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 300
@@ -75,7 +75,7 @@ def _train(w, data, *flags, config='configs/smoke.py'):
 
 
 def _evaluate(w, *flags):
-    return ['-m', 'resnet_jax.evaluate', f'--workdir={w}', '--split=test[:16]', *flags]
+    return ['-m', 'resnet_jax', 'evaluate', f'--workdir={w}', '--split=test[:16]', *flags]
 
 
 def _copy(trained, tmp_path):
@@ -377,7 +377,7 @@ CASES = [
     ),
     (
         'analysis-an-empty-split',
-        lambda t, d, w, x: (['-m', 'resnet_jax.analysis', f'--workdir={w}', '--split='], w),
+        lambda t, d, w, x: (['-m', 'resnet_jax', 'analysis', f'--workdir={w}', '--split='], w),
         1,
         "--split=''; expected a split name, e.g. test",
     ),
@@ -399,7 +399,8 @@ CASES = [
         lambda t, d, w, x: (
             [
                 '-m',
-                'resnet_jax.sweep',
+                'resnet_jax',
+                'sweep',
                 '--config=configs/cifar10.py',
                 '--models=resnet21',
                 f'--workdir={t / "s"}',
@@ -414,7 +415,8 @@ CASES = [
         lambda t, d, w, x: (
             [
                 '-m',
-                'resnet_jax.sweep',
+                'resnet_jax',
+                'sweep',
                 '--config=configs/cifar10.py',
                 '--models=resnet20',
                 '--grid=depths',
@@ -427,13 +429,13 @@ CASES = [
     ),
     (
         'report-of-a-damaged-run-record',
-        lambda t, d, w, x: (['-m', 'resnet_jax.report', f'--workdir={_bad_record(w, t)}'], None),
+        lambda t, d, w, x: (['-m', 'resnet_jax', 'report', f'--workdir={_bad_record(w, t)}'], None),
         1,
         'run.json is not valid JSON',
     ),
     (
         'report-of-nothing',
-        lambda t, d, w, x: (['-m', 'resnet_jax.report', f'--workdir={t / "none"}'], None),
+        lambda t, d, w, x: (['-m', 'resnet_jax', 'report', f'--workdir={t / "none"}'], None),
         1,
         'none' + "' is not a directory",
     ),
@@ -443,8 +445,8 @@ CASES = [
 def _locked(trained, tmp_path):
     """A workdir whose lock is held by a live process (this test's)."""
     run = _copy(trained, tmp_path)
-    lock = {'host': os.uname().nodename, 'pid': os.getpid(), 'token': 't', 'started': time.time()}
-    (run / workdir.LOCK_FILE).write_text(json.dumps(lock))
+    owner = {'host': os.uname().nodename, 'pid': os.getpid(), 'token': 't', 'started': time.time()}
+    (run / lock.LOCK_FILE).write_text(json.dumps(owner))
     return run
 
 
@@ -524,7 +526,7 @@ def test_ctrl_c_saves_the_step_and_exits_0_like_sigterm(tmp_path, cifar10_data_d
     assert 'got SIGINT: stopping at the next step and saving it' in err
     saved = int(out.split('preempted: saved step ')[1].split(';')[0])
     assert (run / 'checkpoints' / str(saved) / 'commit_success.txt').exists()
-    assert not (run / workdir.LOCK_FILE).exists()  # released on the way out
+    assert not (run / lock.LOCK_FILE).exists()  # released on the way out
 
 
 def test_make_data_with_a_missing_or_damaged_archive_is_one_error_line(tmp_path, run_process):

@@ -110,14 +110,14 @@ def test_the_data_example_runs(cifar10_data_dir):
 )
 def test_generated_tables_are_current(path, marker, make):
     assert tables.read_block(REPO / path, marker) == make(), (
-        f'{path}: the {marker} block is stale; run python -m resnet_jax.tables'
+        f'{path}: the {marker} block is stale; run python -m resnet_jax tables'
     )
 
 
 @pytest.mark.slow
 def test_the_model_table_is_current():
     assert tables.read_block(REPO / 'docs/models.md', 'model-table') == tables.model_table(), (
-        'docs/models.md: the model table is stale; run python -m resnet_jax.tables'
+        'docs/models.md: the model table is stale; run python -m resnet_jax tables'
     )
 
 
@@ -129,7 +129,7 @@ def test_the_weight_parity_table_is_filled_and_within_tolerance():
     ]
     for row in rows:
         assert float(row.split('|')[4]) < 1e-4, row
-    assert 'Measured by `python -m resnet_jax.parity`' in table
+    assert 'Measured by `python -m resnet_jax parity`' in table
 
 
 def test_readme_stays_a_front_page():

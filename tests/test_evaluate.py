@@ -10,7 +10,7 @@ import time
 import pytest
 
 from configs import smoke
-from resnet_jax import checkpoint, evaluate
+from resnet_jax import checkpoint, evaluation
 from resnet_jax import config as config_lib
 from resnet_jax.metrics import read_metrics
 
@@ -57,7 +57,8 @@ def test_evaluating_in_a_loop_beside_a_trainer_saving_every_2_steps_loses_no_ste
                 time.sleep(0.05)
                 continue
             # What evaluate, predict, analysis and init_from do to a workdir.
-            _, state, step, _ = evaluate.restore_state(config, str(workdir))
+            run = evaluation.read_run(str(workdir), config=config)
+            state, step = run.state(), run.step
             assert int(state.step) == step
             reads.append(step)
     finally:
@@ -85,7 +86,8 @@ def test_a_reader_writes_nothing_in_the_workdir(tmp_path, cifar10_data_dir):
     partial = workdir / 'checkpoints' / '5'
     (partial / 'state').mkdir(parents=True)
     before = _snapshot(workdir)
-    _, state, step, _ = evaluate.restore_state(config, str(workdir))
+    state, run = evaluation.read_train_state(str(workdir), config=config)
+    step = run.step
     assert step == 3 == int(state.step)
     assert _snapshot(workdir) == before
     assert partial.exists()

@@ -15,7 +15,7 @@ import pytest
 from test_reliability import _smoke
 
 import resnet_jax as rj
-from resnet_jax import evaluate, preprocessing, serving, sources, trainer
+from resnet_jax import evaluation, preprocessing, serving, sources, trainer
 
 AKAMASTER = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'models' / 'akamaster_cifar10'
 TOLERANCE = 1e-4  # float32 logits; observed differences are about 1e-5 or less
@@ -126,7 +126,7 @@ def test_onnx_gives_the_packages_logits_in_onnxruntime(tmp_path, name, size, opt
         np.testing.assert_allclose(logits, expected, atol=TOLERANCE, rtol=0)
 
 
-# --- From a run: python -m resnet_jax.evaluate --export ---------------------------------------
+# --- From a run: python -m resnet_jax evaluate --export ---------------------------------------
 
 SPLIT = 'test[:16]'
 
@@ -145,9 +145,10 @@ def run(cifar10_data_dir, tmp_path_factory):
 
 def _test_images_and_expected_logits(config, workdir):
     """uint8 test images and the logits the package computes for them from the run."""
-    model, state, _, info = evaluate.restore_state(config, str(workdir))
+    state, run = evaluation.read_train_state(str(workdir), config=config)
+    model = run.model
     ds = config.dataset
-    source, _ = sources.open_split(ds.name, SPLIT, ds.data_dir)
+    source, info = sources.open_split(ds.name, SPLIT, ds.data_dir)
     preprocess = preprocessing.preprocess_of(ds, info, train=False)
     records = [source[i] for i in range(len(source))]
     images = np.stack([r['image'] for r in records])
@@ -155,14 +156,14 @@ def _test_images_and_expected_logits(config, workdir):
     variables = jax.device_get(state.eval_variables())
     logits = np.asarray(rj.apply_model(model, variables, inputs, train=False)[0])
     assert np.mean(np.argmax(logits, -1) == [r['label'] for r in records]) >= 0.75  # trained
-    return images, logits, state
+    return images, logits, run
 
 
 @pytest.mark.slow
 def test_the_cli_exports_stablehlo_with_the_runs_normalisation(run, run_process, tmp_path):
     config, workdir = run
     path = tmp_path / 'model.stablehlo'
-    argv = ['-m', 'resnet_jax.evaluate', f'--workdir={workdir}', f'--split={SPLIT}']
+    argv = ['-m', 'resnet_jax', 'evaluate', f'--workdir={workdir}', f'--split={SPLIT}']
     out = run_process([*argv, f'--export={path}'])
     assert out.returncode == 0, out.stderr[-3000:]
     assert (
@@ -180,24 +181,26 @@ def test_a_runs_onnx_and_msgpack_exports_by_suffix(run, tmp_path):
     import onnxruntime
 
     config, workdir = run
-    images, expected, state = _test_images_and_expected_logits(config, workdir)
-    written = evaluate.export_for_serving(config, state, str(tmp_path / 'model.onnx'))
+    images, expected, restored = _test_images_and_expected_logits(config, workdir)
+    written = serving.export_run(restored, str(tmp_path / 'model.onnx'))
     assert written.startswith('ONNX: uint8 images (batch, 32, 32, 3) -> logits')
     session = onnxruntime.InferenceSession(
         str(tmp_path / 'model.onnx'), providers=['CPUExecutionProvider']
     )
     (logits,) = session.run(None, {'images': images})
     np.testing.assert_allclose(logits, expected, atol=TOLERANCE, rtol=0)
-    written = evaluate.export_for_serving(config, state, str(tmp_path / 'weights.msgpack'))
-    assert written == 'msgpack variables (load_exported)'
-    loaded = evaluate.load_exported(str(tmp_path / 'weights.msgpack'))
-    jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(state.eval_variables()))
+    written = serving.export_run(restored, str(tmp_path / 'weights.msgpack'))
+    assert written == 'msgpack variables (serving.load_exported)'
+    loaded = serving.load_exported(str(tmp_path / 'weights.msgpack'))
+    jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(restored.variables))
 
 
 def test_the_cli_refuses_a_missing_folder_before_evaluating(run, run_process, tmp_path):
     _, workdir = run
     target = tmp_path / 'absent' / 'model.stablehlo'
-    out = run_process(['-m', 'resnet_jax.evaluate', f'--workdir={workdir}', f'--export={target}'])
+    out = run_process(
+        ['-m', 'resnet_jax', 'evaluate', f'--workdir={workdir}', f'--export={target}']
+    )
     assert out.returncode == 1, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last == f'error: export {str(target)!r}: folder {str(target.parent)!r} does not exist'

@@ -9,7 +9,7 @@ import pytest
 import resnet_jax as rj
 from configs import finetune
 from resnet_jax import config as config_lib
-from resnet_jax import evaluate, optim, trainer, weights
+from resnet_jax import evaluation, optim, trainer, weights
 from resnet_jax.metrics import read_metrics
 
 
@@ -116,7 +116,7 @@ def test_a_torchvision_file_fine_tuned_on_cifar10(cifar10_data_dir, tmp_path, to
     # is the file's.
     workdir = str(tmp_path / 'run')
     trainer.train_and_evaluate(_config(cifar10_data_dir, file, total_steps=0), workdir)
-    _, state0, _, _ = evaluate.restore_state(_config(cifar10_data_dir, file), workdir, 0)
+    state0, _ = evaluation.read_train_state(workdir, step=0, config=_config(cifar10_data_dir, file))
     start = {**_paths(state0.params), **_paths({'bs': state0.batch_stats})}
     for name, value in _paths(state0.params).items():
         if not name.startswith('head/'):
@@ -126,7 +126,8 @@ def test_a_torchvision_file_fine_tuned_on_cifar10(cifar10_data_dir, tmp_path, to
     # rest do, and the loss falls.
     config = _config(cifar10_data_dir, file, total_steps=8)
     trainer.train_and_evaluate(config, workdir)
-    _, state8, step, _ = evaluate.restore_state(config, workdir)
+    state8, run = evaluation.read_train_state(workdir, config=config)
+    step = run.step
     assert step == 8
     for name, value in _paths(state8.params).items():
         if name.startswith(('stem', 'stage1/')):

@@ -223,7 +223,7 @@ def test_a_torchvision_file_fine_tuned_on_a_folder_predicts_its_class_names(
     assert json.loads((run / workdir.CLASS_NAMES_FILE).read_text()) == list(CLASSES)
 
     image = str(next((root / 'ship').iterdir()))
-    printed = run_process(['-m', 'resnet_jax.predict', f'--workdir={run}', image])
+    printed = run_process(['-m', 'resnet_jax', 'predict', f'--workdir={run}', image])
     assert printed.returncode == 0, printed.stderr[-2000:]
     names = re.findall(r'%\s+(\S+)$', printed.stdout, re.MULTILINE)
     assert sorted(names) == sorted(CLASSES), printed.stdout  # top-5 of 3 classes: all three

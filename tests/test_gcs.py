@@ -15,7 +15,7 @@ import time
 import pytest
 from test_reliability import TIMEOUT, _env, _smoke, _train_argv
 
-from resnet_jax import checkpoint, paths, trainer, workdir
+from resnet_jax import checkpoint, lock, paths, trainer, workdir
 from resnet_jax.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -63,10 +63,10 @@ def test_the_path_layer_on_a_bucket(gcs_bucket):
 
 def test_the_workdir_lock_is_exclusive_on_a_bucket(gcs_bucket):
     run = f'{gcs_bucket}/run'
-    held = workdir.WorkdirLock(run)
+    held = lock.WorkdirLock(run)
     held.acquire()
-    with pytest.raises(workdir.WorkdirInUse, match=f"workdir '{run}' is in use"):
-        workdir.WorkdirLock(run).acquire()
+    with pytest.raises(lock.WorkdirInUse, match=f"workdir '{run}' is in use"):
+        lock.WorkdirLock(run).acquire()
     held.release()
     assert not paths.exists(f'{run}/lock.json')  # released
 
@@ -76,7 +76,7 @@ def test_a_run_on_a_bucket_resumes_falls_back_and_reports(
 ):
     """In process: preempted and resumed on gs:// like on local disk; a corrupted object sends
     the run back to the previous checkpoint, moved aside on the bucket; evaluate and report."""
-    from resnet_jax import actions, analysis, evaluate, report
+    from resnet_jax import actions, analysis, evaluation, report
 
     monkeypatch.chdir(tmp_path)  # a 'gs:' folder would appear here if a path went local
     run = {'total_steps': 6, 'log_every_steps': 1, 'checkpoint_every_steps': 3}
@@ -104,7 +104,8 @@ def test_a_run_on_a_bucket_resumes_falls_back_and_reports(
     assert checkpoint.committed_steps(f'{remote}/checkpoints')[-1] == 8
 
     config = workdir.read_config(remote)
-    _, state, step, _ = evaluate.restore_state(config, remote)
+    state, run = evaluation.read_train_state(remote, config=config)
+    step = run.step
     assert step == int(state.step) == 8
     table, figure = report.write_report(remote, remote)
     assert table == f'{remote}/table.md' and paths.read_text(table).startswith('| ')
@@ -126,8 +127,8 @@ def _wait_for_step_on_bucket(run_dir, step, proc):
 
 
 def test_the_command_lines_of_a_pod_on_a_bucket(gcs_bucket, cifar10_data_dir, run_process):
-    """train.py is preempted (SIGTERM) and rerun, then `python -m resnet_jax.evaluate` and
-    `python -m resnet_jax.report` read the bucket; no 'gs:' folder appears on local disk."""
+    """train.py is preempted (SIGTERM) and rerun, then `python -m resnet_jax evaluate` and
+    `python -m resnet_jax report` read the bucket; no 'gs:' folder appears on local disk."""
     remote = f'{gcs_bucket}/run'
     run = {'total_steps': 12, 'log_every_steps': 1, 'checkpoint_every_steps': 1000}
     proc = subprocess.Popen(
@@ -156,11 +157,11 @@ def test_the_command_lines_of_a_pod_on_a_bucket(gcs_bucket, cifar10_data_dir, ru
     }
 
     evaluated = run_process(
-        ['-m', 'resnet_jax.evaluate', f'--workdir={remote}', '--split=test[:16]'], env=_env(2)
+        ['-m', 'resnet_jax', 'evaluate', f'--workdir={remote}', '--split=test[:16]'], env=_env(2)
     )
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert 'test[:16]' in evaluated.stdout + evaluated.stderr
-    reported = run_process(['-m', 'resnet_jax.report', f'--workdir={remote}'], env=_env(2))
+    reported = run_process(['-m', 'resnet_jax', 'report', f'--workdir={remote}'], env=_env(2))
     assert reported.returncode == 0, reported.stderr[-2000:]
     assert f'wrote {remote}/table.md and {remote}/figure6.png' in reported.stdout
     assert not (REPO / 'gs:').exists()
@@ -174,11 +175,11 @@ def test_the_command_lines_of_a_pod_on_a_bucket(gcs_bucket, cifar10_data_dir, ru
             "error: workdir 'gs://no-such-bucket/run': bucket 'no-such-bucket' does not exist",
         ),
         (
-            ['-m', 'resnet_jax.evaluate', '--workdir=gs://no-such-bucket/run'],
+            ['-m', 'resnet_jax', 'evaluate', '--workdir=gs://no-such-bucket/run'],
             'error: gs://no-such-bucket/run/config.json does not exist; expected the workdir',
         ),
         (
-            ['-m', 'resnet_jax.report', '--workdir=gs://no-such-bucket/run'],
+            ['-m', 'resnet_jax', 'report', '--workdir=gs://no-such-bucket/run'],
             "error: --workdir 'gs://no-such-bucket/run' is not a directory",
         ),
     ],

@@ -1,4 +1,4 @@
-"""python -m resnet_jax.predict: the trained ResNet-20's own probabilities for real test images
+"""python -m resnet_jax predict: the trained ResNet-20's own probabilities for real test images
 (from a weights file), a run's checkpoint with its class names, and bad input."""
 
 import pathlib
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from test_reliability import _smoke
 
-from resnet_jax import predict, sources, trainer
+from resnet_jax import prediction, sources, trainer
+from resnet_jax.folder import read_image
 
 AKAMASTER = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'models' / 'akamaster_cifar10'
 
@@ -27,10 +28,10 @@ def _write_test_images(data_dir, folder, count):
 
 def test_a_weights_file_gives_the_trained_nets_own_probabilities(cifar10_data_dir, tmp_path):
     files, _ = _write_test_images(cifar10_data_dir, tmp_path, 8)
-    predictor = predict.from_weights(
+    predictor = prediction.from_weights(
         str(AKAMASTER / 'resnet20.safetensors'), 'resnet20', data_dir=str(cifar10_data_dir)
     )
-    results = predictor([predict.read_image(f) for f in files], top_k=10)
+    results = predictor([read_image(f) for f in files], top_k=10)
     reference = np.load(AKAMASTER / 'reference_logits_test0-255.npz')['r20'][:8]
     expected = np.asarray(jax.nn.softmax(reference, axis=-1))
     names = sources.dataset_info('cifar10_jpeg', str(cifar10_data_dir)).class_names
@@ -52,10 +53,10 @@ def test_a_runs_checkpoint_predicts_with_its_class_names(cifar10_data_dir, tmp_p
     files, labels = _write_test_images(cifar10_data_dir, tmp_path, 2)
     gray = tmp_path / 'gray.jpg'  # another size, one channel: resized to 32x32, made RGB
     cv2.imwrite(str(gray), np.full((50, 70), 128, np.uint8))
-    images = [predict.read_image(f) for f in [*files, str(gray)]]
+    images = [read_image(f) for f in [*files, str(gray)]]
 
-    from_run = predict.from_workdir(str(workdir))(images, top_k=3)
-    from_file = predict.from_weights(weights, 'resnet20', data_dir=str(cifar10_data_dir))(
+    from_run = prediction.from_workdir(str(workdir))(images, top_k=3)
+    from_file = prediction.from_weights(weights, 'resnet20', data_dir=str(cifar10_data_dir))(
         images, top_k=3
     )
     assert from_run[0][0][0] == labels[0]  # test image 0: an automobile
@@ -141,7 +142,7 @@ def test_bad_input_is_one_error_line(run_process, tmp_path, args, message):
             .replace('TMP', str(tmp_path))
         )
 
-    result = run_process(['-m', 'resnet_jax.predict', *map(filled, args)], cwd=tmp_path)
+    result = run_process(['-m', 'resnet_jax', 'predict', *map(filled, args)], cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith(f'error: {filled(message)}'), result.stderr
@@ -152,18 +153,18 @@ def test_bad_input_is_one_error_line(run_process, tmp_path, args, message):
 
 def test_bad_files_and_names_are_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"image '.*missing.png' does not exist"):
-        predict.read_image(str(tmp_path / 'missing.png'))
+        read_image(str(tmp_path / 'missing.png'))
     with pytest.raises(ValueError, match=r"image '.*' is a directory; expected an image file"):
-        predict.read_image(str(tmp_path))
+        read_image(str(tmp_path))
     empty = tmp_path / 'empty.jpg'
     empty.write_bytes(b'')
     with pytest.raises(ValueError, match=r"image '.*empty.jpg' is not a readable image"):
-        predict.read_image(str(empty))
+        read_image(str(empty))
     weights = str(AKAMASTER / 'resnet20.safetensors')
     with pytest.raises(ValueError, match=r"weights '.*nope.th' do not exist"):
-        predict.from_weights(str(tmp_path / 'nope.th'), 'resnet20')
+        prediction.from_weights(str(tmp_path / 'nope.th'), 'resnet20')
     with pytest.raises(ValueError, match=r"unknown model name 'resnet21'"):
-        predict.from_weights(weights, 'resnet21')
+        prediction.from_weights(weights, 'resnet21')
     with pytest.raises(ValueError, match=r"weights '.*notes.txt' are not a known kind"):
         (tmp_path / 'notes.txt').write_text('x')
-        predict.from_weights(str(tmp_path / 'notes.txt'), 'resnet20')
+        prediction.from_weights(str(tmp_path / 'notes.txt'), 'resnet20')

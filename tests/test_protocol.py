@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from resnet_jax import augment, evaluate, models, preprocessing, protocol, sources, trainer
+from resnet_jax import augment, evaluation, models, preprocessing, protocol, sources, trainer
 from resnet_jax import config as config_lib
 
 AKAMASTER = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'models' / 'akamaster_cifar10'
@@ -204,11 +204,13 @@ def test_bad_protocols_are_one_clear_error(crops, scales, message):
         (1, (), 'crops=1 with no scales is single-crop evaluation: use evaluate'),
     ],
 )
-def test_evaluate_protocol_checks_before_reading_anything(tmp_path, crops, scales, message):
-    with pytest.raises(ValueError, match=message):  # not about the workdir, which is absent
-        protocol.evaluate_protocol(
-            smoke.get_config(), str(tmp_path / 'absent'), split='test', crops=crops, scales=scales
-        )
+def test_evaluate_protocol_checks_before_reading_anything(crops, scales, message):
+    class NoRun:  # a protocol that is refused reads nothing of the run
+        def __getattr__(self, name):
+            raise AssertionError(f'read run.{name}')
+
+    with pytest.raises(ValueError, match=message):
+        protocol.evaluate_protocol(NoRun(), split='test', crops=crops, scales=scales)
 
 
 # --- A trained ResNet-20 ----------------------------------------------------------------------
@@ -298,7 +300,7 @@ def test_multi_scale_of_a_trained_net(trained_workdir, cifar10_data_dir, ten_cro
     state = ten_crop[1]
     # One scale, the images' own size: the fully-convolutional form is single-crop evaluation.
     one, _, _ = protocol.evaluate_protocol(config, workdir, split=SPLIT, scales=(32,))
-    single, _, _ = evaluate.evaluate(config, workdir, split=SPLIT)
+    single = evaluation.evaluate(evaluation.read_run(workdir, config=config), SPLIT)
     for key in ('top1_acc', 'top5_acc', 'loss'):
         assert one[f'{SPLIT}/{key}'] == pytest.approx(single[f'{SPLIT}/{key}'], rel=1e-5)
     two, _, _ = protocol.evaluate_protocol(config, workdir, split=SPLIT, scales=(32, 40))
@@ -311,7 +313,8 @@ def test_the_cli_prints_the_protocols_line(trained_workdir, ten_crop, run_proces
     out = run_process(
         [
             '-m',
-            'resnet_jax.evaluate',
+            'resnet_jax',
+            'evaluate',
             f'--workdir={trained_workdir}',
             f'--split={SPLIT}',
             '--crops=10',
@@ -338,7 +341,7 @@ def test_the_cli_refuses_bad_protocols_and_writes_nothing(
     trained_workdir, run_process, tmp_path, flags, message
 ):
     exported = tmp_path / 'w.msgpack'
-    argv = ['-m', 'resnet_jax.evaluate', f'--workdir={trained_workdir}', f'--export={exported}']
+    argv = ['-m', 'resnet_jax', 'evaluate', f'--workdir={trained_workdir}', f'--export={exported}']
     out = run_process([*argv, *flags])
     assert out.returncode == 1, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1].startswith(message), out.stderr[-2000:]

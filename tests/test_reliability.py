@@ -22,7 +22,7 @@ import pytest
 from synthetic_data import synthetic_source
 
 from configs import smoke
-from resnet_jax import actions, checkpoint, evaluate, preprocessing, sources, steps, trainer
+from resnet_jax import actions, checkpoint, evaluation, preprocessing, sources, steps, trainer
 from resnet_jax import config as config_lib
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.metrics import read_metrics
@@ -102,7 +102,7 @@ def _params(workdir, data_dir, step=None):
     config = smoke.get_config()
     with config.unlocked():
         config.dataset.data_dir = str(data_dir)
-    _, state, _, _ = evaluate.restore_state(config, str(workdir), step)
+    state, _ = evaluation.read_train_state(str(workdir), step=step, config=config)
     return jax.device_get(state.params)
 
 
@@ -619,7 +619,7 @@ def test_a_workdir_of_another_model_is_refused_before_anything_changes(tmp_path,
     ):
         trainer.train_and_evaluate(plain, str(workdir))
     with pytest.raises(ValueError, match=r'checkpoint step 3 in .* is of another network'):
-        evaluate.restore_state(plain, str(workdir))
+        evaluation.read_run(str(workdir), config=plain)
     # So are other settings that change what the network computes from its input.
     other_input = _smoke(cifar10_data_dir, **{'dataset.normalization': 'channel'})
     with pytest.raises(ValueError, match=r"dataset.normalization='pixel_mean'"):

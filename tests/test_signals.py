@@ -89,7 +89,7 @@ def test_evaluate_stops_within_seconds_with_one_line(signum, ignored, code, trai
     """Before, evaluate over the train split ignored Ctrl-C and ran to the end, exit 0."""
     before = {p: p.read_bytes() for p in trained.rglob('*') if p.is_file()}
     proc = _start(
-        ['-m', 'resnet_jax.evaluate', f'--workdir={trained}', '--split=train'],
+        ['-m', 'resnet_jax', 'evaluate', f'--workdir={trained}', '--split=train'],
         inherit_ignored=ignored,
     )
     time.sleep(12)  # well into the evaluation of 50,000 images, which takes minutes here

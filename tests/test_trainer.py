@@ -455,15 +455,16 @@ def test_cifar100_config_builds_on_cifar10():
 
 @pytest.mark.slow
 def test_evaluate_restores_prints_errors_and_exports(cifar10_data_dir, tmp_path):
-    from resnet_jax import evaluate
+    from resnet_jax import evaluation, serving
 
     workdir = tmp_path / 'run'
     trainer.train_and_evaluate(_smoke(cifar10_data_dir, total_steps=3), str(workdir))
-    model, state, step, _ = evaluate.restore_state(_smoke(cifar10_data_dir), str(workdir))
+    state, run = evaluation.read_train_state(str(workdir), config=_smoke(cifar10_data_dir))
+    model, step = run.model, run.step
     assert step == 3 and int(state.step) == 3
     path = tmp_path / 'weights.msgpack'
-    evaluate.export(state, str(path))
-    variables = evaluate.load_exported(str(path))
+    serving.export_run(run, str(path))
+    variables = serving.load_exported(str(path))
     images = jnp.zeros((2, 32, 32, 3))
     exported_logits, _ = rj.apply_model(model, variables, images, train=False)
     logits, _ = rj.apply_model(model, state.variables(), images, train=False)
@@ -472,7 +473,8 @@ def test_evaluate_restores_prints_errors_and_exports(cifar10_data_dir, tmp_path)
         [
             sys.executable,
             '-m',
-            'resnet_jax.evaluate',
+            'resnet_jax',
+            'evaluate',
             '--config=configs/smoke.py',
             f'--config.dataset.data_dir={cifar10_data_dir}',
             f'--workdir={workdir}',
@@ -486,12 +488,12 @@ def test_evaluate_restores_prints_errors_and_exports(cifar10_data_dir, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'step 3: test[:100] top-1 error' in result.stdout and 'on 100 images' in result.stdout
     with pytest.raises(ValueError, match='checkpoint step 99 not in'):
-        evaluate.restore_state(_smoke(cifar10_data_dir), str(workdir), step=99)
+        evaluation.read_run(str(workdir), step=99, config=_smoke(cifar10_data_dir))
     with pytest.raises(ValueError, match='no checkpoints in'):
-        evaluate.restore_state(_smoke(cifar10_data_dir), str(tmp_path / 'empty'))
+        evaluation.read_run(str(tmp_path / 'empty'), config=_smoke(cifar10_data_dir))
     wrong_model = _smoke(cifar10_data_dir, **{'model.name': 'resnet32'})
     with pytest.raises(ValueError, match=r"of another network.*model.name='resnet20'"):
-        evaluate.restore_state(wrong_model, str(workdir))
+        evaluation.read_run(str(workdir), config=wrong_model)
 
 
 @pytest.mark.slow
@@ -672,16 +674,17 @@ def test_the_config_optimizer_section_is_the_optimizer_defaults():
 
 @pytest.mark.slow
 def test_evaluate_exports_what_it_evaluated_the_moving_average(cifar10_data_dir, tmp_path):
-    from resnet_jax import evaluate
+    from resnet_jax import evaluation, serving
 
     workdir = tmp_path / 'run'
     config = _smoke(cifar10_data_dir, total_steps=3, **{'optimizer.ema_decay': 0.5})
     trainer.train_and_evaluate(config, str(workdir))
-    result, state, step = evaluate.evaluate(config, str(workdir), split='test[:32]')
-    assert step == 3 and state.ema is not None
+    state, run = evaluation.read_train_state(str(workdir), config=config)
+    result = evaluation.evaluate(run, 'test[:32]')
+    assert run.step == 3 and state.ema is not None and run.averaged
     path = tmp_path / 'ema.msgpack'
-    evaluate.export(state, str(path))
-    exported = evaluate.load_exported(str(path))
+    serving.export_run(run, str(path))
+    exported = serving.load_exported(str(path))
     jax.tree.map(np.testing.assert_array_equal, exported, jax.device_get(state.ema))
     assert not np.array_equal(
         exported['batch_stats']['stem_bn']['mean'],

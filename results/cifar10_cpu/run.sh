@@ -15,7 +15,7 @@ OUT=$(dirname "$0")
 
 # dataset.in_memory=False: the host pipeline's data stream, which the committed figures were
 # made with (configs/cifar10.py draws its batches in memory since).
-python -m resnet_jax.sweep --config=configs/cifar10.py \
+python -m resnet_jax sweep --config=configs/cifar10.py \
   --models=plain20,plain56,resnet20,resnet56 --workdir="$SWEEP_DIR" \
   --config.dataset.train_split=train \
   --config.dataset.in_memory=False \
@@ -30,7 +30,7 @@ python -m resnet_jax.sweep --config=configs/cifar10.py \
   --config.checkpoint_every_steps=400 \
   --config.eval_batch_size=500
 
-python -m resnet_jax.report --workdir="$SWEEP_DIR" --out="$OUT"
+python -m resnet_jax report --workdir="$SWEEP_DIR" --out="$OUT"
 # The paper's Figure 7 from the same runs' final checkpoints (the sweep keeps them).
-python -m resnet_jax.analysis --workdir="$SWEEP_DIR" --out="$OUT"
-python -m resnet_jax.tables  # the READMEs quote table.md
+python -m resnet_jax analysis --workdir="$SWEEP_DIR" --out="$OUT"
+python -m resnet_jax tables  # the READMEs quote table.md

@@ -17,7 +17,7 @@ OUT=$(dirname "$0")
 
 # dataset.in_memory=False: the host pipeline's data stream, which the committed figures were
 # made with (configs/cifar10.py draws its batches in memory since).
-python -m resnet_jax.sweep --config=configs/cifar10.py \
+python -m resnet_jax sweep --config=configs/cifar10.py \
   --models=resnet20,resnet56 --workdir="$SWEEP_DIR" \
   --config.model.zero_init_residual=True \
   --config.dataset.train_split=train \
@@ -33,5 +33,5 @@ python -m resnet_jax.sweep --config=configs/cifar10.py \
   --config.checkpoint_every_steps=400 \
   --config.eval_batch_size=500
 
-python -m resnet_jax.report --workdir="$SWEEP_DIR" --out="$OUT"
-python -m resnet_jax.tables  # the READMEs quote table.md
+python -m resnet_jax report --workdir="$SWEEP_DIR" --out="$OUT"
+python -m resnet_jax tables  # the READMEs quote table.md

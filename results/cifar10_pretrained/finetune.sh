@@ -41,4 +41,4 @@ for depth in 20 32 44 56; do
 done
 python "$OUT/table.py" --runs="$OUT/runs" --weights="$WEIGHTS" --out="$OUT/table.md" \
   --finetuned="$OUT/finetuned" --finetuned_out="$OUT/finetune.md"
-python -m resnet_jax.tables
+python -m resnet_jax tables

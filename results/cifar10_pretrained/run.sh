@@ -40,5 +40,5 @@ for plain in plain20 plain56; do
     ln -sfn "$SWEEP_DIR/$plain" "$RUNS_DIR/$plain"
   fi
 done
-python -m resnet_jax.analysis --workdir="$RUNS_DIR" --out="$OUT"
-python -m resnet_jax.tables  # README.md quotes table.md
+python -m resnet_jax analysis --workdir="$RUNS_DIR" --out="$OUT"
+python -m resnet_jax tables  # README.md quotes table.md

@@ -1,6 +1,6 @@
 """What every command shares: absl flags, logging, and one `error:` line for every mistake.
 
-`train.py` and `python -m resnet_jax.{evaluate,sweep,report}` start through `run(main)`:
+`train.py` and every `python -m resnet_jax COMMAND` start through `run(main)`:
 
 * Flags are absl flags. `--config=FILE[:ARG]` is an ml_collections config file whose fields are
   set with `--config.x=y` (config_flags: the value is parsed as the field's type, unknown keys
