@@ -153,7 +153,7 @@ def main() -> None:
     preprocess = preprocessing.make_preprocess(info, train=True, data_dir=args.data_dir)
     streams = {
         f'{n} workers, batch 128': pipelines.train_dataset(
-            source, preprocess, batch_size=128, seed=0, num_workers=n
+            source, preprocess, batch_size=128, seed=0, reading=pipelines.Reading(num_workers=n)
         )
         for n in workers
     }
@@ -179,7 +179,7 @@ def main() -> None:
             preprocess = preprocessing.make_preprocess(info, train=True, augmentation=augmentation)
             streams = {
                 f'{n} workers x {threads} threads': pipelines.train_dataset(
-                    source, preprocess, batch_size=64, seed=0, num_workers=n, read_threads=threads
+                    source, preprocess, batch_size=64, seed=0, reading=pipelines.Reading(n, threads)
                 )
                 for n, threads in [(n, 1) for n in workers] + [(0, 2)]
             }

@@ -131,7 +131,10 @@ def analyse_run(run_dir: str, split: str = 'test') -> Responses:
     source, _ = sources.open_split(ds.name, split, ds.data_dir)
     preprocess = run.input.eval_preprocess()
     batches = pipelines.eval_dataset(
-        source, preprocess, batch_size=500, process_count=1, process_index=0
+        source,
+        preprocess,
+        batch_size=500,
+        reading=pipelines.Reading(process_index=0, process_count=1),
     )
     variables = evaluation.variables_on_host(run)
     names, stds = layer_response_stds(run.model, variables, batches, preprocess.normalize)

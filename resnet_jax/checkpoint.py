@@ -210,7 +210,7 @@ def _reason(error: BaseException) -> str:
     for words in ('No space left on device', 'Disk quota exceeded', 'Permission denied'):
         if words.lower() in text.lower():
             return words
-    return f'{type(error).__name__}: {" ".join(text.split())[:300]}'
+    return paths.describe(error)
 
 
 def _args(state: Any, meta: dict[str, Any]) -> ocp.args.Composite:
@@ -470,7 +470,7 @@ def fingerprint_new_steps(directory: str) -> None:
             continue
         try:
             record = {'sha256': content_digest(step_dir), 'step': step, 'time': time.time()}
-            paths.write_text_atomic(target, json.dumps(record))  # whole or absent
+            paths.write_text(target, json.dumps(record))  # whole or absent
         except OSError as e:  # e.g. the step was just deleted by the preservation policy
             logger.warning('could not fingerprint checkpoint step %d: %s', step, e)
 

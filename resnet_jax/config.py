@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import os
 from typing import Any
 
 import ml_collections
 
-from resnet_jax import augment, datasets, models, optim, paths, preprocessing, sharding
+from resnet_jax import augment, datasets, models, optim, options, paths, preprocessing, sharding
 
 DTYPES = ('float32', 'bfloat16')
 NONFINITE_POLICIES = ('stop', 'skip')
@@ -106,9 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(f'invalid config: {message}')
+_check = functools.partial(options.require, prefix='invalid config: ')
 
 
 def _one_of(value: Any, allowed: Any, field: str) -> None:
@@ -116,7 +115,7 @@ def _one_of(value: Any, allowed: Any, field: str) -> None:
 
 
 def _positive_int(value: Any, field: str, zero_ok: bool = False) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= (0 if zero_ok else 1)
+    ok = options.is_int(value) and value >= (0 if zero_ok else 1)
     _check(ok, f'{field}={value!r}; expected a {"non-negative" if zero_ok else "positive"} int')
 
 
@@ -131,8 +130,6 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
     # at step 0 and evaluated.
     _positive_int(config.total_steps, 'total_steps', zero_ok=True)
     for field in (
-        'batch_size',
-        'eval_batch_size',
         'log_every_steps',
         'eval_every_steps',
         'checkpoint_every_steps',
@@ -189,7 +186,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
     for field in ('mixup_alpha', 'cutmix_alpha'):
         # Inf passes `>= 0` and then draws NaN mixing weights from Beta(inf, inf).
         _check(
-            optim.is_finite_number(config[field]) and config[field] >= 0,
+            options.is_finite_number(config[field]) and config[field] >= 0,
             f'{field}={config[field]}; expected a finite number >= 0 (0: off)',
         )
     _check(0.0 <= config.cutmix_prob <= 1.0, f'cutmix_prob={config.cutmix_prob}; expected [0, 1]')

@@ -201,21 +201,20 @@ def evaluate_split(
     preprocess: preprocessing.Preprocess,
     *,
     config: ml_collections.ConfigDict,
-    mesh: Any,
     prefix: str,
 ) -> dict[str, float]:
     """Exact metrics over a whole split: masked sums divided by the real example count.
 
     The batch size, workers and read threads are the config's, for the trainer's evaluations
-    and `evaluate` alike.
+    and `evaluate` alike; batches are sharded over the one mesh (`sharding.data_mesh`).
     """
+    mesh = sharding.data_mesh()
     sums = None
     for local in pipelines.eval_dataset(
         source,
         preprocess,
         batch_size=sharding.local_batch_size(config.eval_batch_size, mesh),
-        num_workers=config.dataset.num_workers,
-        read_threads=config.dataset.read_threads,
+        reading=pipelines.Reading.of(config.dataset),
     ):
         out = eval_step(state, sharding.global_batch(local, mesh))
         sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
@@ -241,7 +240,7 @@ def evaluate(run: Run, split: str) -> dict[str, float]:
         steps.make_eval_step(run.model, preprocess.normalize), out_shardings=replicated
     )
     return evaluate_split(
-        eval_step, run.state(), source, preprocess, config=run.config, mesh=mesh, prefix=split
+        eval_step, run.state(), source, preprocess, config=run.config, prefix=split
     )
 
 

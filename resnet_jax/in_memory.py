@@ -5,6 +5,7 @@ mesh), and every global batch drawn and augmented there, inside jit, from (seed,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -49,7 +50,16 @@ def in_memory_indices(
     return jax.lax.dynamic_slice(permutation, (position * batch_size,), (batch_size,))
 
 
-@functools.partial(jax.jit, static_argnames=('batch_size', 'num_examples', 'ops', 'ctx'))
+@dataclasses.dataclass(frozen=True)
+class DeviceAugmentation:
+    """The device versions of a chain of augmentations, with their context (hashable: a static
+    argument of the jitted draw)."""
+
+    ops: tuple[augment.Augmentation, ...]
+    ctx: augment.Context = _DEFAULT_CONTEXT
+
+
+@functools.partial(jax.jit, static_argnames=('batch_size', 'num_examples', 'augmentation'))
 def in_memory_train_batch(
     images: jax.Array,
     labels: jax.Array,
@@ -58,14 +68,13 @@ def in_memory_train_batch(
     *,
     batch_size: int,
     num_examples: int | None = None,
-    ops: tuple[augment.Augmentation, ...] | None = None,
-    ctx: augment.Context = _DEFAULT_CONTEXT,
+    augmentation: DeviceAugmentation | None = None,
 ) -> dict[str, jax.Array]:
     """Global batch `step` of the in-memory train stream: shuffled and augmented, uint8 as the
     host pipeline's batches (the train step normalises them).
 
     A pure function of (key, step) (`in_memory_indices`): resuming needs only the step, on any
-    number of devices. The augmentation is the device versions of `ops` (default:
+    number of devices. The augmentation is `augmentation`'s device versions (default:
     `augment.pad_crop_flip_batch`), with the same distributions as the host's.
 
     Args:
@@ -79,10 +88,10 @@ def in_memory_train_batch(
     indices = in_memory_indices(key, step, num_examples, batch_size)
     images, labels = images[indices], labels[indices]
     augment_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
-    if ops is None:
+    if augmentation is None:
         images = augment.pad_crop_flip_batch(images, augment_key)
     else:
-        images = augment.apply_device(ops, images, augment_key, ctx)
+        images = augment.apply_device(augmentation.ops, images, augment_key, augmentation.ctx)
     return {'image': images, 'label': labels}
 
 
@@ -104,14 +113,14 @@ class InMemoryBatches:
     what an uninterrupted one would, on any topology.
     """
 
-    def __init__(self, source, info, preprocess, *, mesh, batch_size, seed, start_step):
+    def __init__(self, source, preprocess, *, mesh, batch_size, seed, start_step):
         for op in preprocess.ops:
             if op.device is None:
                 raise ValueError(
                     f'dataset.in_memory augments on the device, and augmentation {op.name!r} '
                     'has no device version; use the host pipeline (dataset.in_memory=False)'
                 )
-        images, labels = load_arrays(source, info)
+        images, labels = load_arrays(source, preprocess.info)
         self._arrays = shard_rows(images, mesh), shard_rows(labels, mesh)
         self._key = jax.random.fold_in(jax.random.PRNGKey(seed), IN_MEMORY_STREAM)
         self._batch = jax.jit(
@@ -119,8 +128,7 @@ class InMemoryBatches:
                 in_memory_train_batch,
                 batch_size=batch_size,
                 num_examples=len(labels),
-                ops=tuple(preprocess.ops),
-                ctx=preprocess.ctx,
+                augmentation=DeviceAugmentation(tuple(preprocess.ops), preprocess.ctx),
             ),
             out_shardings=sharding.batch_sharding(mesh),
         )

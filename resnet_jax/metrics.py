@@ -147,7 +147,7 @@ def _truncate_after(path: str, step: int) -> list[dict[str, Any]]:
             len(bad),
             bad[:5],
         )
-        paths.write_text_atomic(path, ''.join(json.dumps(r) + '\n' for r in kept))
+        paths.write_text(path, ''.join(json.dumps(r) + '\n' for r in kept))
     return kept
 
 

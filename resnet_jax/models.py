@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from resnet_jax import model_options as opt
+from resnet_jax import options as opt
 from resnet_jax import xla_cpu
 from resnet_jax.layers import SHORTCUTS, STEMS, BasicBlock, Bottleneck, Stage
 

@@ -28,8 +28,8 @@ A new optimizer is one `@register_optimizer(name)` function here (docs/extending
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
-import math
 import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -37,6 +37,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+
+from resnet_jax import options
 
 SCHEDULES = ('piecewise', 'cosine', 'constant')
 WEIGHT_DECAY_MODES = ('coupled', 'decoupled')
@@ -211,27 +213,14 @@ def _optax_optimizer(s: Setting, name: str) -> optax.GradientTransformation:
 # --- Checking and building ---------------------------------------------------------------------
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def is_finite_number(value: Any) -> bool:
-    """An int or float that is not NaN or Inf.
-
-    NaN fails every comparison, so `x > 0` refuses it, but Inf passes `x > 0` and `x >= 0`:
-    an infinite learning rate or weight decay validates and then gives NaN at the first step.
-    """
-    return _is_number(value) and math.isfinite(value)
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(f'invalid config: optimizer.{message}')
+_require = functools.partial(options.require, prefix='invalid config: optimizer.')
 
 
 def _finite(cfg: Any, field: str, ok: Callable[[float], bool], expected: str) -> None:
     value = getattr(cfg, field)
-    _require(is_finite_number(value) and ok(value), f'{field}={value!r}; expected {expected}')
+    _require(
+        options.is_finite_number(value) and ok(value), f'{field}={value!r}; expected {expected}'
+    )
 
 
 def check_config(cfg: Any, total_steps: int) -> None:
@@ -302,12 +291,13 @@ def _check_boundaries(cfg: Any) -> None:
     inside the warm-up would decay the learning rate before it was ever used.
     """
     _require(
-        isinstance(cfg.boundaries, (tuple, list)) and all(_is_int(b) for b in cfg.boundaries),
+        isinstance(cfg.boundaries, (tuple, list))
+        and all(options.is_int(b) for b in cfg.boundaries),
         f'boundaries={cfg.boundaries!r}; expected a tuple of steps (ints)',
     )
     _require(
         isinstance(cfg.boundaries_epochs, (tuple, list))
-        and all(is_finite_number(e) for e in cfg.boundaries_epochs),
+        and all(options.is_finite_number(e) for e in cfg.boundaries_epochs),
         f'boundaries_epochs={cfg.boundaries_epochs!r}; expected a tuple of finite numbers',
     )
     first = _first_boundary(cfg)
@@ -329,10 +319,6 @@ def _check_boundaries(cfg: Any) -> None:
 
 def _first_boundary(cfg: Any) -> int:
     return max(cfg.warmup_steps, 1)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def weight_decay_mask(params: Any, decay_bn_and_bias: bool) -> Any:
@@ -452,17 +438,14 @@ def fine_tuning_labels(cfg: Any, params: Any) -> Any:
     labels = jax.tree_util.tree_map_with_path(label, params)
     unused = [p.pattern for p in patterns if p.pattern not in used]
     if unused:
-        examples = sorted(parameter_path(path) for path, _ in _leaves(params))[:3]
+        leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+        examples = sorted(parameter_path(path) for path, _ in leaves)[:3]
         _require(
             False,
             f'frozen has {unused[0]!r}, which matches no parameter; paths look like '
             f'{", ".join(examples)}',
         )
     return labels
-
-
-def _leaves(tree: Any) -> list:
-    return jax.tree_util.tree_flatten_with_path(tree)[0]
 
 
 def _fine_tuning(tx: optax.GradientTransformation, cfg: Any, params: Any):

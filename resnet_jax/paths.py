@@ -133,7 +133,7 @@ def _remote(path: str, doing: str) -> Iterator[None]:
     except (FileNotFoundError, FileExistsError, ValueError, StorageError):
         raise
     except Exception as e:
-        raise StorageError(f'could not {doing} {path}: {_reason(e)}') from e
+        raise StorageError(f'could not {doing} {path}: {describe(e)}') from e
 
 
 # --- Queries --------------------------------------------------------------------------------
@@ -254,9 +254,6 @@ def write_bytes(path: str, data: bytes) -> None:
 
 def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode())
-
-
-write_text_atomic = write_text  # the name the callers knew before URLs were supported
 
 
 def append_text(path: str, text: str, *, whole: Callable[[], str]) -> None:
@@ -408,7 +405,7 @@ def _check_bucket_writable(path: str, what: str) -> None:
     try:
         bucket_exists = fs.exists(f'{scheme}://{bucket}')
     except Exception as e:
-        raise ValueError(f'{what} {path!r} cannot be reached: {_reason(e)}') from None
+        raise ValueError(f'{what} {path!r} cannot be reached: {describe(e)}') from None
     if not bucket_exists:
         raise ValueError(
             f'{what} {path!r}: bucket {bucket!r} does not exist (or these credentials cannot see '
@@ -419,8 +416,9 @@ def _check_bucket_writable(path: str, what: str) -> None:
         fs.pipe_file(probe, b'')
         fs.rm_file(probe)
     except Exception as e:
-        raise ValueError(f'{what} {path!r} is not writable: {_reason(e)}') from None
+        raise ValueError(f'{what} {path!r} is not writable: {describe(e)}') from None
 
 
-def _reason(error: BaseException) -> str:
+def describe(error: BaseException) -> str:
+    """An error in one line of at most about 300 characters: its type and message."""
     return f'{type(error).__name__}: {" ".join(str(error).split())[:300]}'

@@ -44,9 +44,11 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     return index, count
 
 
-def _check_batch(batch_size: int, what: str = 'batch_size') -> None:
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f'{what} must be a positive int, got {batch_size!r}')
+def _check_batch(batch_size: int) -> None:
+    try:
+        sharding.check_batch_size(batch_size, 1, 1)  # this process's share: only its sign
+    except ValueError as e:
+        raise ValueError(f'batch_size {batch_size!r} {e}') from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -133,6 +135,30 @@ class _ReadSliceOfGlobalBatch:
         return _stack(map_examples(example, len(records), self.threads))
 
 
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """How this process reads its share of each batch.
+
+    Attributes:
+      num_workers: Grain worker processes, each making whole batches in turn (0: in this
+        process).
+      read_threads: threads per process that decode and augment the images of a batch in
+        parallel (1: one after another). The batches are identical for any number of workers
+        and threads.
+      process_index, process_count: whose slice of each global batch (default: JAX's).
+    """
+
+    num_workers: int = 0
+    read_threads: int = 1
+    process_index: int | None = None
+    process_count: int | None = None
+
+    @classmethod
+    def of(cls, dataset: Any) -> Reading:
+        """The workers and threads of a config's `dataset` section."""
+        return cls(dataset.num_workers, dataset.read_threads)
+
+
 def train_dataset(
     source: Sequence[Record],
     preprocess: Callable[[Record, np.random.Generator], Record],
@@ -140,10 +166,7 @@ def train_dataset(
     batch_size: int,
     seed: int,
     start_batch: int = 0,
-    num_workers: int = 0,
-    read_threads: int = 1,
-    process_index: int | None = None,
-    process_count: int | None = None,
+    reading: Reading = Reading(),
 ) -> grain.IterDataset:
     """Endless shuffled, augmented batches: this process's slice of each global batch.
 
@@ -160,16 +183,11 @@ def train_dataset(
         `resnet_jax.sharding.local_batch_size`).
       seed: the shuffle and augmentation seed (a non-negative int).
       start_batch: the global batch to start from (the number of steps already taken).
-      num_workers: Grain worker processes, each making whole batches in turn (0: in this
-        process).
-      read_threads: threads per process that decode and augment the images of a batch in
-        parallel (1: one after another). The batches are identical for any number of workers
-        and threads.
-      process_index, process_count: this process's slice (default: JAX's).
+      reading: workers, threads and this process's slice (`Reading`).
     """
     _check_batch(batch_size)
-    _check_count(read_threads, 'read_threads', minimum=1)
-    index, count = _process(process_index, process_count)
+    _check_count(reading.read_threads, 'read_threads', minimum=1)
+    index, count = _process(reading.process_index, reading.process_count)
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f'seed must be an int >= 0, got {seed!r}')
     global_batch_size = batch_size * count
@@ -185,12 +203,12 @@ def train_dataset(
         global_batch_size,
         index * batch_size,
         batch_size,
-        int(read_threads),
+        int(reading.read_threads),
     )
     if not isinstance(start_batch, (int, np.integer)) or start_batch < 0:
         raise ValueError(f'start_batch must be an int >= 0, got {start_batch!r}')
     batches = grain.MapDataset.range(int(start_batch), 2**62)  # global batch numbers, endless
-    return _prefetch(batches.map(read), num_workers)
+    return _prefetch(batches.map(read), reading.num_workers)
 
 
 def _check_count(value: Any, what: str, minimum: int = 0) -> None:
@@ -250,10 +268,7 @@ def eval_dataset(
     preprocess: Callable[[Record], Record],
     *,
     batch_size: int,
-    num_workers: int = 0,
-    read_threads: int = 1,
-    process_index: int | None = None,
-    process_count: int | None = None,
+    reading: Reading = Reading(),
 ) -> grain.IterDataset:
     """Every example of the split exactly once over all processes, in padded, masked batches.
 
@@ -261,12 +276,13 @@ def eval_dataset(
     shards shorter than the longest are padded too. Workers and threads as `train_dataset`.
     """
     _check_batch(batch_size)
-    _check_count(read_threads, 'read_threads', minimum=1)
-    index, count = _process(process_index, process_count)
+    _check_count(reading.read_threads, 'read_threads', minimum=1)
+    index, count = _process(reading.process_index, reading.process_count)
     longest_shard = math.ceil(len(source) / count)
     num_batches = math.ceil(longest_shard / batch_size)
-    read = _ReadEvalBatch(source, preprocess, index, count, batch_size, int(read_threads))
-    return _prefetch(grain.MapDataset.range(num_batches).map(read), num_workers)
+    threads = int(reading.read_threads)
+    read = _ReadEvalBatch(source, preprocess, index, count, batch_size, threads)
+    return _prefetch(grain.MapDataset.range(num_batches).map(read), reading.num_workers)
 
 
 class TrainBatches(Protocol):
@@ -293,7 +309,6 @@ def train_batches(
     if config.dataset.in_memory:
         return in_memory.InMemoryBatches(
             source,
-            info,
             preprocess,
             mesh=mesh,
             batch_size=config.batch_size,
@@ -307,8 +322,7 @@ def train_batches(
             batch_size=sharding.local_batch_size(config.batch_size, mesh),
             seed=config.seed,
             start_batch=first_step,
-            num_workers=config.dataset.num_workers,
-            read_threads=config.dataset.read_threads,
+            reading=Reading.of(config.dataset),
         )
     )
     return prefetch.prefetch_to_device(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import jax
+import flax
 import numpy as np
 
 from resnet_jax import evaluation, paths, serving, weights
@@ -166,8 +166,7 @@ def load_variables(path: str, model: ResNet, fresh: Variables) -> Variables:
 
 
 def _leaves(tree: Any) -> dict[tuple[str, ...], Any]:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {tuple(str(getattr(k, 'key', k)) for k in path): leaf for path, leaf in flat}
+    return flax.traverse_util.flatten_dict(tree)
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from resnet_jax import options
+
 DATA_AXIS = 'data'
 
 
@@ -54,7 +56,7 @@ def state_shardings(
 def check_batch_size(batch_size: Any, devices: int, processes: int) -> None:
     """Raises ValueError unless `batch_size` splits evenly over the devices and processes
     (else some device would get a ragged shard). The message continues 'batch_size=N ...'."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not options.is_int(batch_size) or batch_size < 1:
         raise ValueError('is not a positive int')
     for count, what in ((devices, 'devices'), (processes, 'processes')):
         if batch_size % count:

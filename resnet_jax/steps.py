@@ -12,6 +12,7 @@ accelerator between steps.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -30,24 +31,12 @@ Normalize = Callable[[jax.Array], jax.Array]  # uint8 images -> float32 network 
 MIX_STREAM = 2
 
 
-def make_train_step(
-    model: models.ResNet,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    *,
-    label_smoothing: float = 0.0,
-    bn_group_size: int = 0,
-    skip_nonfinite: bool = False,
-    ema_decay: float = 0.0,
-    mix: mixing.MixConfig | None = None,
-    normalize: Normalize | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """The train step of `model` under `tx`.
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """How a train step treats its batch, beyond the model and the optimizer.
 
-    Its metrics always include `nonfinite`: 1.0 where the loss or the gradients hold a NaN or
-    an Inf (the trainer stops there, or counts the skip), else 0.0.
-
-    Args:
+    Attributes:
+      label_smoothing: each one-hot target moved this far towards the uniform distribution.
       bn_group_size: 0 normalises with the statistics of the whole global batch (SyncBN, the
         default under jit). N > 0 splits the batch into consecutive groups of N examples, each
         normalised with its own statistics (the paper's per-GPU BN when N is the per-device
@@ -61,10 +50,45 @@ def make_train_step(
         parameters and BatchNorm statistics, after every step.
       mix: mixup and/or CutMix of the batch (resnet_jax.mixing), with a key of the step's own;
         the loss is then that of the mixed targets, the accuracies of the original labels.
+    """
+
+    label_smoothing: float = 0.0
+    bn_group_size: int = 0
+    skip_nonfinite: bool = False
+    ema_decay: float = 0.0
+    mix: mixing.MixConfig | None = None
+
+    @classmethod
+    def of(cls, config: Any) -> StepOptions:
+        """The options an experiment config sets."""
+        return cls(
+            label_smoothing=config.label_smoothing,
+            bn_group_size=config.bn_group_size,
+            skip_nonfinite=config.nonfinite == 'skip',
+            ema_decay=config.optimizer.ema_decay,
+            mix=mixing.MixConfig(config.mixup_alpha, config.cutmix_alpha, config.cutmix_prob),
+        )
+
+
+def make_train_step(
+    model: models.ResNet,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    options: StepOptions = StepOptions(),
+    *,
+    normalize: Normalize | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The train step of `model` under `tx`, with `options` (`StepOptions`).
+
+    Its metrics always include `nonfinite`: 1.0 where the loss or the gradients hold a NaN or
+    an Inf (the trainer stops there, or counts the skip), else 0.0.
+
+    Args:
       normalize: turns the batch's uint8 images into the network's input (before mixing);
         None: the images are that input already.
     """
-
+    label_smoothing, bn_group_size = options.label_smoothing, options.bn_group_size
+    skip_nonfinite, ema_decay, mix = options.skip_nonfinite, options.ema_decay, options.mix
     forward = functools.partial(train_forward, model, bn_group_size=bn_group_size)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:

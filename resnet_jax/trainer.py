@@ -34,7 +34,6 @@ from resnet_jax import (
     checkpoint,
     evaluation,
     metrics,
-    mixing,
     optim,
     paths,
     pipelines,
@@ -258,15 +257,7 @@ def _compile_steps(config, model, tx, schedule, mesh, state_shardings, normalize
     replicated = NamedSharding(mesh, PartitionSpec())
     train_step = jax.jit(
         steps.make_train_step(
-            model,
-            tx,
-            schedule,
-            label_smoothing=config.label_smoothing,
-            bn_group_size=config.bn_group_size,
-            skip_nonfinite=config.nonfinite == 'skip',
-            ema_decay=config.optimizer.ema_decay,
-            mix=mixing.MixConfig(config.mixup_alpha, config.cutmix_alpha, config.cutmix_prob),
-            normalize=normalize,
+            model, tx, schedule, steps.StepOptions.of(config), normalize=normalize
         ),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
@@ -406,7 +397,6 @@ def build_run(
             splits[split],
             preprocess[False],
             config=config,
-            mesh=mesh,
             prefix=split,
         )
 

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resnet_jax import options
 from resnet_jax.layers import Bottleneck
 from resnet_jax.models import ResNet, Variables, init_variables
 
@@ -173,9 +174,7 @@ def _some(names: list[str], sep: str = ', ', limit: int = 12) -> str:
     return sep.join(names[:limit]) + more
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
+_require = options.require
 
 
 def _nonfinite_count(value: Any) -> int:

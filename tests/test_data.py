@@ -144,16 +144,21 @@ def test_worker_and_thread_counts_do_not_change_the_batches(cifar):
     in_process = _take(pipelines.train_dataset(source, preprocess, batch_size=8, seed=3), 3)
     for options in ({'num_workers': 2, 'read_threads': 2}, {'read_threads': 3}):
         parallel = _take(
-            pipelines.train_dataset(source, preprocess, batch_size=8, seed=3, **options), 3
+            pipelines.train_dataset(
+                source, preprocess, batch_size=8, seed=3, reading=pipelines.Reading(**options)
+            ),
+            3,
         )
         for a, b in zip(in_process, parallel, strict=True):
             np.testing.assert_array_equal(a['image'], b['image'])
             np.testing.assert_array_equal(a['label'], b['label'])
     eval_preprocess = preprocessing.make_preprocess(info, train=False, data_dir=data_dir)
     serial = list(pipelines.eval_dataset(source, eval_preprocess, batch_size=8))[:3]
-    threaded = list(pipelines.eval_dataset(source, eval_preprocess, batch_size=8, read_threads=3))[
-        :3
-    ]
+    threaded = list(
+        pipelines.eval_dataset(
+            source, eval_preprocess, batch_size=8, reading=pipelines.Reading(read_threads=3)
+        )
+    )[:3]
     jax.tree.map(np.testing.assert_array_equal, serial, threaded)
 
 
@@ -194,7 +199,11 @@ def test_process_shards_are_disjoint_and_cover_the_split():
     seen = []
     for process in range(2):
         dataset = pipelines.train_dataset(
-            source, _identity(), batch_size=8, seed=0, process_index=process, process_count=2
+            source,
+            _identity(),
+            batch_size=8,
+            seed=0,
+            reading=pipelines.Reading(process_index=process, process_count=2),
         )
         indices = [i for batch in _take(dataset, 4) for i in _indices(batch)]  # one epoch
         assert len(set(indices)) == 32
@@ -215,8 +224,7 @@ def test_global_batches_and_their_augmentation_do_not_depend_on_the_topology():
                     preprocess,
                     batch_size=16 // count,
                     seed=3,
-                    process_index=i,
-                    process_count=count,
+                    reading=pipelines.Reading(process_index=i, process_count=count),
                 ),
                 6,
             )
@@ -254,8 +262,7 @@ def test_eval_visits_every_example_exactly_once(processes, batch_size):
             source,
             _identity(),
             batch_size=batch_size,
-            process_index=process,
-            process_count=processes,
+            reading=pipelines.Reading(process_index=process, process_count=processes),
         )
         batches = list(dataset)
         num_batches.add(len(batches))
@@ -526,13 +533,16 @@ def test_batch_size_must_divide_over_devices_and_processes():
         sharding.local_batch_size(12, mesh)
     with pytest.raises(ValueError, match='batch_size 0 is not a positive int'):
         sharding.local_batch_size(0, mesh)
-    with pytest.raises(ValueError, match='batch_size must be a positive int'):
+    with pytest.raises(ValueError, match='batch_size 0 is not a positive int'):
         pipelines.train_dataset(synthetic_source(8), _identity(), batch_size=0, seed=0)
     with pytest.raises(ValueError, match=r'global batch of 16 \(1 processes x 16\) exceeds the 8'):
         pipelines.train_dataset(synthetic_source(8), _identity(), batch_size=16, seed=0)
     with pytest.raises(ValueError, match=r'process_index 2 is outside \[0, 2\)'):
         pipelines.eval_dataset(
-            synthetic_source(8), _identity(), batch_size=4, process_index=2, process_count=2
+            synthetic_source(8),
+            _identity(),
+            batch_size=4,
+            reading=pipelines.Reading(process_index=2, process_count=2),
         )
 
 
@@ -567,7 +577,11 @@ def test_bad_options():
         )
     with pytest.raises(ValueError, match='num_workers must be an int >= 0'):
         pipelines.train_dataset(
-            synthetic_source(8), _identity(), batch_size=4, seed=0, num_workers=-1
+            synthetic_source(8),
+            _identity(),
+            batch_size=4,
+            seed=0,
+            reading=pipelines.Reading(num_workers=-1),
         )
 
 

@@ -47,7 +47,11 @@ def test_two_processes_share_the_global_batch_and_the_eval_split():
     # process read only its half of each.
     assert a['train'] == b['train']
     alone = pipelines.train_dataset(
-        synthetic_source(64), _PREPROCESS, batch_size=16, seed=0, process_index=0, process_count=1
+        synthetic_source(64),
+        _PREPROCESS,
+        batch_size=16,
+        seed=0,
+        reading=pipelines.Reading(process_index=0, process_count=1),
     )
     iterator = iter(alone)
     assert a['train'] == [example_indices(next(iterator)['image']).tolist() for _ in range(4)]

@@ -40,7 +40,7 @@ def test_in_memory_batches_are_sharded_pure_functions_of_the_step(cifar10_data_d
 
     def batches(start):
         return in_memory.InMemoryBatches(
-            source, info, preprocess, mesh=mesh, batch_size=16, seed=3, start_step=start
+            source, preprocess, mesh=mesh, batch_size=16, seed=3, start_step=start
         )
 
     stream = batches(0)
@@ -68,7 +68,6 @@ def test_photographs_cannot_be_in_memory(cifar10_data_dir):
     ):
         in_memory.InMemoryBatches(
             source,
-            varied,
             preprocess,
             mesh=sharding.data_mesh(),
             batch_size=8,
@@ -86,7 +85,6 @@ def _stream(n, *, batch_size=16, seed=3, mesh=None):
     )
     return in_memory.InMemoryBatches(
         source,
-        info,
         preprocess,
         mesh=mesh or sharding.data_mesh(),
         batch_size=batch_size,

@@ -104,7 +104,11 @@ def test_the_train_step_mixes_with_a_key_of_its_step():
     )
     state = create_train_state(model, tx, 0, shape)
     batch = {'image': jax.random.normal(jax.random.key(3), (N, *shape)), 'label': LABELS}
-    mixed = jax.jit(steps.make_train_step(model, tx, schedule, mix=mixing.MixConfig(1.0, 1.0)))
+    mixed = jax.jit(
+        steps.make_train_step(
+            model, tx, schedule, steps.StepOptions(mix=mixing.MixConfig(1.0, 1.0))
+        )
+    )
     plain = jax.jit(steps.make_train_step(model, tx, schedule))
     _, first = mixed(state, batch)
     _, again = mixed(state, batch)

@@ -240,7 +240,7 @@ def test_every_cifar_config_validates(name):
     'field,value,message',
     [
         ('batch_size', 12, 'batch_size=12 is not divisible by the 8 devices'),
-        ('batch_size', 0, 'batch_size=0; expected a positive int'),
+        ('batch_size', 0, 'batch_size=0 is not a positive int'),
         ('total_steps', -5, 'total_steps=-5; expected a non-negative int'),
         ('dtype', 'float16', "dtype='float16'; expected one of float32, bfloat16"),
         ('model.name', 'resnet19', "unknown model name 'resnet19'; expected one of resnet18"),
@@ -505,7 +505,7 @@ def test_the_moving_average_covers_params_and_batch_stats_and_is_what_eval_uses(
     state = create_train_state(model, tx, 0, TINY_SHAPE, ema=True)
     jax.tree.map(np.testing.assert_array_equal, state.ema, state.variables())
     assert create_train_state(model, tx, 0, TINY_SHAPE).ema is None
-    step = jax.jit(steps.make_train_step(model, tx, schedule, ema_decay=0.5))
+    step = jax.jit(steps.make_train_step(model, tx, schedule, steps.StepOptions(ema_decay=0.5)))
     new, _ = step(state, _tiny_batch())
     # ema = 0.5 * initial + 0.5 * new, for the BatchNorm statistics as for the parameters.
     expected = jax.tree.map(lambda a, b: 0.5 * a + 0.5 * b, state.variables(), new.variables())
@@ -566,7 +566,7 @@ def test_bn_group_size_normalises_each_group_with_its_own_statistics():
     replicated = NamedSharding(mesh, PartitionSpec())
     shardings = jax.tree.map(lambda _: replicated, state)
     grouped = jax.jit(
-        steps.make_train_step(model, tx, schedule, bn_group_size=2),
+        steps.make_train_step(model, tx, schedule, steps.StepOptions(bn_group_size=2)),
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
         out_shardings=(shardings, replicated),
     )
@@ -585,7 +585,9 @@ def test_bn_group_size_normalises_each_group_with_its_own_statistics():
     ):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # One group of the whole batch is the default (global statistics).
-    whole, _ = jax.jit(steps.make_train_step(model, tx, schedule, bn_group_size=16))(state, batch)
+    whole, _ = jax.jit(
+        steps.make_train_step(model, tx, schedule, steps.StepOptions(bn_group_size=16))
+    )(state, batch)
     default, _ = jax.jit(steps.make_train_step(model, tx, schedule))(state, batch)
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(default), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -613,7 +615,7 @@ def _all_reduces_in_a_resnet50_step(bn_group_size):
         'label': jax.ShapeDtypeStruct((16,), jnp.int32),
     }
     step = jax.jit(
-        steps.make_train_step(model, tx, schedule, bn_group_size=bn_group_size),
+        steps.make_train_step(model, tx, schedule, steps.StepOptions(bn_group_size=bn_group_size)),
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
     )
     hlo = step.lower(abstract, batch).compile().as_text()

@@ -1,11 +1,14 @@
-"""How a network's options are declared: each on the `ResNet` field it sets (`option`), with
-the check `create_model` runs, what a valid value is, and one line for the docs' table. The
-experiment config's `model` section and docs/models.md's option table are made from them.
+"""Options and valid values: how a network's options are declared, each on the `ResNet` field
+it sets (`option`, with the check `create_model` runs, what a valid value is, and one line for
+the docs' table: the experiment config's `model` section and docs/models.md's option table are
+made from them); and the predicates every validator of a value shares (models, optim, config,
+weights), written once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -50,8 +53,23 @@ def one_of(default: Any, values: Any, what: str, doc: str, **kw: Any) -> Any:
     return option(default, lambda v: v in values, what, doc, **kw)
 
 
+def require(ok: bool, message: str, *, prefix: str = '') -> None:
+    """Raises ValueError(prefix + message) unless `ok`."""
+    if not ok:
+        raise ValueError(prefix + message)
+
+
 def is_number(v: Any) -> bool:
     return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+
+
+def is_finite_number(v: Any) -> bool:
+    """A number that is not NaN or Inf.
+
+    NaN fails every comparison, so `x > 0` refuses it, but Inf passes `x > 0` and `x >= 0`:
+    an infinite learning rate or weight decay validates and then gives NaN at the first step.
+    """
+    return is_number(v) and math.isfinite(v)
 
 
 def is_int(v: Any) -> bool:
