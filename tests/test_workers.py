@@ -1,0 +1,175 @@
+"""Grain's worker processes (resnet_jax.workers): they end with their parent and ignore the
+signals sent to their process group.
+
+Every test runs real processes (train.py, or tests/workers/group_signals.py), each bounded.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from synthetic_data import example_indices, synthetic_info, synthetic_source
+
+from resnet_jax import data
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GROUP_SIGNALS = REPO / 'tests' / 'workers' / 'group_signals.py'
+TIMEOUT = 300  # seconds any one subprocess may take
+# What a worker or the resource tracker prints when it fails or is killed at the wrong time.
+NOISE = ('Traceback', 'leaked shared_memory', 'resource_tracker', 'Exception ignored')
+
+
+def _train_argv(workdir, data_dir, **overrides):
+    values = {'dataset.data_dir': data_dir, 'dataset.num_workers': 2, **overrides}
+    values['dataset.in_memory'] = False  # the Grain pipeline, whose workers are tested
+    flags = [f'--config.{k}={v}' for k, v in values.items()]
+    return [sys.executable, 'train.py', '--config=configs/smoke.py', f'--workdir={workdir}', *flags]
+
+
+def _start(workdir, data_dir, **overrides):
+    """train.py in a session of its own (its own process group, as a shell's foreground job)."""
+    return subprocess.Popen(
+        _train_argv(workdir, data_dir, **overrides),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+# Steps until it is stopped: the eval and the checkpoint never come.
+LONG_RUN = {
+    'total_steps': 10_000,
+    'log_every_steps': 1,
+    'eval_every_steps': 10_000,
+    'checkpoint_every_steps': 10_000,
+}
+
+
+def _wait_for_step(workdir, step, proc):
+    metrics = workdir / 'metrics.jsonl'
+    deadline = time.monotonic() + TIMEOUT
+    while not (metrics.exists() and metrics.read_text().count('train/loss') >= step):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, f'{workdir} did not reach step {step}'
+        time.sleep(0.05)
+
+
+def _stat(pid):
+    """(state, parent pid) of a process, from /proc/PID/stat; None once it is gone."""
+    try:
+        stat = pathlib.Path(f'/proc/{pid}/stat').read_text()
+    except OSError:
+        return None
+    state, ppid = stat[stat.rindex(')') + 2 :].split()[:2]
+    return state, int(ppid)
+
+
+def _children(pid):
+    pids = [int(p.name) for p in pathlib.Path('/proc').iterdir() if p.name.isdigit()]
+    return [child for child in pids if (_stat(child) or (None, None))[1] == pid]
+
+
+def _running(pids):
+    """Those of `pids` still running (a zombie has ended, only its exit status is left)."""
+    return [pid for pid in pids if (_stat(pid) or ('Z',))[0] != 'Z']
+
+
+def _assert_quiet(stderr):
+    for noise in NOISE:
+        assert noise not in stderr, stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_killed_trainer_takes_its_workers_and_the_resource_tracker_with_it(
+    tmp_path, cifar10_data_dir
+):
+    proc = _start(tmp_path / 'run', cifar10_data_dir, **LONG_RUN)
+    children = []
+    try:
+        _wait_for_step(tmp_path / 'run', 2, proc)
+        children = _children(proc.pid)
+        assert len(children) >= 3, children  # 2 workers and multiprocessing's resource tracker
+        proc.kill()
+        proc.communicate(timeout=60)
+        deadline = time.monotonic() + 10
+        while _running(children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(children), [
+            pathlib.Path(f'/proc/{pid}/cmdline').read_text() for pid in _running(children)
+        ]
+    finally:
+        proc.kill()
+        for pid in _running(children):  # bounded even when the test fails
+            os.kill(pid, signal.SIGKILL)
+
+
+# A process that notices its parent's death as workers do, started from a thread (as Grain starts
+# its workers) that ends once the process is ready.
+CHILD = """
+import sys, time
+from resnet_jax import workers
+workers._end_with_parent(int(sys.argv[1]))
+print('ready', flush=True)
+time.sleep(60)
+"""
+PARENT = """
+import os, signal, subprocess, sys, threading, time
+def start(parent_pid):
+    child = subprocess.Popen([sys.executable, '-c', CHILD, str(parent_pid)], stdout=subprocess.PIPE)
+    children.append(child)
+    child.stdout.readline()  # 'ready', or '' when it exited at once
+children = []
+for parent_pid in (os.getpid(), 1):  # this process; another (as if this one had died)
+    thread = threading.Thread(target=start, args=(parent_pid,))
+    thread.start()
+    thread.join()
+time.sleep(1)
+print(*[child.pid for child in children], *[child.poll() for child in children], flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_worker_outlives_the_thread_that_started_it_not_its_parent(run_process):
+    """The kernel's parent-death signal comes when the starting *thread* ends: the worker goes on
+    then, and ends when the process is gone; one whose parent died before it asked ends at once."""
+    result = run_process(['-c', f'CHILD = {CHILD!r}\n{PARENT}'], timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    pid, _, code, other_code = result.stdout.split()
+    assert (code, other_code) == ('None', '1')  # running; ended without a word
+    deadline = time.monotonic() + 10
+    while _running([int(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running([int(pid)])
+    assert not result.stderr
+
+
+@pytest.mark.usefixtures('run_process')  # a subprocess: the full tier
+def test_workers_ignore_the_signals_sent_to_their_process_group():
+    """SIGINT, SIGTERM and SIGHUP to the group (Ctrl-C, SLURM --signal, systemd, Kubernetes, a
+    dropped ssh session), while the workers start and while they work: the parent gets them,
+    the workers and the resource tracker go on, silent, and the batches are the same."""
+    proc = subprocess.run(
+        [sys.executable, str(GROUP_SIGNALS)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,  # it takes seconds; a worker killed as it started left it blocked for good
+        start_new_session=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_quiet(proc.stderr)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result['signals'] == sorted([signal.SIGHUP, signal.SIGINT, signal.SIGTERM] * 2)
+    preprocess = data.make_preprocess(
+        synthetic_info(), train=False, augmentation='none', normalization='none'
+    )
+    in_process = iter(data.train_dataset(synthetic_source(64), preprocess, batch_size=8, seed=0))
+    expected = [example_indices(next(in_process)['image']).tolist() for _ in range(6)]
+    assert result['examples'] == expected
