@@ -1,7 +1,7 @@
-"""Grain's worker processes (`dataset.num_workers`): they end with their parent and leave signals
-to it.
+"""Grain's worker processes (`dataset.num_workers`): they end with their parent, leave signals
+to it, and leave no shared memory behind.
 
-`prefetch(dataset, num_workers)` is `dataset.mp_prefetch(...)` with two things Grain (0.2.18)
+`prefetch(dataset, num_workers)` is `dataset.mp_prefetch(...)` with three things Grain (0.2.18)
 does not do, each of which users met:
 
 * **They end with their parent.** Grain's workers outlived a trainer killed with SIGKILL (or by
@@ -22,6 +22,15 @@ does not do, each of which users met:
   blocked in the thread that starts them, so one that comes in the seconds before a worker
   reaches its init (spawn imports the main module first) waits, then is dropped. The resource
   tracker ignores SIGINT and SIGTERM itself; it is started here with SIGHUP blocked too.
+* **No shared memory is left behind.** Workers hand batches over in POSIX shared memory, which
+  Grain unlinks when the receiving array is garbage collected. A finished evaluation's last
+  batch from each worker stays referenced from a cycle (the frame of Grain's prefetch thread,
+  through the StopIteration's traceback) that Python frees only at exit, where the unlink no
+  longer runs: every run with workers ended with the resource tracker's "leaked shared_memory"
+  warning. The names of a batch's segments are now unlinked as soon as the batch is handed
+  over (the memory lives on while the arrays do). An iterator also closes itself when it ends,
+  and lets go of Grain's iterators when closed, so they are not first destroyed at exit, whose
+  teardown made them print "Exception ignored" tracebacks.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import ctypes
 import os
 import signal
 import sys
-from multiprocessing import resource_tracker
+from multiprocessing import resource_tracker, shared_memory
 from typing import Any
 
 import grain
@@ -119,14 +128,24 @@ class _Batches(grain.DatasetIterator):
     def __init__(self, elements: grain.DatasetIterator):
         super().__init__(elements)
         self._tracker_started = False
+        self._exhausted = False
 
     def __next__(self) -> Any:
+        if self._exhausted:
+            raise StopIteration
         self._assert_not_closed()
         if not self._tracker_started:
             _start_resource_tracker()  # before a worker starts it, with the group's signals
             self._tracker_started = True
-        with _blocked(GROUP_SIGNALS):
-            return next(self._parent)
+        try:
+            with _blocked(GROUP_SIGNALS):
+                element = next(self._parent)
+        except StopIteration:
+            self._exhausted = True
+            self.close()  # the workers have stopped; Grain's threads and buffers go too
+            raise
+        _unlink_shared_memory(element)
+        return element
 
     def get_state(self) -> dict[str, Any]:
         self._assert_not_closed()
@@ -135,3 +154,24 @@ class _Batches(grain.DatasetIterator):
     def set_state(self, state: dict[str, Any]) -> None:
         self._assert_not_closed()
         self._parent.set_state(state)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        super().close()  # Grain's: its threads, then the workers (each drains its queue)
+        self._parents = ()  # destroyed now, not at interpreter exit
+
+
+def _unlink_shared_memory(element: Any) -> None:
+    """Unlinks the shared memory segments of `element`'s arrays now, instead of when the arrays
+    are collected (see the module's docstring); the arrays stay valid.
+
+    Grain's arrays (`SharedMemoryArray`) carry their segment (`shm`) and whether they must
+    unlink it (the private `_unlink_on_del`, set on the receiving side): cleared here, so the
+    segment is unlinked once. Other arrays are left alone.
+    """
+    for leaf in element.values() if isinstance(element, dict) else (element,):
+        owned = isinstance(getattr(leaf, 'shm', None), shared_memory.SharedMemory)
+        if owned and getattr(leaf, '_unlink_on_del', False):
+            leaf._unlink_on_del = False
+            leaf.shm.unlink()

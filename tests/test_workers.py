@@ -1,5 +1,5 @@
-"""Grain's worker processes (resnet_jax.workers): they end with their parent and ignore the
-signals sent to their process group.
+"""Grain's worker processes (resnet_jax.workers): they end with their parent, ignore the signals
+sent to their process group, and leave no shared memory behind.
 
 Every test runs real processes (train.py, or tests/workers/group_signals.py), each bounded.
 """
@@ -108,6 +108,37 @@ def test_a_killed_trainer_takes_its_workers_and_the_resource_tracker_with_it(
         proc.kill()
         for pid in _running(children):  # bounded even when the test fails
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_saves_and_the_workers_print_nothing(
+    tmp_path, cifar10_data_dir
+):
+    """A terminal's Ctrl-C signals the whole foreground group: the trainer and its workers."""
+    proc = _start(tmp_path / 'run', cifar10_data_dir, **LONG_RUN)
+    try:
+        _wait_for_step(tmp_path / 'run', 2, proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert 'preempted: saved step' in out
+    _assert_quiet(err)
+
+
+@pytest.mark.slow
+def test_a_run_with_workers_ends_without_leaked_shared_memory(tmp_path, cifar10_data_dir):
+    """Train and eval batches through the workers' shared memory, then the end of the run."""
+    result = subprocess.run(
+        _train_argv(tmp_path / 'run', cifar10_data_dir, total_steps=2),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_quiet(result.stderr)
 
 
 # A process that notices its parent's death as workers do, started from a thread (as Grain starts
