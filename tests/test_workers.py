@@ -4,6 +4,7 @@ sent to their process group, and leave no shared memory behind.
 Every test runs real processes (train.py, or tests/workers/group_signals.py), each bounded.
 """
 
+import contextlib
 import json
 import os
 import pathlib
@@ -62,23 +63,57 @@ def _wait_for_step(workdir, step, proc):
 
 
 def _stat(pid):
-    """(state, parent pid) of a process, from /proc/PID/stat; None once it is gone."""
+    """(state, parent pid, process group) of a process, from /proc/PID/stat; None once gone."""
     try:
         stat = pathlib.Path(f'/proc/{pid}/stat').read_text()
     except OSError:
         return None
-    state, ppid = stat[stat.rindex(')') + 2 :].split()[:2]
-    return state, int(ppid)
+    state, ppid, pgrp = stat[stat.rindex(')') + 2 :].split()[:3]
+    return state, int(ppid), int(pgrp)
+
+
+def _processes():
+    for entry in pathlib.Path('/proc').iterdir():
+        stat = _stat(entry.name) if entry.name.isdigit() else None
+        if stat is not None:
+            yield int(entry.name), stat
 
 
 def _children(pid):
-    pids = [int(p.name) for p in pathlib.Path('/proc').iterdir() if p.name.isdigit()]
-    return [child for child in pids if (_stat(child) or (None, None))[1] == pid]
+    return [child for child, (_, ppid, _) in _processes() if ppid == pid]
 
 
 def _running(pids):
     """Those of `pids` still running (a zombie has ended, only its exit status is left)."""
     return [pid for pid in pids if (_stat(pid) or ('Z',))[0] != 'Z']
+
+
+def _wait_until_ended(pids, seconds):
+    deadline = time.monotonic() + seconds
+    while _running(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _running(pids)
+
+
+def _end_group(pgid):
+    """Ends what a failed test left of the process group it started: SIGKILL, multiprocessing's
+    resource tracker last, once it has unlinked the shared memory the others left."""
+    pids = _running([pid for pid, (_, _, group) in _processes() if group == pgid])
+    trackers = [pid for pid in pids if b'resource_tracker' in _cmdline(pid)]
+    for pid in pids:
+        if pid not in trackers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    for pid in _wait_until_ended(trackers, 10):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _cmdline(pid):
+    try:
+        return pathlib.Path(f'/proc/{pid}/cmdline').read_bytes()
+    except OSError:
+        return b''
 
 
 def _assert_quiet(stderr):
@@ -91,23 +126,17 @@ def test_a_killed_trainer_takes_its_workers_and_the_resource_tracker_with_it(
     tmp_path, cifar10_data_dir
 ):
     proc = _start(tmp_path / 'run', cifar10_data_dir, **LONG_RUN)
-    children = []
     try:
         _wait_for_step(tmp_path / 'run', 2, proc)
         children = _children(proc.pid)
         assert len(children) >= 3, children  # 2 workers and multiprocessing's resource tracker
         proc.kill()
         proc.communicate(timeout=60)
-        deadline = time.monotonic() + 10
-        while _running(children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _running(children), [
-            pathlib.Path(f'/proc/{pid}/cmdline').read_text() for pid in _running(children)
-        ]
+        left = _wait_until_ended(children, 10)
+        assert not left, [_cmdline(pid) for pid in left]
     finally:
         proc.kill()
-        for pid in _running(children):  # bounded even when the test fails
-            os.kill(pid, signal.SIGKILL)
+        _end_group(proc.pid)
 
 
 @pytest.mark.slow
@@ -122,6 +151,7 @@ def test_ctrl_c_to_the_process_group_saves_and_the_workers_print_nothing(
         out, err = proc.communicate(timeout=TIMEOUT)
     finally:
         proc.kill()
+        _end_group(proc.pid)
     assert proc.returncode == 0, err[-3000:]
     assert 'preempted: saved step' in out
     _assert_quiet(err)
@@ -174,10 +204,7 @@ def test_a_worker_outlives_the_thread_that_started_it_not_its_parent(run_process
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     pid, _, code, other_code = result.stdout.split()
     assert (code, other_code) == ('None', '1')  # running; ended without a word
-    deadline = time.monotonic() + 10
-    while _running([int(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _running([int(pid)])
+    assert not _wait_until_ended([int(pid)], 10)
     assert not result.stderr
 
 
@@ -186,17 +213,23 @@ def test_workers_ignore_the_signals_sent_to_their_process_group():
     """SIGINT, SIGTERM and SIGHUP to the group (Ctrl-C, SLURM --signal, systemd, Kubernetes, a
     dropped ssh session), while the workers start and while they work: the parent gets them,
     the workers and the resource tracker go on, silent, and the batches are the same."""
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, str(GROUP_SIGNALS)],
         cwd=REPO,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=120,  # it takes seconds; a worker killed as it started left it blocked for good
         start_new_session=True,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_quiet(proc.stderr)
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        # It takes seconds; a worker killed as it started left it blocked for good.
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        _end_group(proc.pid)
+    assert proc.returncode == 0, err[-3000:]
+    _assert_quiet(err)
+    result = json.loads(out.strip().splitlines()[-1])
     assert result['signals'] == sorted([signal.SIGHUP, signal.SIGINT, signal.SIGTERM] * 2)
     preprocess = data.make_preprocess(
         synthetic_info(), train=False, augmentation='none', normalization='none'
