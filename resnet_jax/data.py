@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import augment, datasets, decode, folder, sharding
+from resnet_jax import augment, datasets, decode, folder, sharding, workers
 
 logger = logging.getLogger('resnet_jax')
 
@@ -766,7 +766,7 @@ def _prefetch(dataset: grain.MapDataset, num_workers: int) -> grain.IterDataset:
     # Grain reads absl flags; outside an absl app nobody has parsed them: take the defaults.
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-    return iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return workers.prefetch(iterable, num_workers)
 
 
 @dataclasses.dataclass(frozen=True)
