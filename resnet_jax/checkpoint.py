@@ -201,8 +201,11 @@ def _reason(error: BaseException) -> str:
     """The OS's words for a failed write, wherever Orbax or TensorStore wrapped them."""
     if isinstance(error, StorageStalled):
         return str(error)
-    seen = error
-    while seen is not None:
+    seen, visited = error, set()
+    # The chain can loop: Orbax raises the same failure again when waited for while an error
+    # naming it is being handled.
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
         if isinstance(seen, OSError) and seen.strerror:
             return seen.strerror
         seen = seen.__cause__ or seen.__context__

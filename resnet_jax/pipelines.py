@@ -31,7 +31,7 @@ import grain
 import jax
 import numpy as np
 
-from resnet_jax import in_memory, prefetch, sharding
+from resnet_jax import in_memory, prefetch, sharding, workers
 from resnet_jax.preprocessing import Preprocess
 from resnet_jax.sources import DatasetInfo, Record, read_encoded
 
@@ -233,7 +233,7 @@ def _prefetch(dataset: grain.MapDataset, num_workers: int) -> grain.IterDataset:
     # Grain reads absl flags; outside an absl app nobody has parsed them: take the defaults.
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-    return iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return workers.prefetch(iterable, num_workers)
 
 
 @dataclasses.dataclass(frozen=True)

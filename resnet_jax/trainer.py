@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -431,15 +432,16 @@ class _FirstBatchRead:
 
 
 def _close_manager(manager: Any, timeout: float) -> None:
-    """Waits for pending saves (a failed one is logged: the run's own error, if any, is the
-    line to print), then closes the manager; a stalled store is given up on, not waited for
-    twice."""
+    """Waits for pending saves, then closes the manager. A failed save is raised (`close_all`
+    says it once, or not at all when the run's own error is on its way out); a stalled store
+    is given up on, not waited for twice."""
     try:
         checkpoint.wait(manager, timeout)
     except checkpoint.SaveError as e:
-        if e.hard_exit:
-            raise
-        logger.error('%s', e)
+        if not e.hard_exit:
+            with contextlib.suppress(Exception):
+                checkpoint.close(manager, timeout)
+        raise
     checkpoint.close(manager, timeout)
 
 

@@ -585,7 +585,7 @@ def test_a_resume_under_another_data_stream_is_refused_before_anything_changes(
         f'the run in {str(workdir)!r} draws its batches with seed=0 (this config: 1), '
         'dataset.in_memory=False (this config: True); resumed under other values it would not '
         'continue its own data stream: pass --config.seed=0 --config.dataset.in_memory=False, '
-        "omit --config to take the workdir's own, or use another workdir"
+        "or omit --config to take the workdir's own, or use another workdir"
     )
     assert {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()} == before
     # Fields that leave the stream alone may change: here the number of steps.
