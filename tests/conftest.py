@@ -63,8 +63,18 @@ def cifar10_data_dir() -> pathlib.Path:
     return extract_cifar10()
 
 
+@pytest.fixture(scope='session')
+def cifar(cifar10_data_dir):
+    """(the real CIFAR-10 train split, its info, the data_dir)."""
+    from resnet_jax import sources
+
+    source, info = sources.open_split('cifar10_jpeg', 'train', str(cifar10_data_dir))
+    return source, info, str(cifar10_data_dir)
+
+
 NEEDS_MORE_THAN_THIS_PROCESS = {
     'cifar10_data_dir': 'the real CIFAR-10 copy',
+    'cifar': 'the real CIFAR-10 copy',
     'torch': 'PyTorch',
     'keras': 'Keras',
     'run_process': 'a subprocess',

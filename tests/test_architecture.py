@@ -111,6 +111,30 @@ def test_each_module_is_one_readable_file(module):
     assert ast.get_docstring(ast.parse(text)), f'{path.name} says what it owns in a docstring'
 
 
+# Modules whose tests live in a file of another name: a feature spanning modules, or a command
+# tested where its library is.
+TESTED_IN = {
+    '__init__': 'test_models.py',  # the public API, the README's example
+    '__main__': 'test_cli.py',
+    'commands': 'test_cli.py',
+    'commands.evaluate': 'test_evaluation.py',
+    'commands.predict': 'test_prediction.py',
+    'commands.tables': 'test_docs.py',
+    'commands.parity': 'test_weights.py',
+    'datasets': 'test_sources.py',  # the registry, as the sources read it
+    'options': 'test_models.py',  # create_model's checks
+    'parity': 'test_weights.py',
+    'tables': 'test_docs.py',
+    'train_state': 'test_steps.py',
+}
+
+
+@pytest.mark.parametrize('module', sorted(MODULES))
+def test_a_maintainer_finds_the_tests_of_a_module(module):
+    name = TESTED_IN.get(module, f'test_{module.rsplit(".", 1)[-1]}.py')
+    assert (REPO / 'tests' / name).exists(), f'resnet_jax/{module}: expected tests/{name}'
+
+
 def test_the_checker_sees_imports_inside_functions(tmp_path):
     source = tmp_path / 'm.py'
     source.write_text(

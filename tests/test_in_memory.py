@@ -4,8 +4,10 @@ step): a run that resumes exactly, the host pipeline's distribution, and the cas
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from data_helpers import DATASET
 from synthetic_data import example_indices, synthetic_info, synthetic_source
 from test_reliability import _smoke
 
@@ -127,3 +129,33 @@ def test_only_the_batch_crosses_between_devices():
     for dtype, dims, op in collectives:
         elements = int(np.prod([int(d) for d in dims.split(',') if d]))
         assert elements <= batch_elements, (op, dtype, dims)
+
+
+def test_in_memory_batches_cover_each_epoch_and_depend_only_on_key_and_step():
+    n, batch_size = 64, 16
+    images = jnp.asarray(np.stack([r['image'] for r in synthetic_source(n)]))
+    labels = jnp.arange(n, dtype=jnp.int32)
+    key = jax.random.key(0)
+
+    def batch(step):
+        return in_memory.in_memory_train_batch(
+            images, labels, key, jnp.int32(step), batch_size=batch_size
+        )
+
+    first = batch(0)
+    assert first['image'].shape == (16, 32, 32, 3) and first['image'].dtype == jnp.uint8
+    epoch0 = np.concatenate([np.asarray(batch(s)['label']) for s in range(4)])
+    epoch1 = np.concatenate([np.asarray(batch(s)['label']) for s in range(4, 8)])
+    assert sorted(epoch0) == sorted(epoch1) == list(range(n))
+    assert list(epoch0) != list(epoch1)
+    np.testing.assert_array_equal(batch(5)['image'], batch(5)['image'])
+    with pytest.raises(ValueError, match='batch_size 100 exceeds the 64 examples in memory'):
+        in_memory.in_memory_train_batch(images, labels, key, 0, batch_size=100)
+
+
+def test_load_arrays_decodes_the_split(cifar10_data_dir):
+    source, info = sources.open_split(DATASET, 'test[:500]', str(cifar10_data_dir))
+    images, labels = in_memory.load_arrays(source, info)
+    assert images.shape == (500, 32, 32, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images[17], source[17]['image'])
+    assert labels[17] == source[17]['label']

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import resnet_jax as rj
-from resnet_jax import layers, models, weights, xla_cpu
+from resnet_jax import layers, models, weights
 
 CIFAR_SHAPE = (32, 32, 3)
 IMAGENET_SHAPE = (224, 224, 3)
@@ -167,133 +167,7 @@ TABLE1_GMACS = {
 }
 
 
-@pytest.mark.parametrize('name', sorted(TORCHVISION_PARAMS))
-def test_imagenet_params_equal_torchvision(name):
-    assert rj.count_params(_abstract_variables(name)['params']) == TORCHVISION_PARAMS[name]
-
-
-@pytest.mark.parametrize(
-    'name', [pytest.param(n, marks=pytest.mark.slow) if _deep(n) else n for n in TABLE6_PARAMS]
-)
-def test_cifar_params_match_table6(name):
-    printed = TABLE6_PARAMS[name]
-    decimals = len(printed.rstrip('M').split('.')[1])
-    count = rj.count_params(_abstract_variables(name)['params'])
-    assert f'{count / 1e6:.{decimals}f}M' == printed
-
-
-@pytest.mark.parametrize(
-    'plain,resnet',
-    [('plain20', 'resnet20'), ('plain56', 'resnet56'), ('plain110', 'resnet110')],
-)
-def test_plain_cifar_nets_have_the_option_a_count(plain, resnet):
-    count = rj.count_params(_abstract_variables(plain)['params'])
-    assert count == rj.count_params(_abstract_variables(resnet)['params'])
-
-
-def test_plain_imagenet_nets_have_the_resnet_count_minus_projections():
-    # Option B's projections are the only parameters a plain net lacks: three 1x1 convs + BN.
-    projections = sum(
-        c_in * c_out + 2 * c_out for c_in, c_out in [(64, 128), (128, 256), (256, 512)]
-    )
-    for plain, resnet in [('plain18', 'resnet18'), ('plain34', 'resnet34')]:
-        count = rj.count_params(_abstract_variables(plain)['params'])
-        assert count == rj.count_params(_abstract_variables(resnet)['params']) - projections
-
-
-def test_shortcut_options_add_exactly_their_projections():
-    a = rj.count_params(_abstract_variables('resnet20', shortcut='A')['params'])
-    b = rj.count_params(_abstract_variables('resnet20', shortcut='B')['params'])
-    c = rj.count_params(_abstract_variables('resnet20', shortcut='C')['params'])
-    proj = lambda c_in, c_out: c_in * c_out + 2 * c_out  # 1x1 conv without bias, BN scale+bias
-    assert b - a == proj(16, 32) + proj(32, 64)
-    # C projects in every one of the 9 blocks: 3 at width 16, 3 at 32, 3 at 64.
-    assert c - a == (
-        3 * proj(16, 16) + proj(16, 32) + 2 * proj(32, 32) + proj(32, 64) + 2 * proj(64, 64)
-    )
-
-
-@pytest.mark.parametrize(
-    'name', [pytest.param(n, marks=pytest.mark.slow) if _deep(n) else n for n in TABLE1_GMACS]
-)
-def test_multiply_adds_within_5_percent_of_table1(name):
-    model = rj.create_model(name, num_classes=1000)
-    gmacs = rj.count_flops(model, IMAGENET_SHAPE) / 1e9
-    assert abs(gmacs / TABLE1_GMACS[name] - 1) < 0.05, gmacs
-
-
-@pytest.mark.parametrize('name', ['resnet18', 'resnet50', 'resnet20'])
-def test_multiply_adds_agree_with_xla_cost_analysis(name):
-    # XLA skips kernel taps that fall on padding and adds the elementwise work: a few % apart.
-    model = rj.create_model(name, num_classes=_classes(name))
-    ours = rj.count_flops(model, _shape(name))
-    variables = _abstract_variables(name)
-    images = jax.ShapeDtypeStruct((1, *_shape(name)), jnp.float32)
-    cost = (
-        jax.jit(lambda v, x: rj.apply_model(model, v, x, train=False)[0])
-        .lower(variables, images)
-        .cost_analysis()
-    )
-    xla = cost['flops'] / 2
-    assert 0.9 * ours < xla < 1.01 * ours
-
-
-@pytest.mark.slow
-def test_multiply_adds_follow_the_options():
-    count = lambda name, **kw: rj.count_flops(
-        rj.create_model(name, num_classes=1000, **kw), IMAGENET_SHAPE
-    )
-    v1 = count('resnet50')
-    # "ResNet v1.5" strides on the 3x3: 4.1 GMACs as torchvision reports.
-    assert abs(count('resnet50', stride_on='3x3') / 1e9 - 4.1) < 0.05
-    assert count('resnet50', scan_blocks=True) == v1
-    assert count('resnet50', shortcut='C') > v1
-    # Multiply-adds scale with the pixels.
-    small = rj.count_flops(rj.create_model('resnet20', num_classes=10), (16, 16, 3))
-    assert small * 4 == pytest.approx(
-        rj.count_flops(rj.create_model('resnet20', num_classes=10), CIFAR_SHAPE), rel=0.01
-    )
-
-
 # --- Architecture ----------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_cifar_stages_run_at_32_16_8_with_widths_16_32_64():
-    model = rj.create_model('resnet20', num_classes=10)
-    variables = rj.init_variables(model, jax.random.key(0), CIFAR_SHAPE)
-    flat = _intermediates(model, variables, _images(CIFAR_SHAPE))
-    assert flat['stem_conv'].shape == (2, 32, 32, 16)
-    assert flat['stage1'].shape == (2, 32, 32, 16)
-    assert flat['stage2'].shape == (2, 16, 16, 32)
-    assert flat['stage3'].shape == (2, 8, 8, 64)
-    convs = [p for p in flat if p.endswith(('conv1', 'conv2')) or p == 'stem_conv']
-    assert len(convs) + 1 == 20  # 6n+2 weighted layers: 19 convolutions and the head.
-
-
-@pytest.mark.slow
-def test_imagenet_stem_and_stages_follow_table1():
-    model = rj.create_model('resnet50', num_classes=1000)
-    variables = rj.init_variables(model, jax.random.key(0), SMALL_IMAGENET_SHAPE)
-    flat = _intermediates(model, variables, _images(SMALL_IMAGENET_SHAPE))
-    assert flat['stem_conv'].shape == (2, 32, 32, 64)  # 7x7/2
-    assert flat['stage1'].shape == (2, 16, 16, 256)  # after the 3x3/2 max-pool
-    assert flat['stage2'].shape == (2, 8, 8, 512)
-    assert flat['stage3'].shape == (2, 4, 4, 1024)
-    assert flat['stage4'].shape == (2, 2, 2, 2048)
-
-
-@pytest.mark.parametrize('stride_on,strided', [('1x1', 'conv1'), ('3x3', 'conv2')])
-@pytest.mark.slow
-def test_stride_on_puts_the_stride_where_asked(stride_on, strided):
-    model = rj.create_model('resnet50', num_classes=10, stride_on=stride_on)
-    variables = rj.init_variables(model, jax.random.key(0), SMALL_IMAGENET_SHAPE)
-    flat = _intermediates(model, variables, _images(SMALL_IMAGENET_SHAPE))
-    block = 'stage2/block1'
-    assert flat[f'{block}/{strided}'].shape[1:3] == (8, 8)
-    other = {'conv1': 'conv2', 'conv2': 'conv1'}[strided]
-    expected_other = (16, 16) if strided == 'conv2' else (8, 8)
-    assert flat[f'{block}/{other}'].shape[1:3] == expected_other
 
 
 def _module_paths(params):
@@ -301,34 +175,6 @@ def _module_paths(params):
     for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
         paths.add('/'.join(k.key for k in path[:-1]))
     return paths
-
-
-def test_option_a_has_no_parameters_and_pads_with_zeros():
-    params = _abstract_variables('resnet20', shortcut='A')['params']
-    assert not any('shortcut' in p for p in _module_paths(params))
-
-    shortcut = layers.Shortcut('A', features=8, strides=2, conv=None, norm=None)
-    x = jnp.arange(2 * 4 * 4 * 4, dtype=jnp.float32).reshape(2, 4, 4, 4)
-    y = shortcut.apply({}, x)
-    assert y.shape == (2, 2, 2, 8)
-    np.testing.assert_array_equal(y[..., 2:6], x[:, ::2, ::2, :])
-    np.testing.assert_array_equal(y[..., :2], 0)
-    np.testing.assert_array_equal(y[..., 6:], 0)
-
-
-def test_option_b_projects_only_where_the_shape_changes():
-    params = _abstract_variables('resnet20', shortcut='B')['params']
-    projected = {p.rsplit('/shortcut', 1)[0] for p in _module_paths(params) if 'shortcut' in p}
-    assert projected == {'stage2/block1', 'stage3/block1'}
-    params = _abstract_variables('resnet50')['params']  # B by default on ImageNet nets
-    projected = {p.rsplit('/shortcut', 1)[0] for p in _module_paths(params) if 'shortcut' in p}
-    assert projected == {f'stage{i}/block1' for i in range(1, 5)}
-
-
-def test_option_c_projects_every_block():
-    params = _abstract_variables('resnet20', shortcut='C')['params']
-    projected = {p.rsplit('/shortcut', 1)[0] for p in _module_paths(params) if 'shortcut' in p}
-    assert projected == {f'stage{s}/block{b}' for s in (1, 2, 3) for b in (1, 2, 3)}
 
 
 def test_defaults_are_the_papers():
@@ -543,96 +389,6 @@ def test_scanned_and_unrolled_nets_agree(name, options, shape, request):
         )
 
 
-@pytest.mark.parametrize(
-    'kernel,padding,strides',
-    [
-        ((3, 3), ((1, 1), (1, 1)), (1, 1)),
-        ((1, 1), 'VALID', (1, 1)),
-        ((3, 3), 'SAME', (1, 1)),
-        ((3, 3), ((0, 2), (2, 1)), (1, 1)),  # asymmetric
-        ((3, 3), ((1, 1), (1, 1)), (2, 2)),  # strided: left to lax
-    ],
-)
-@jax.enable_x64(True)
-@pytest.mark.slow
-def test_loop_convolution_matches_lax_in_value_and_gradients(kernel, padding, strides):
-    # float64: the two compute the same function, so they must agree to rounding at 1e-16.
-    x = jax.random.normal(jax.random.key(0), (3, 9, 8, 5), jnp.float64)
-    w = jax.random.normal(jax.random.key(1), (*kernel, 5, 7), jnp.float64)
-    # As Flax passes them, and as most callers write them.
-    dims = jax.lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
-    if padding == 'SAME':
-        dims = ('NHWC', 'HWIO', 'NHWC')
-
-    def loss(conv, x, w):
-        y = conv(x, w, strides, padding, dimension_numbers=dims)
-        return jnp.sum(jnp.sin(y)), y
-
-    (_, want), want_grads = jax.value_and_grad(
-        functools.partial(loss, jax.lax.conv_general_dilated), argnums=(0, 1), has_aux=True
-    )(x, w)
-    (_, got), got_grads = jax.value_and_grad(
-        functools.partial(loss, xla_cpu.loop_conv_general_dilated), argnums=(0, 1), has_aux=True
-    )(x, w)
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-    jaxpr = str(jax.make_jaxpr(functools.partial(loss, xla_cpu.loop_conv_general_dilated))(x, w))
-    assert ('custom_vjp_call' in jaxpr) == (strides == (1, 1)), 'took the wrong path'
-    for g, e in zip(got_grads, want_grads, strict=True):
-        assert g.shape == e.shape and g.dtype == e.dtype == jnp.float64
-        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
-
-
-@jax.enable_x64(True)
-@pytest.mark.slow
-def test_loop_convolution_gradients_under_vmap_match_lax():
-    # bn_group_size vmaps the model over groups of the batch, and with it this convolution.
-    xs = jax.random.normal(jax.random.key(0), (2, 3, 6, 6, 4), jnp.float64)
-    w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5), jnp.float64)
-    dims = jax.lax.conv_dimension_numbers(xs.shape[1:], w.shape, ('NHWC', 'HWIO', 'NHWC'))
-
-    def grads(conv):
-        def loss(x, w):
-            return jnp.sum(jnp.sin(conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dims)))
-
-        return jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(0, None))(xs, w)
-
-    for g, e in zip(
-        grads(xla_cpu.loop_conv_general_dilated), grads(jax.lax.conv_general_dilated), strict=True
-    ):
-        assert g.dtype == jnp.float64
-        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.slow
-def test_scanned_train_step_runs_its_loop_convolutions_in_canonical_form():
-    """Inside a loop, XLA's CPU backend runs fast only NHWC x HWIO convolutions (see
-    xla_cpu.loop_conv_general_dilated); a transposed one there cost a 10x slower step."""
-    from resnet_jax import optim, steps
-    from resnet_jax.train_state import create_train_state
-
-    model = rj.create_model('resnet20', num_classes=10, scan_blocks=True)
-    # 16 pixels, so the last stage is 4x4: on a 2x2 map (a 3x3 window wider than the input)
-    # XLA's CPU backend swaps the operands of even the forward convolution, on purpose.
-    shape = (16, 16, 3)
-    params = jax.eval_shape(lambda: rj.init_variables(model, jax.random.key(0), shape))['params']
-    tx, schedule = optim.create_optimizer(
-        optim.OptimizerConfig(), params, total_steps=10, steps_per_epoch=1
-    )
-    state = jax.eval_shape(lambda: create_train_state(model, tx, 0, shape))
-    batch = {
-        'image': jax.ShapeDtypeStruct((2, *shape), jnp.float32),
-        'label': jax.ShapeDtypeStruct((2,), jnp.int32),
-    }
-    hlo = jax.jit(steps.make_train_step(model, tx, schedule)).lower(state, batch).compile()
-    in_loops = [
-        line for line in hlo.as_text().splitlines() if ' convolution(' in line and '/while/' in line
-    ]
-    # Forward and backward convolutions of the 2 scanned blocks x 3 stages are all there.
-    assert len(in_loops) >= 3 * 2 * 3, len(in_loops)
-    layouts = {line.split('dim_labels=')[1].split(',')[0] for line in in_loops}
-    assert layouts == {'b01f_01io->b01f'}, layouts
-
-
 def test_scanned_params_are_stacked_per_stage():
     variables = _abstract_variables('resnet56', scan_blocks=True)
     stage = variables['params']['stage2']
@@ -726,11 +482,6 @@ def test_bad_image_shape(shape):
         rj.count_flops(model, shape)
 
 
-def test_count_params_counts_scalars():
-    assert rj.count_params({'a': np.zeros((2, 3)), 'b': {'c': np.zeros(4)}}) == 10
-    assert rj.count_params({}) == 0
-
-
 @pytest.mark.slow
 def test_batchnorm_over_a_sharded_batch_uses_global_statistics():
     # Under jit with the batch split over 8 devices, BN reduces over the global batch (SyncBN)
@@ -752,32 +503,6 @@ def test_batchnorm_over_a_sharded_batch_uses_global_statistics():
 
 
 # --- ResNet-D: docs/extending.md's worked example ---------------------------------------------
-
-
-def test_resnet_d_pools_then_projects_and_has_a_deep_stem():
-    model = rj.create_model('resnet50d', num_classes=10)
-    assert (model.stem, model.shortcut, model.stride_on) == ('deep', 'D', '3x3')
-    params = jax.eval_shape(
-        lambda: rj.init_variables(model, jax.random.key(0), SMALL_IMAGENET_SHAPE)
-    )['params']
-    # Three 3x3 stem convolutions at widths 32, 32, 64.
-    assert [params[f'stem_conv{i}']['kernel'].shape for i in (1, 2, 3)] == [
-        (3, 3, 3, 32),
-        (3, 3, 32, 32),
-        (3, 3, 32, 64),
-    ]
-    # The shortcut of a strided block: a 2x2 average pool, then a 1x1 projection at stride 1.
-    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 256))
-    shortcut = layers.Shortcut('D', 512, 2, conv=_plain_conv, norm=_identity_norm)
-    out, _ = shortcut.init_with_output(jax.random.key(2), x)
-    pooled = x.reshape(2, 4, 2, 4, 2, 256).mean(axis=(2, 4))
-    kernel = shortcut.init(jax.random.key(2), x)['params']['proj_conv']['kernel'][0, 0]
-    np.testing.assert_allclose(out, pooled @ kernel, rtol=1e-5, atol=1e-5)
-    # Where only the width changes (the first block), no pool; the same shape: the identity.
-    same = layers.Shortcut('D', 256, 1, conv=_plain_conv, norm=_identity_norm)
-    assert jnp.array_equal(same.init_with_output(jax.random.key(2), x)[0], x)
-    # Any ImageNet net takes the new stem and shortcut as options.
-    rj.create_model('resnet18', num_classes=10, stem='deep', shortcut='D')
 
 
 def _plain_conv(features, kernel_size, strides=(1, 1), **kwargs):

@@ -3,6 +3,7 @@
     python -m resnet_jax evaluate --workdir=DIR [--step=N] [--split=test] \
         [--export=model.stablehlo|model.onnx|weights.msgpack] [--config=FILE] [--config.x=y ...]
         [--crops=10 | --scales=224,256,384,480,640]        # the paper's test protocols
+    python -m resnet_jax evaluate --workdir=DIR --split=none --export=model.onnx  # no data
 
 Reads the run in DIR at `--step` (default: its newest checkpoint) onto the devices at hand
 (any number; resnet_jax.evaluation: from the workdir alone, the split being evaluated the only
@@ -10,7 +11,8 @@ data read), prints top-1 / top-5 error and loss on the split, and with `--export
 evaluated variables (the moving average where the run kept one): as a model for serving with
 the run's input normalisation inside (`.stablehlo`: jax.export, `.onnx`: ONNX;
 resnet_jax.serving), or as a Flax msgpack file (`.msgpack`). Any other suffix, or none, is
-refused before evaluating.
+refused before evaluating. `--split=none` exports without evaluating: the export reads only
+the workdir, so a copy of it on a machine without the dataset exports too.
 
 The config is the one the run recorded unless `--config` is given; either way the checkpoint's
 own record of what it is (network, input normalisation, optimizer) must match it, so a
@@ -24,6 +26,7 @@ from resnet_jax import evaluation, paths, protocol, serving
 from resnet_jax.commands import cli
 
 FLAGS = flags.FLAGS
+NO_SPLIT = 'none'  # --split=none: export only
 
 
 def main(argv: list[str]) -> None:
@@ -34,7 +37,9 @@ def main(argv: list[str]) -> None:
     if FLAGS.step is not None and FLAGS.step < 0:
         raise cli.UserError(f'--step={FLAGS.step}; expected a checkpoint step >= 0 (or none)')
     if not split.strip():
-        raise cli.UserError(f'--split={split!r}; expected a split name, e.g. test')
+        raise cli.UserError(f'--split={split!r}; expected a split name, e.g. test, or none')
+    if split == NO_SPLIT and not FLAGS.export:
+        raise cli.UserError('--split=none evaluates nothing; expected --export=FILE with it')
     if FLAGS.export:  # a bad destination stops the command before the evaluation, not after
         serving.check_destination(FLAGS.export)
     scales = protocol.parse_scales(FLAGS.scales)
@@ -42,6 +47,17 @@ def main(argv: list[str]) -> None:
     config = cli.run_config(FLAGS.config, FLAGS.workdir)
 
     run = evaluation.read_run(FLAGS.workdir, step=FLAGS.step, config=config)
+    if split != NO_SPLIT:
+        _evaluate(run, split, scales)
+    if FLAGS.export:
+        written = serving.export_run(run, FLAGS.export)
+        what = 'the moving average' if run.averaged else 'params and batch_stats'
+        print(
+            f'exported {what} (what is evaluated) of step {run.step} to {FLAGS.export} as {written}'
+        )
+
+
+def _evaluate(run: evaluation.Run, split: str, scales: tuple[int, ...]) -> None:
     if FLAGS.crops != 1 or scales:  # the paper's 10-crop or multi-scale testing
         result = protocol.evaluate_protocol(run, split=split, crops=FLAGS.crops, scales=scales)
         how = f' ({protocol.describe(FLAGS.crops, scales)})'
@@ -53,10 +69,6 @@ def main(argv: list[str]) -> None:
         f'{100 * (1 - top5):.2f}%, loss {result[f"{split}/loss"]:.4f} on '
         f'{int(result[f"{split}/num_examples"])} images{how}'
     )
-    if FLAGS.export:
-        written = serving.export_run(run, FLAGS.export)
-        what = 'the moving average' if run.averaged else 'params and batch_stats'
-        print(f'exported {what} (what was evaluated) to {FLAGS.export} as {written}')
 
 
 def define_flags() -> None:
@@ -65,7 +77,7 @@ def define_flags() -> None:
     )
     flags.DEFINE_string('workdir', None, 'The training workdir.')
     flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
-    flags.DEFINE_string('split', 'test', 'Split to evaluate.')
+    flags.DEFINE_string('split', 'test', "Split to evaluate; 'none' with --export: export only.")
     flags.DEFINE_string(
         'export',
         None,

@@ -3,10 +3,12 @@ trainer they never delete, clean or write anything, so the trainer loses no step
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from configs import smoke
@@ -91,3 +93,52 @@ def test_a_reader_writes_nothing_in_the_workdir(tmp_path, cifar10_data_dir):
     assert step == 3 == int(state.step)
     assert _snapshot(workdir) == before
     assert partial.exists()
+
+
+@pytest.mark.slow
+def test_a_copied_workdir_predicts_exports_and_fine_tunes_without_its_dataset(
+    tmp_path, cifar10_data_dir, run_process
+):
+    """The laptop a model is copied to: the run's dataset is gone (its train split's pixel mean
+    was the normalisation), and predict, export and init_from read the copy alone."""
+    import cv2
+
+    from configs import smoke
+    from resnet_jax import sources, trainer
+
+    data = tmp_path / 'data'  # the run's dataset, only while it trains
+    data.mkdir()
+    (data / 'cifar10_jpeg').symlink_to(cifar10_data_dir / 'cifar10_jpeg')
+    source, info = sources.open_split('cifar10_jpeg', 'test[:2]', str(data))
+    images = []
+    for i in range(2):
+        images.append(str(tmp_path / f'test{i}.png'))
+        cv2.imwrite(images[-1], np.asarray(source[i]['image'])[..., ::-1])
+    config = smoke.get_config()
+    config_lib.apply_overrides(config, {'dataset.data_dir': str(data), 'total_steps': 3})
+    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+    laptop = tmp_path / 'laptop' / 'run'
+    shutil.copytree(tmp_path / 'run', laptop)
+    shutil.rmtree(data)
+    before = _snapshot(laptop)
+
+    predicted = run_process(['-m', 'resnet_jax', 'predict', f'--workdir={laptop}', *images])
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert predicted.stdout.count('%') == 10  # top-5 of each image, by class name
+    assert info.class_names[0] in predicted.stdout or info.class_names[1] in predicted.stdout
+    model = tmp_path / 'model.stablehlo'
+    exported = run_process(
+        ['-m', 'resnet_jax', 'evaluate', f'--workdir={laptop}', '--split=none', f'--export={model}']
+    )
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert model.stat().st_size > 0
+    assert _snapshot(laptop) == before  # readers only read
+
+    # A new run on data of its own starts from the copy (its dataset still gone).
+    tuned = smoke.get_config()
+    config_lib.apply_overrides(
+        tuned,
+        {'dataset.data_dir': str(cifar10_data_dir), 'init_from': str(laptop), 'total_steps': 2},
+    )
+    trainer.train_and_evaluate(tuned, str(tmp_path / 'tuned'))
+    assert checkpoint.committed_steps(str(tmp_path / 'tuned' / 'checkpoints'))[-1] == 2

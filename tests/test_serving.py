@@ -167,7 +167,7 @@ def test_the_cli_exports_stablehlo_with_the_runs_normalisation(run, run_process,
     out = run_process([*argv, f'--export={path}'])
     assert out.returncode == 0, out.stderr[-3000:]
     assert (
-        f'exported the moving average (what was evaluated) to {path} as StableHLO '
+        f'exported the moving average (what evaluation uses) to {path} as StableHLO '
         "(jax.export): uint8 images (batch, 32, 32, 3) -> logits, normalisation 'imagenet' inside"
     ) in out.stdout, out.stdout
     images, expected, _ = _test_images_and_expected_logits(config, workdir)
