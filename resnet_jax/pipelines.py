@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
+import chex
 import grain
 import jax
 import numpy as np
@@ -132,7 +133,13 @@ class _ReadSliceOfGlobalBatch:
                 records[j], np.random.default_rng([self.seed, b, self.start + j])
             )
 
-        return _stack(map_examples(example, len(records), self.threads))
+        batch = _stack(map_examples(example, len(records), self.threads))
+        # The loader's boundary: uint8 images of one shape, one label each (checked once here,
+        # not in each consumer).
+        chex.assert_type(batch['image'], np.uint8)
+        chex.assert_shape(batch['image'], (self.size, None, None, 3))
+        chex.assert_shape(batch['label'], (self.size,))
+        return batch
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,8 +5,9 @@ the input pipeline (a slow JPEG, a Grain worker's turn) is accelerator idle time
 thread takes host batches, starts their transfer (`sharding.global_batch`: asynchronous on
 accelerators) and keeps up to `size` of them queued; the step then finds its batch waiting.
 
-The data stream is a pure function of the step (resnet_jax.data), so batches prefetched past the
-point where a run stops are simply dropped: resuming and determinism do not depend on prefetch.
+The data stream is a pure function of the step (resnet_jax.pipelines), so batches prefetched
+past the point where a run stops are simply dropped: resuming and determinism do not depend on
+prefetch.
 An error of the input pipeline (a damaged image) is raised by `next()` where the step would have
 met it, as the same exception.
 """

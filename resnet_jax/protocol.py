@@ -39,7 +39,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# evaluate.main imports this module when asked for a protocol; this one builds on restore_state.
 from resnet_jax import augment, metrics, models, preprocessing, sharding, sources
 
 CROPS = (1, 10)  # 1: the single centre crop (resnet_jax.evaluation.evaluate); 10: the paper's

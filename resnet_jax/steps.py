@@ -17,6 +17,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -92,6 +93,7 @@ def make_train_step(
     forward = functools.partial(train_forward, model, bn_group_size=bn_group_size)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        check_batch(batch)
         images = model_input(batch['image'], normalize)
         targets = metrics.smooth_one_hot(batch['label'], model.num_classes, label_smoothing)
         if mix is not None and mix.enabled:
@@ -153,6 +155,17 @@ def make_multi_step(train_step: Callable) -> Callable:
     return multi_step
 
 
+def check_batch(batch: Batch, *, masked: bool = False) -> None:
+    """The step's boundary: NHWC images, integer labels, (a mask) for the same examples. Shapes
+    and dtypes are static under jit, so this costs nothing per step; a pipeline that hands the
+    step something else fails at trace time, naming what it got."""
+    chex.assert_rank(batch['image'], 4)
+    chex.assert_rank(batch['label'], 1)
+    chex.assert_type(batch['label'], int)
+    arrays = [batch['image'], batch['label'], *([batch['mask']] if masked else [])]
+    chex.assert_equal_shape_prefix(arrays, prefix_len=1)
+
+
 def model_input(images: jax.Array, normalize: Normalize | None) -> jax.Array:
     """The network's input from a batch's images (the model casts it to its compute dtype)."""
     return images if normalize is None else normalize(images)
@@ -191,6 +204,7 @@ def make_eval_step(
     """
 
     def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+        check_batch(batch, masked=True)
         images = model_input(batch['image'], normalize)
         logits, _ = models.apply_model(model, state.eval_variables(), images, train=False)
         mask = batch['mask'].astype(jnp.float32)

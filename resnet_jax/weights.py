@@ -8,7 +8,7 @@
   1x1) into a model built with `stride_on='1x1'`, `shortcut='B'`, `bn_epsilon=1.001e-5`.
 * `load_state_dict(path)`: a torchvision checkpoint file, read without executing pickled code.
 * `check_finite(tensors, source)`: the one check every loader runs on what it reads (here, and
-  `evaluate.load_exported`, `pretrained.load_variables`): no NaN or Inf enters a network.
+  `serving.load_exported`, `pretrained.load_variables`): no NaN or Inf enters a network.
 * `to_scanned` / `to_unrolled`: the same weights for `scan_blocks=True` / `False`.
 
 Conversions read the target model's variable shapes with `jax.eval_shape` (no weights are

@@ -1,6 +1,7 @@
 """Fine-tuning: a torchvision file as the start of a run, frozen parameters, a slower backbone,
 frozen BatchNorm statistics (configs/finetune.py), and the errors of a bad pattern."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,7 +77,7 @@ def test_freeze_bn_normalises_with_the_running_statistics_and_keeps_them():
     train_logits, new_stats = rj.apply_model(model, variables, images, train=True)
     eval_logits, _ = rj.apply_model(model, variables, images, train=False)
     np.testing.assert_array_equal(train_logits, eval_logits)
-    jax.tree.map(np.testing.assert_array_equal, new_stats, stats)
+    chex.assert_trees_all_equal(new_stats, stats)
 
 
 def _config(data_dir, init_from, **overrides):

@@ -3,6 +3,7 @@ step): a run that resumes exactly, the host pipeline's distribution, and the cas
 
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,8 +49,8 @@ def test_in_memory_batches_are_sharded_pure_functions_of_the_step(cifar10_data_d
     stream = batches(0)
     taken = [next(stream) for _ in range(3)]
     resumed = next(batches(2))
-    jax.tree.map(np.testing.assert_array_equal, resumed, taken[2])
-    jax.tree.map(np.testing.assert_array_equal, next(batches(0)), taken[0])
+    chex.assert_trees_all_equal(resumed, taken[2])
+    chex.assert_trees_all_equal(next(batches(0)), taken[0])
     assert taken[0]['image'].sharding == sharding.batch_sharding(mesh)
     # uint8 as the host pipeline's batches: the train step normalises them.
     assert taken[0]['image'].shape == (16, 32, 32, 3) and taken[0]['image'].dtype == np.uint8
@@ -106,7 +107,7 @@ def test_the_split_is_sharded_over_the_devices_and_draws_what_one_device_draws()
     drawn = []
     for _ in range(12):  # two epochs of 6 batches
         batch, reference = next(stream), next(one_device)
-        jax.tree.map(np.testing.assert_array_equal, batch, reference)
+        chex.assert_trees_all_equal(batch, reference)
         drawn.append(example_indices(np.asarray(batch['image'])))
     first, second = np.concatenate(drawn[:6]), np.concatenate(drawn[6:])
     assert len(set(first)) == len(first) == 96 and first.max() < n  # padding never drawn

@@ -4,6 +4,7 @@ rematerialised blocks (`model.remat`)."""
 import dataclasses
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,7 +55,7 @@ def test_accumulated_micro_batches_equal_one_step_of_their_union():
     big = _run(model, cfg, whole)
     accumulated = _run(model, dataclasses.replace(cfg, accumulate_steps=2), halves)
     # The first micro-batch only accumulates; the second applies the update of the union.
-    jax.tree.map(np.testing.assert_array_equal, accumulated[1], accumulated[0])
+    chex.assert_trees_all_equal(accumulated[1], accumulated[0])
     for ours, theirs in ((accumulated[2], big[1]), (accumulated[4], big[2])):
         jax.tree.map(
             lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), ours, theirs

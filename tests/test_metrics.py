@@ -2,6 +2,7 @@
 
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,28 @@ def test_top_k_equals_sorting_when_logits_are_distinct(k):
     _, top = jax.lax.top_k(logits, k)
     expected = np.any(np.asarray(top) == np.asarray(labels)[:, None], axis=-1)
     np.testing.assert_array_equal(metrics.top_k_correct(logits, labels, k), expected)
+
+
+class TheSameJittedOrNot(chex.TestCase):
+    """Metrics and the in-memory draw run inside jitted steps and on the host alike."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_top_k_correct_and_the_loss(self):
+        logits = jnp.array([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0], [jnp.nan, 1.0, 0.0]])
+        labels = jnp.array([0, 1, 2])
+        correct = self.variant(metrics.top_k_correct, static_argnums=2)(logits, labels, 1)
+        np.testing.assert_array_equal(correct, [1.0, 0.0, 0.0])  # a tie and a NaN: wrong
+        loss = self.variant(metrics.cross_entropy, static_argnums=2)(logits[:1], labels[:1], 0.1)
+        np.testing.assert_allclose(loss, metrics.cross_entropy(logits[:1], labels[:1], 0.1))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_the_in_memory_draw_is_the_same_permutation(self):
+        from resnet_jax import in_memory
+
+        draw = self.variant(in_memory.in_memory_indices, static_argnums=(2, 3))
+        key = jax.random.key(3)
+        indices = [np.asarray(draw(key, jnp.int32(step), 20, 5)) for step in range(4)]
+        assert sorted(np.concatenate(indices)) == list(range(20))  # one epoch, every example
 
 
 def test_a_collapsed_model_scores_zero_not_one_hundred_percent():

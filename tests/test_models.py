@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -364,7 +365,7 @@ def test_scanned_and_unrolled_nets_agree(name, options, shape, request):
                 jax.device_get(stats_u),
             )
         roundtrip = weights.to_unrolled(stacked)
-        jax.tree.map(np.testing.assert_array_equal, roundtrip, jax.device_get(variables))
+        chex.assert_trees_all_equal(roundtrip, jax.device_get(variables))
 
         # Gradients too: on CPU the scanned blocks take their own backward convolutions
         # (xla_cpu.loop_conv_general_dilated), which must give the gradients JAX would.

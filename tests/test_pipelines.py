@@ -2,6 +2,7 @@
 any topology, workers and threads; exact padded evaluation.
 """
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -65,7 +66,7 @@ def test_worker_and_thread_counts_do_not_change_the_batches(cifar):
             source, eval_preprocess, batch_size=8, reading=pipelines.Reading(read_threads=3)
         )
     )[:3]
-    jax.tree.map(np.testing.assert_array_equal, serial, threaded)
+    chex.assert_trees_all_equal(serial, threaded)
 
 
 def test_iterator_state_resumes_at_the_next_batch(cifar):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -192,7 +193,7 @@ def test_a_runs_onnx_and_msgpack_exports_by_suffix(run, tmp_path):
     written = serving.export_run(restored, str(tmp_path / 'weights.msgpack'))
     assert written == 'msgpack variables (serving.load_exported)'
     loaded = serving.load_exported(str(tmp_path / 'weights.msgpack'))
-    jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(restored.variables))
+    chex.assert_trees_all_equal(loaded, jax.device_get(restored.variables))
 
 
 def test_the_cli_refuses_a_missing_folder_before_evaluating(run, run_process, tmp_path):

@@ -5,6 +5,7 @@ average.
 
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,7 +95,7 @@ def test_the_moving_average_covers_params_and_batch_stats_and_is_what_eval_uses(
     params = jax.eval_shape(lambda: rj.init_variables(model, jax.random.key(0), TINY_SHAPE))
     tx, schedule = optim.create_optimizer(cfg, params['params'], total_steps=10, steps_per_epoch=1)
     state = create_train_state(model, tx, 0, TINY_SHAPE, ema=True)
-    jax.tree.map(np.testing.assert_array_equal, state.ema, state.variables())
+    chex.assert_trees_all_equal(state.ema, state.variables())
     assert create_train_state(model, tx, 0, TINY_SHAPE).ema is None
     step = jax.jit(steps.make_train_step(model, tx, schedule, steps.StepOptions(ema_decay=0.5)))
     new, _ = step(state, _tiny_batch())

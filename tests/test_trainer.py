@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -347,7 +348,7 @@ def test_evaluate_exports_what_it_evaluated_the_moving_average(cifar10_data_dir,
     path = tmp_path / 'ema.msgpack'
     serving.export_run(run, str(path))
     exported = serving.load_exported(str(path))
-    jax.tree.map(np.testing.assert_array_equal, exported, jax.device_get(state.ema))
+    chex.assert_trees_all_equal(exported, jax.device_get(state.ema))
     assert not np.array_equal(
         exported['batch_stats']['stem_bn']['mean'],
         jax.device_get(state.batch_stats)['stem_bn']['mean'],
