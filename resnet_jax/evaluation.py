@@ -91,7 +91,29 @@ def read_run(
     """
     config = config if config is not None else workdir_lib.read_config(workdir)
     directory = checkpoint_dir(workdir)
-    step, meta = _committed_step(directory, step, workdir)
+    # A live trainer deletes old steps as it saves new ones: the newest is looked up again if
+    # the one being read goes under the reader.
+    for _ in range(3):
+        chosen = _committed_step(directory, step)
+        try:
+            return _read_step(workdir, directory, chosen, config)
+        except Exception:
+            if chosen in checkpoint.committed_steps(directory):
+                raise  # still there: the error is the checkpoint's own
+            if step is not None:
+                raise ValueError(
+                    f'checkpoint step {step} in {directory!r} was deleted while it was read (a '
+                    f'trainer running in {workdir!r} keeps only its last checkpoints); pass '
+                    'the --step of a kept one'
+                ) from None
+    raise ValueError(f'the checkpoints in {directory!r} kept changing while they were read')
+
+
+def _read_step(workdir: str, directory: str, step: int, config: ml_collections.ConfigDict) -> Run:
+    problem = checkpoint.verify(directory, step)
+    if problem is not None:
+        raise ValueError(f'checkpoint step {step} in {directory!r} is damaged: {problem}')
+    meta = checkpoint.read_meta_of(directory, step)
     run_input = _recorded_input(meta, config, step)
     model = config_lib.create_model_from_config(config, run_input.num_classes)
     where = f'checkpoint step {step} in {directory!r}'
@@ -128,31 +150,13 @@ def read_train_state(
     return state, run
 
 
-def _committed_step(directory: str, step: int | None, workdir: str) -> tuple[int, dict]:
-    """(`step` or the newest committed one, verified, and its meta). A live trainer deletes old
-    steps as it saves new ones: the newest is looked up again if it goes under the reader."""
-    for _ in range(3):
-        available = checkpoint.committed_steps(directory)
-        chosen = (available[-1] if available else None) if step is None else step
-        if chosen is None or chosen not in available:
-            raise ValueError(
-                f'checkpoint step {chosen} not in {directory!r}; available: {available}'
-            )
-        try:
-            problem = checkpoint.verify(directory, chosen)
-            if problem is not None:
-                raise ValueError(f'checkpoint step {chosen} in {directory!r} is damaged: {problem}')
-            return chosen, checkpoint.read_meta_of(directory, chosen)
-        except (OSError, ValueError):
-            if chosen in checkpoint.committed_steps(directory):
-                raise  # still there: the error is the checkpoint's own
-            if step is not None:
-                raise ValueError(
-                    f'checkpoint step {step} in {directory!r} was deleted while it was read (a '
-                    f'trainer running in {workdir!r} keeps only its last checkpoints); pass '
-                    'the --step of a kept one'
-                ) from None
-    raise ValueError(f'the checkpoints in {directory!r} kept changing while they were read')
+def _committed_step(directory: str, step: int | None) -> int:
+    """`step`, or the newest committed step; ValueError unless it is committed."""
+    available = checkpoint.committed_steps(directory)
+    chosen = (available[-1] if available else None) if step is None else step
+    if chosen is None or chosen not in available:
+        raise ValueError(f'checkpoint step {chosen} not in {directory!r}; available: {available}')
+    return chosen
 
 
 def _recorded_input(

@@ -242,17 +242,17 @@ def trained_workdir(cifar10_data_dir, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def ten_crop(trained_workdir, cifar10_data_dir):
-    """(metrics, state, step) of the trained run under 10-crop testing."""
-    config = _config(cifar10_data_dir)
-    return protocol.evaluate_protocol(config, str(trained_workdir), split=SPLIT, crops=10)
+    """(metrics, the run) of the trained run under 10-crop testing."""
+    run = evaluation.read_run(str(trained_workdir), config=_config(cifar10_data_dir))
+    return protocol.evaluate_protocol(run, split=SPLIT, crops=10), run
 
 
-def _by_hand(state, data_dir, views_of):
+def _by_hand(run, data_dir, views_of):
     """Top-1, top-5 and loss of the softmax averaged over `views_of(image)` (uint8 views), each
     view normalised and run on its own, without the module."""
     source, _ = sources.open_split('cifar10_jpeg', SPLIT, str(data_dir))
     model = models.create_model('resnet20', num_classes=10)
-    variables = state.eval_variables()
+    variables = run.variables
     apply = jax.jit(lambda x: models.apply_model(model, variables, x, train=False)[0])
     mean = 255 * np.asarray(preprocessing.IMAGENET_MEAN, np.float32)
     std = 255 * np.asarray(preprocessing.IMAGENET_STD, np.float32)
@@ -281,8 +281,8 @@ def _assert_matches(result, expected):
 
 
 def test_ten_crop_of_a_trained_net_is_the_average_computed_by_hand(ten_crop, cifar10_data_dir):
-    result, state, step = ten_crop
-    assert step == 0
+    result, run = ten_crop
+    assert run.step == 0
 
     def ten_views(image):
         padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))  # black, as the training padding
@@ -290,22 +290,21 @@ def test_ten_crop_of_a_trained_net_is_the_average_computed_by_hand(ten_crop, cif
         five = [padded[y : y + 32, x : x + 32] for y, x in corners]
         return five + [view[:, ::-1] for view in five]
 
-    _assert_matches(result, _by_hand(state, cifar10_data_dir, ten_views))
+    _assert_matches(result, _by_hand(run, cifar10_data_dir, ten_views))
     assert result[f'{SPLIT}/top1_acc'] >= 12 / 16  # a 91.7% net on sensible views
 
 
 @pytest.mark.slow
 def test_multi_scale_of_a_trained_net(trained_workdir, cifar10_data_dir, ten_crop):
-    config, workdir = _config(cifar10_data_dir), str(trained_workdir)
-    state = ten_crop[1]
+    run = ten_crop[1]
     # One scale, the images' own size: the fully-convolutional form is single-crop evaluation.
-    one, _, _ = protocol.evaluate_protocol(config, workdir, split=SPLIT, scales=(32,))
-    single = evaluation.evaluate(evaluation.read_run(workdir, config=config), SPLIT)
+    one = protocol.evaluate_protocol(run, split=SPLIT, scales=(32,))
+    single = evaluation.evaluate(run, SPLIT)
     for key in ('top1_acc', 'top5_acc', 'loss'):
         assert one[f'{SPLIT}/{key}'] == pytest.approx(single[f'{SPLIT}/{key}'], rel=1e-5)
-    two, _, _ = protocol.evaluate_protocol(config, workdir, split=SPLIT, scales=(32, 40))
+    two = protocol.evaluate_protocol(run, split=SPLIT, scales=(32, 40))
     enlarge = lambda image: cv2.resize(image, (40, 40), interpolation=cv2.INTER_LINEAR)
-    _assert_matches(two, _by_hand(state, cifar10_data_dir, lambda image: [image, enlarge(image)]))
+    _assert_matches(two, _by_hand(run, cifar10_data_dir, lambda image: [image, enlarge(image)]))
 
 
 def test_the_cli_prints_the_protocols_line(trained_workdir, ten_crop, run_process, tmp_path):

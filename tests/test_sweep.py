@@ -200,11 +200,11 @@ def test_a_run_recorded_before_a_config_field_existed_still_matches():
 
 
 def test_sweep_and_report_command_lines_fail_with_one_clear_line(tmp_path, run_process):
-    def run(*args):
-        return run_process(['-m', *args])
+    def run(command, *args):
+        return run_process(['-m', 'resnet_jax', command, *args])
 
     bad_config = run(
-        'resnet_jax.sweep', '--config=configs/nope.py', '--models=resnet20', f'--workdir={tmp_path}'
+        'sweep', '--config=configs/nope.py', '--models=resnet20', f'--workdir={tmp_path}'
     )
     assert bad_config.returncode == 2
     assert bad_config.stderr == (
@@ -212,7 +212,7 @@ def test_sweep_and_report_command_lines_fail_with_one_clear_line(tmp_path, run_p
     )
 
     bad_key = run(
-        'resnet_jax.sweep',
+        'sweep',
         '--config=configs/cifar10.py',
         '--models=resnet20',
         f'--workdir={tmp_path / "w"}',
@@ -224,7 +224,7 @@ def test_sweep_and_report_command_lines_fail_with_one_clear_line(tmp_path, run_p
     assert not (tmp_path / 'w').exists()
 
     bad_model = run(
-        'resnet_jax.sweep',
+        'sweep',
         '--config=configs/cifar10.py',
         '--models=resnet21',
         f'--workdir={tmp_path / "w"}',
@@ -233,7 +233,7 @@ def test_sweep_and_report_command_lines_fail_with_one_clear_line(tmp_path, run_p
     assert bad_model.stderr.startswith("error: model 'resnet21'; expected one of")
     assert not (tmp_path / 'w').exists()
 
-    no_runs = run('resnet_jax.report', f'--workdir={tmp_path}')
+    no_runs = run('report', f'--workdir={tmp_path}')
     assert no_runs.returncode == 1
     assert no_runs.stderr.startswith('error: no metrics.jsonl in')
     assert no_runs.stderr.count('\n') == 1

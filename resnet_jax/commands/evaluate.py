@@ -52,9 +52,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.export:
         written = serving.export_run(run, FLAGS.export)
         what = 'the moving average' if run.averaged else 'params and batch_stats'
-        print(
-            f'exported {what} (what is evaluated) of step {run.step} to {FLAGS.export} as {written}'
-        )
+        print(f'exported {what} (what evaluation uses) to {FLAGS.export} as {written}')
 
 
 def _evaluate(run: evaluation.Run, split: str, scales: tuple[int, ...]) -> None:

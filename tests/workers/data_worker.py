@@ -14,6 +14,7 @@ import sys
 
 os.environ['JAX_NUM_CPU_DEVICES'] = '2'
 os.environ['JAX_PLATFORMS'] = 'cpu'
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # this checkout's package
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/
 
 import jax
