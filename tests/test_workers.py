@@ -157,6 +157,64 @@ def test_ctrl_c_to_the_process_group_saves_and_the_workers_print_nothing(
     _assert_quiet(err)
 
 
+RESUMED_RUN = {'total_steps': 30, 'log_every_steps': 1, 'eval_every_steps': 30}
+
+
+def _losses(workdir):
+    records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    return {r['step']: r['train/loss'] for r in records if 'train/loss' in r}
+
+
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory, cifar10_data_dir):
+    """An uninterrupted run with workers, the losses a stopped and resumed one must repeat."""
+    workdir = tmp_path_factory.mktemp('straight') / 'run'
+    result = subprocess.run(
+        _train_argv(workdir, cifar10_data_dir, **RESUMED_RUN),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _losses(workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGHUP], ids=['sigterm', 'sighup'])
+def test_a_signal_to_the_whole_process_group_saves_and_the_run_resumes_exactly(
+    signum, tmp_path, cifar10_data_dir, straight_run
+):
+    """SLURM's --signal, systemd and GKE signal the whole group (SIGTERM); a dropped ssh session
+    sends SIGHUP. The trainer saves the step, the workers neither die first nor print, nothing
+    is left running, and the rerun continues the same losses."""
+    workdir = tmp_path / 'run'
+    proc = _start(workdir, cifar10_data_dir, **RESUMED_RUN)
+    try:
+        _wait_for_step(workdir, 2, proc)
+        children = _children(proc.pid)
+        os.killpg(proc.pid, signum)
+        out, err = proc.communicate(timeout=TIMEOUT)
+        assert not _wait_until_ended(children, 10)  # no orphan
+    finally:
+        proc.kill()
+        _end_group(proc.pid)
+    assert proc.returncode == 0, err[-3000:]
+    saved = int(out.split('preempted: saved step ')[1].split(';')[0])
+    assert saved < RESUMED_RUN['total_steps']
+    _assert_quiet(err)
+    resumed = subprocess.run(
+        _train_argv(workdir, cifar10_data_dir, **RESUMED_RUN),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f'at step {saved}' in resumed.stderr
+    assert _losses(workdir) == straight_run
+
+
 @pytest.mark.slow
 def test_a_run_with_workers_ends_without_leaked_shared_memory(tmp_path, cifar10_data_dir):
     """Train and eval batches through the workers' shared memory, then the end of the run."""
