@@ -165,18 +165,23 @@ def _losses(workdir):
     return {r['step']: r['train/loss'] for r in records if 'train/loss' in r}
 
 
-@pytest.fixture(scope='module')
-def straight_run(tmp_path_factory, cifar10_data_dir):
-    """An uninterrupted run with workers, the losses a stopped and resumed one must repeat."""
-    workdir = tmp_path_factory.mktemp('straight') / 'run'
+def _run_to_end(workdir, data_dir, **overrides):
     result = subprocess.run(
-        _train_argv(workdir, cifar10_data_dir, **RESUMED_RUN),
+        _train_argv(workdir, data_dir, **overrides),
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory, cifar10_data_dir):
+    """An uninterrupted run with workers, the losses a stopped and resumed one must repeat."""
+    workdir = tmp_path_factory.mktemp('straight') / 'run'
+    _run_to_end(workdir, cifar10_data_dir, **RESUMED_RUN)
     return _losses(workdir)
 
 
@@ -203,14 +208,7 @@ def test_a_signal_to_the_whole_process_group_saves_and_the_run_resumes_exactly(
     saved = int(out.split('preempted: saved step ')[1].split(';')[0])
     assert saved < RESUMED_RUN['total_steps']
     _assert_quiet(err)
-    resumed = subprocess.run(
-        _train_argv(workdir, cifar10_data_dir, **RESUMED_RUN),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = _run_to_end(workdir, cifar10_data_dir, **RESUMED_RUN)
     assert f'at step {saved}' in resumed.stderr
     assert _losses(workdir) == straight_run
 
@@ -218,15 +216,7 @@ def test_a_signal_to_the_whole_process_group_saves_and_the_run_resumes_exactly(
 @pytest.mark.slow
 def test_a_run_with_workers_ends_without_leaked_shared_memory(tmp_path, cifar10_data_dir):
     """Train and eval batches through the workers' shared memory, then the end of the run."""
-    result = subprocess.run(
-        _train_argv(tmp_path / 'run', cifar10_data_dir, total_steps=2),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    _assert_quiet(result.stderr)
+    _assert_quiet(_run_to_end(tmp_path / 'run', cifar10_data_dir, total_steps=2).stderr)
 
 
 # A process that notices its parent's death as workers do, started from a thread (as Grain starts
