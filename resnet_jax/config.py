@@ -240,6 +240,22 @@ def _parse_value(text: str, current: Any) -> Any:
     return value
 
 
+def unknown_key(config: Any, key: str) -> str | None:
+    """None if dotted `key` ('optimizer.learning_rate') names a field of `config`, else which
+    part names none, and the field it most likely meant."""
+    import difflib
+
+    node, walked = config, []
+    for part in key.split('.'):
+        fields = list(node.keys()) if hasattr(node, 'keys') else []
+        if part not in fields:
+            close = difflib.get_close_matches(part, fields, n=1)
+            hint = f'; did you mean {".".join([*walked, close[0]])}?' if close else ''
+            return f'{part!r} is not a field of the config{hint}'
+        node, walked = node[part], [*walked, part]
+    return None
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
     """Sets dotted keys ('optimizer.learning_rate') in place; strings parse as the field's type.
 
@@ -247,14 +263,13 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
       ValueError: for a key the config does not have or a value of the wrong type, naming both.
     """
     for key, raw in overrides.items():
+        problem = unknown_key(config, key)
+        if problem is not None:
+            raise ValueError(f'unknown config key {key}: {problem}')
         *parents, leaf = key.split('.')
         node = config
-        for i, part in enumerate(parents):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                raise ValueError(f'unknown config key {".".join(parents[: i + 1])!r} (in {key!r})')
+        for part in parents:
             node = node[part]
-        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            raise ValueError(f'unknown config key {key!r}')
         current = node[leaf]
         value = _parse_value(raw, current) if isinstance(raw, str) else raw
         try:

@@ -484,6 +484,23 @@ def test_bad_input_is_one_error_line_and_changes_nothing(
         assert _snapshot(watched) == before, f'{name} changed {watched}'
 
 
+@pytest.mark.slow
+def test_train_py_resumes_with_the_workdirs_own_config(trained, tmp_path):
+    """The refusal hints say "omit --config to take the workdir's own": that works, and
+    --config.x=y still applies (here: more steps)."""
+    run = _copy(trained, tmp_path)
+    result = _run(['train.py', f'--workdir={run}', '--config.total_steps=4'])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'resumed from' in result.stderr and 'at step 3' in result.stderr
+    assert 'done at step 4 (1 this run)' in result.stderr
+    typo = _run(['train.py', f'--workdir={run}', '--config.totl_steps=5'])
+    assert typo.returncode == 1
+    assert typo.stderr.strip().splitlines()[-1] == (
+        "error: unknown config key totl_steps: 'totl_steps' is not a field of the config; did you "
+        'mean total_steps?'
+    )
+
+
 def test_verbose_adds_the_traceback(tmp_path, cifar10_data_dir):
     result = _run(
         [*_train(tmp_path / 'run', cifar10_data_dir, '--config.dtype=float16'), '--verbose']

@@ -75,19 +75,20 @@ def trained(tmp_path_factory, cifar10_data_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    'signum, ignored, code',
+    'signum, ignored, code, protocol',
     [
-        (signal.SIGINT, (signal.SIGINT,), 130),  # Ctrl-C of a command started with `&`
-        (signal.SIGTERM, (), 143),
-        (signal.SIGHUP, (signal.SIGHUP,), 129),  # a dropped ssh session, nohup'd or not
+        (signal.SIGINT, (signal.SIGINT,), 130, ()),  # Ctrl-C of a command started with `&`
+        (signal.SIGINT, (signal.SIGINT,), 130, ('--crops=10',)),
+        (signal.SIGTERM, (), 143, ()),
+        (signal.SIGHUP, (signal.SIGHUP,), 129, ()),  # a dropped ssh session, nohup'd or not
     ],
-    ids=['sigint-inherited-ignored', 'sigterm', 'sighup-inherited-ignored'],
+    ids=['sigint-inherited-ignored', 'sigint-10-crop', 'sigterm', 'sighup-inherited-ignored'],
 )
-def test_evaluate_stops_within_seconds_with_one_line(signum, ignored, code, trained):
+def test_evaluate_stops_within_seconds_with_one_line(signum, ignored, code, protocol, trained):
     """Before, evaluate over the train split ignored Ctrl-C and ran to the end, exit 0."""
     before = {p: p.read_bytes() for p in trained.rglob('*') if p.is_file()}
     proc = _start(
-        ['-m', 'resnet_jax', 'evaluate', f'--workdir={trained}', '--split=train'],
+        ['-m', 'resnet_jax', 'evaluate', f'--workdir={trained}', '--split=train', *protocol],
         inherit_ignored=ignored,
     )
     time.sleep(12)  # well into the evaluation of 50,000 images, which takes minutes here

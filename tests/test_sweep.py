@@ -44,9 +44,9 @@ def test_overrides_parse_each_value_as_its_fields_type():
 @pytest.mark.parametrize(
     'overrides, message',
     [
-        ({'nope': '1'}, "unknown config key 'nope'"),
-        ({'optimizer.nope': '1'}, "unknown config key 'optimizer.nope'"),
-        ({'model.name.deeper': '1'}, "unknown config key 'model.name.deeper'"),
+        ({'nope': '1'}, "unknown config key nope: 'nope' is not a field of the config"),
+        ({'optimizer.nope': '1'}, "unknown config key optimizer.nope: 'nope' is not a field"),
+        ({'model.name.deeper': '1'}, "unknown config key model.name.deeper: 'deeper' is not"),
         ({'batch_size': '1.5'}, "config batch_size='1.5': expected int, like 128"),
         ({'model.scan_blocks': 'maybe'}, "model.scan_blocks='maybe': expected bool"),
     ],
@@ -110,7 +110,7 @@ def test_plan_of_the_shortcut_grid_and_of_a_config_that_ignores_its_argument():
         (['resnet21'], 'models', {}, "model 'resnet21'; expected one of"),
         ([], 'models', {}, '--models is empty'),
         (['resnet20'], 'depths', {}, "grid 'depths'; expected one of models, shortcuts"),
-        (['resnet20'], 'models', {'optimizer.lr': '0.1'}, "unknown config key 'optimizer.lr'"),
+        (['resnet20'], 'models', {'optimizer.lr': '0.1'}, "unknown config key optimizer.lr: 'lr'"),
     ],
 )
 def test_plan_rejects_bad_input(models, grid, overrides, message):

@@ -133,7 +133,7 @@ def _unknown_config_key(argv: Sequence[str], error: BaseException) -> str:
     config_flags' own message is a KeyError's repr wrapped in another's (quotes escaped
     twice, a newline inside): the config is loaded again and each override's path walked.
     """
-    import difflib
+    from resnet_jax import config as config_lib
 
     config_arg = next((a.split('=', 1)[1] for a in argv if re.match(r'^--?config=', a)), None)
     try:
@@ -142,16 +142,9 @@ def _unknown_config_key(argv: Sequence[str], error: BaseException) -> str:
         return f'config {config_arg}: {type(e).__name__}: {" ".join(str(e).split())}'
     for arg in argv[1:]:
         match = re.match(r'^--?config\.([^=]+)', arg)
-        if not match:
-            continue
-        node, walked = config, []
-        for part in match.group(1).split('.'):
-            fields = list(node.keys()) if hasattr(node, 'keys') else []
-            if part not in fields:
-                close = difflib.get_close_matches(part, fields, n=1)
-                hint = f'; did you mean {".".join([*walked, close[0]])}?' if close else ''
-                return f'unknown config key in {arg}: {part!r} is not a field of the config{hint}'
-            node, walked = node[part], [*walked, part]
+        problem = match and config_lib.unknown_key(config, match.group(1))
+        if problem:
+            return f'unknown config key in {arg}: {problem}'
     return f'unknown config key: {" ".join(str(error).split())}'
 
 
