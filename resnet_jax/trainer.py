@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from resnet_jax import (
+    accelerators,
     actions,
     checkpoint,
     evaluation,
@@ -334,6 +335,9 @@ def build_run(
     The run's record (config.json, class_names.json, metrics.jsonl, TensorBoard) is written
     once the state is ready and the first batch has been read.
     """
+    # Before anything asks JAX for its devices: JAX_PLATFORMS=cuda with a broken plugin fails
+    # there with JAX's own message, this names the plugin and driver problem.
+    accelerators.check_start(config.require_backend)
     config_lib.validate(config, jax.device_count(), jax.process_count())
     paths.check_supported(workdir, 'workdir')
     if config.init_from and not checkpoint.committed_steps(
