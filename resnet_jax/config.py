@@ -75,7 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     # XLA's persistent compilation cache: a restarted run skips compiling what it compiled
     # before. 'auto': <cache dir>/xla (RESNET_JAX_CACHE_DIR, default ~/.cache/resnet_jax); a
-    # path (local or gs://, shared by the hosts of a pod); '' turns it off.
+    # path (local or gs://, shared by the hosts of a pod); '' turns it off. A run of several
+    # processes takes WORKDIR/xla_cache for 'auto': JAX writes entries from process 0 only, so
+    # each host's local cache would stay empty but one (resnet_jax.compilation_cache).
     c.compilation_cache_dir = 'auto'
     # The accelerator the run must have: 'gpu' or 'tpu' stops a run that JAX would otherwise
     # start on the CPU (a CUDA plugin that did not load, a TPU held by another process) before
