@@ -8,6 +8,9 @@ and every other host compiles again at each restart. 'auto' therefore means, for
 several processes, WORKDIR/xla_cache: a path every host of the run reads (local, NFS or
 gs://, which JAX's cache reads and writes through etils.epath); a run of one process keeps its
 local default, <cache dir>/xla (RESNET_JAX_CACHE_DIR, default ~/.cache/resnet_jax).
+Every host hits it where JAX's cache key of a multi-process computation is the same on every
+process: JAX builds GPU keys so (jax/_src/cache_key.py); on the CPU backend (gloo) the key's
+topology fingerprint differs per process, so there only process 0 hits (BENCHMARKS.md).
 """
 
 from __future__ import annotations
