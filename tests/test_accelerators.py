@@ -156,3 +156,16 @@ def test_the_imagenet_pod_and_gpu_recipes_require_their_accelerator():
     assert imagenet.get_config('resnet50,modern').require_backend == ''
     with pytest.raises(ValueError, match=r"unknown or repeated part 'cuda' of 'resnet50,cuda'"):
         imagenet.get_config('resnet50,cuda')
+
+
+def test_a_run_on_the_wrong_backend_stops_before_anything_is_written(tmp_path):
+    from configs import smoke
+    from resnet_jax import trainer
+
+    config = smoke.get_config()
+    with config.unlocked():
+        config.require_backend = 'gpu'
+    workdir = tmp_path / 'run'
+    with pytest.raises(ValueError, match=r'^this run requires backend gpu but JAX runs on cpu'):
+        trainer.train_and_evaluate(config, str(workdir))
+    assert not workdir.exists()
