@@ -3,9 +3,11 @@
     python train.py --config=configs/cifar10.py:resnet20 --workdir=DIR [--config.x=y ...]
     python train.py --workdir=DIR [--config.x=y ...]    # resume with the run's recorded config
 
-Multi-process: on a Cloud TPU VM pod, GKE, SLURM or Open MPI pass nothing (JAX detects the
-cluster; resnet_jax.cluster decides); elsewhere --coordinator_address=HOST:PORT
---num_processes=N --process_id=I on every process.
+Multi-process: on a Cloud TPU VM pod, GKE TPU pods, SLURM or Open MPI pass nothing (JAX
+detects the cluster); under torchrun, or with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+JAX_PROCESS_ID set (a GKE GPU JobSet), nothing either; elsewhere --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I on every process (resnet_jax.cluster decides, in that order of
+precedence: flags, JAX_*, torchrun's, JAX's detection; docs/scaling.md).
 Bad input exits non-zero with one `error:` line (`--verbose` adds the traceback) and leaves the
 workdir untouched. SIGTERM, SIGHUP or Ctrl-C saves the current step and exits 0; rerun to
 resume (before the first step there is nothing to save: one line, exit 128 + the signal).

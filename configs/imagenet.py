@@ -3,6 +3,8 @@
     python train.py --config=configs/imagenet.py:resnet50 --workdir=DIR \
         --config.dataset.data_dir=TFDS_DIR            # the paper's recipe
     python train.py --config=configs/imagenet.py:resnet50,modern --workdir=DIR ...
+    python train.py --config=configs/imagenet.py:resnet50,modern,tpu ...   # a pod: TPU or stop
+    python train.py --config=configs/imagenet.py:resnet50,modern,gpu ...   # GPUs or stop
 
 Paper (section 3.4): batch 256, SGD momentum 0.9, weight decay 1e-4, learning rate 0.1 divided
 by 10 when the error plateaus (at about 150k and 300k iterations in Figure 4), 60e4 iterations,
@@ -21,8 +23,10 @@ as published without mixing; on top, mixup 0.1 and CutMix 1.0 on the device as i
 "ResNet strikes back" recipes, which pay off most on longer schedules (--config.mixup_alpha=0
 --config.cutmix_alpha=0 drops them).
 Hardware: a TPU pod slice or 8 GPUs; the global batch is the only thing to change for more
-(the learning rate follows it). Wall time: not measured yet (no accelerator and no ImageNet on
-the machines this was written on); BENCHMARKS.md will carry the per-step time. Prepare the
+(the learning rate follows it). `,tpu` or `,gpu` sets `require_backend`: a run that JAX would
+start on the CPU instead (a CUDA plugin that did not load) stops at once with one line.
+Wall time: not measured yet (no accelerator and no ImageNet on the machines this was written
+on); BENCHMARKS.md will carry the per-step time. Prepare the
 data once with `tfds build imagenet2012 --file_format=array_record --data_dir=TFDS_DIR` after
 placing the manual-download tars.
 """
@@ -34,20 +38,36 @@ from resnet_jax import models
 
 TRAIN_IMAGES = 1_281_167
 PAPER_BATCH = 256
+RECIPES = ('paper', 'modern')
+ACCELERATORS = ('gpu', 'tpu')  # the run stops unless JAX runs on it (config.require_backend)
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    name, _, recipe = (arg or 'resnet50').partition(',')
+def _parse(arg: str | None) -> tuple[str, str, str]:
+    """'NAME[,paper|modern][,gpu|tpu]' -> (name, recipe, accelerator)."""
+    name, *parts = (arg or 'resnet50').split(',')
     if name not in models.IMAGENET_MODELS:
         raise ValueError(
             f'configs/imagenet.py: unknown model {name!r}; expected one of {models.IMAGENET_MODELS}'
         )
-    if recipe not in ('', 'paper', 'modern'):
-        raise ValueError(
-            f'configs/imagenet.py: unknown recipe {recipe!r}; expected paper or modern'
-        )
+    recipe = accelerator = ''
+    for part in parts:
+        if part in RECIPES and not recipe:
+            recipe = part
+        elif part in ACCELERATORS and not accelerator:
+            accelerator = part
+        elif part:
+            raise ValueError(
+                f'configs/imagenet.py: unknown or repeated part {part!r} of {arg!r}; expected '
+                'NAME[,paper|modern][,gpu|tpu]'
+            )
+    return name, recipe, accelerator
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    name, recipe, accelerator = _parse(arg)
     c = config_lib.base_config()
     c.model.name = name
+    c.require_backend = accelerator
     c.dataset.name = 'imagenet2012'
     c.dataset.train_split = 'train'
     c.dataset.eval_split = 'validation'

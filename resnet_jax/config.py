@@ -15,7 +15,17 @@ from typing import Any
 
 import ml_collections
 
-from resnet_jax import augment, datasets, models, optim, options, paths, preprocessing, sharding
+from resnet_jax import (
+    accelerators,
+    augment,
+    datasets,
+    models,
+    optim,
+    options,
+    paths,
+    preprocessing,
+    sharding,
+)
 
 DTYPES = ('float32', 'bfloat16')
 NONFINITE_POLICIES = ('stop', 'skip')
@@ -65,8 +75,15 @@ def base_config() -> ml_collections.ConfigDict:
 
     # XLA's persistent compilation cache: a restarted run skips compiling what it compiled
     # before. 'auto': <cache dir>/xla (RESNET_JAX_CACHE_DIR, default ~/.cache/resnet_jax); a
-    # path (local or gs://, shared by the hosts of a pod); '' turns it off.
+    # path (local or gs://, shared by the hosts of a pod); '' turns it off. A run of several
+    # processes takes WORKDIR/xla_cache for 'auto': JAX writes entries from process 0 only, so
+    # each host's local cache would stay empty but one (resnet_jax.compilation_cache).
     c.compilation_cache_dir = 'auto'
+    # The accelerator the run must have: 'gpu' or 'tpu' stops a run that JAX would otherwise
+    # start on the CPU (a CUDA plugin that did not load, a TPU held by another process) before
+    # anything is written, naming the cause (resnet_jax.accelerators); '' takes what JAX finds.
+    # JAX_PLATFORMS=cuda or tpu asks for the same.
+    c.require_backend = ''
 
     # Seconds a checkpoint save, wait or restore may go without the store answering before the
     # run stops with one line (the last complete checkpoint intact): a bucket that cannot be
@@ -159,6 +176,10 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
             _check(False, f'{field}={config[field]!r} {e}')
     _one_of(config.dtype, DTYPES, 'dtype')
     _one_of(config.nonfinite, NONFINITE_POLICIES, 'nonfinite')
+    _check(
+        config.require_backend in accelerators.BACKENDS,
+        f"require_backend={config.require_backend!r}; expected '' (any), 'gpu' or 'tpu'",
+    )
     _positive_int(config.max_skipped_steps, 'max_skipped_steps', zero_ok=True)
     # '' turns these off (or means the default); ' ' would be a folder named ' ' (XLA creates
     # the cache there) and ' /x.pth' a file that does not exist, named as if it did.

@@ -31,8 +31,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from resnet_jax import (
+    accelerators,
     actions,
     checkpoint,
+    compilation_cache,
     evaluation,
     metrics,
     optim,
@@ -309,19 +311,6 @@ class StepCaller:
             loop.advanced = 1
 
 
-def enable_compilation_cache(setting: str) -> str | None:
-    """Points XLA's persistent compilation cache at `setting` ('auto', a path, '' = off)."""
-    if not setting:
-        return None
-    if setting == 'auto':
-        setting = os.path.join(paths.cache_dir(), 'xla')
-    path = setting if '://' in setting else os.path.expanduser(setting)
-    jax.config.update('jax_compilation_cache_dir', path)
-    # Steps compile in seconds to minutes; the many tiny eager ops are not worth a file each.
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-    return path
-
-
 def build_run(
     config: ml_collections.ConfigDict, workdir: str, closers: list, *, start_over: bool = False
 ) -> Run:
@@ -334,13 +323,18 @@ def build_run(
     The run's record (config.json, class_names.json, metrics.jsonl, TensorBoard) is written
     once the state is ready and the first batch has been read.
     """
+    # Before anything asks JAX for its devices: JAX_PLATFORMS=cuda with a broken plugin fails
+    # there with JAX's own message, this names the plugin and driver problem.
+    accelerators.check_start(config.require_backend)
     config_lib.validate(config, jax.device_count(), jax.process_count())
     paths.check_supported(workdir, 'workdir')
     if config.init_from and not checkpoint.committed_steps(
         paths.join(paths.normalize(workdir), 'checkpoints')
     ):
         pretrained.check_path(config.init_from)  # a resumed run never reads it
-    enable_compilation_cache(config.compilation_cache_dir)
+    cache = compilation_cache.location(config.compilation_cache_dir, workdir, jax.process_count())
+    if not cache.in_workdir:
+        compilation_cache.enable(cache.path)
     splits, info = _open_data(config)
     mesh = sharding.data_mesh()
     model, tx, schedule, init = build_training(config, info, len(splits['train']))
@@ -388,6 +382,8 @@ def build_run(
 
     # The run has started: its record is written from here on.
     workdir_lib.record_start(start, config, info.class_names)
+    if cache.in_workdir:  # only now: a refused start leaves the workdir as it was
+        compilation_cache.enable(cache.path)
     writer = metrics.MetricWriter(workdir, resume_step=first_step)
     closers.append(writer.close)
 

@@ -160,28 +160,6 @@ def test_fingerprints_are_written_off_the_training_thread(tmp_path, monkeypatch)
     assert all(checkpoint.verify(str(tmp_path), s) is None for s in (1, 2, 3))
 
 
-@pytest.mark.parametrize(
-    'setting, expected',
-    [('auto', '{cache}/xla'), ('~/xla_here', '{home}/xla_here'), ('gs://b/xla', 'gs://b/xla')],
-)
-def test_the_compilation_cache_goes_where_the_config_says(monkeypatch, tmp_path, setting, expected):
-    monkeypatch.setenv('RESNET_JAX_CACHE_DIR', str(tmp_path))
-    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
-    before = jax.config.jax_compilation_cache_dir
-    try:
-        path = trainer.enable_compilation_cache(setting)
-        assert path == expected.format(cache=tmp_path, home=tmp_path / 'home')
-        assert jax.config.jax_compilation_cache_dir == path
-    finally:
-        jax.config.update('jax_compilation_cache_dir', before)
-
-
-def test_an_empty_compilation_cache_dir_turns_it_off():
-    before = jax.config.jax_compilation_cache_dir
-    assert trainer.enable_compilation_cache('') is None
-    assert jax.config.jax_compilation_cache_dir == before
-
-
 def test_the_train_stream_resumes_at_any_batch():
     source = synthetic_source(32)
     preprocess = preprocessing.make_preprocess(synthetic_info(), train=True, normalization='none')
