@@ -9,7 +9,8 @@ JAX_PROCESS_ID set (a GKE GPU JobSet), nothing either; elsewhere --coordinator_a
 --num_processes=N --process_id=I on every process (resnet_jax.cluster decides, in that order of
 precedence: flags, JAX_*, torchrun's, JAX's detection; docs/scaling.md).
 Bad input exits non-zero with one `error:` line (`--verbose` adds the traceback) and leaves the
-workdir untouched. SIGTERM, SIGHUP or Ctrl-C saves the current step and exits 0; rerun to
+workdir untouched. SIGTERM, SIGHUP or Ctrl-C saves the current step, prints `preempted: saved
+step N` and exits 0 (or --preempted_exit_code, for a batch script that requeues on it); rerun to
 resume (before the first step there is nothing to save: one line, exit 128 + the signal).
 A workdir whose checkpoints were all found damaged is not started over without --start_over.
 """
@@ -39,6 +40,18 @@ flags.DEFINE_boolean(
     False,
     'Train from step 0 in a workdir whose checkpoints were all set aside as damaged (its '
     'earlier records are moved to WORKDIR/previous/).',
+)
+flags.DEFINE_integer(
+    'preempted_exit_code',
+    0,
+    'Exit status after a preemption saved its step (0 as a finished run; e.g. 75 for a batch '
+    'script to requeue on: scripts/slurm_train.sbatch). 3-125: 1 and 2 are errors, 126 and up '
+    "the shell's.",
+)
+flags.register_validator(
+    'preempted_exit_code',
+    lambda code: code == 0 or 3 <= code <= 125,
+    message="expected 0 or 3..125 (1 and 2 are errors, 126 and up the shell's)",
 )
 flags.mark_flags_as_required(['workdir'])
 
@@ -83,6 +96,8 @@ def main(argv):
         os._exit(1)
     if 'preempted_at_step' in result:
         print(f'preempted: saved step {int(result["preempted_at_step"])}; rerun to resume')
+        sys.stdout.flush()
+        sys.exit(FLAGS.preempted_exit_code)
 
 
 if __name__ == '__main__':

@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.dtype = 'float32'
     c.batch_size = 128  # global, over all devices and processes
+    # Rounded up to a multiple of the device count where it is not one (sharding.eval_batch_size).
     c.eval_batch_size = 512
     # Global batches a background thread keeps on the devices ahead of the step, so input
     # hiccups do not idle the accelerator (resnet_jax.prefetch); 0: each moved when needed.
@@ -61,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.cutmix_alpha = 0.0
     c.cutmix_prob = 0.5
     c.bn_group_size = 0  # 0: BN statistics of the global batch; N: of each group of N examples
+    # A group that straddles devices (the per-device batch not a multiple of bn_group_size)
+    # costs collectives in every BatchNorm layer (docs/scaling.md); refused unless set.
+    c.bn_span_across_devices = False
     c.fsdp = False  # shard large parameters and optimizer state over `data` (ZeRO-3 style)
     c.fsdp_min_size = 2**18  # elements; smaller arrays stay replicated
     # A NaN or Inf in the loss or gradients: 'stop' (naming the step and the last checkpoint)
@@ -169,11 +173,13 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
         not config.bn_group_size or config.batch_size % config.bn_group_size == 0,
         f'bn_group_size={config.bn_group_size} does not divide batch_size={config.batch_size}',
     )
-    for field in ('batch_size', 'eval_batch_size'):
-        try:
-            sharding.check_batch_size(config[field], device_count, process_count)
-        except ValueError as e:
-            _check(False, f'{field}={config[field]!r} {e}')
+    try:
+        sharding.check_batch_size(config.batch_size, device_count, process_count)
+    except ValueError as e:
+        _check(False, f'batch_size={config.batch_size!r} {e}')
+    _check_bn_span(config, device_count)
+    _positive_int(config.eval_batch_size, 'eval_batch_size')
+    sharding.note_eval_batch_size(config.eval_batch_size, device_count, process_count)
     _one_of(config.dtype, DTYPES, 'dtype')
     _one_of(config.nonfinite, NONFINITE_POLICIES, 'nonfinite')
     _check(
@@ -229,6 +235,23 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
         )
     optim.check_config(config.optimizer, config.total_steps)
     create_model_from_config(config, num_classes=10)  # the model checks its own options
+
+
+def _check_bn_span(config: ml_collections.ConfigDict, device_count: int) -> None:
+    """A BatchNorm span (`bn_group_size`) must lie inside one device unless
+    `bn_span_across_devices` asks for spans that straddle devices."""
+    span = config.bn_group_size
+    if not span or config.bn_span_across_devices:
+        return
+    per_device = config.batch_size // device_count
+    _check(
+        per_device % span == 0,
+        f'bn_group_size={span} straddles devices: batch_size={config.batch_size} over '
+        f'{device_count} devices is {per_device} examples per device, not a multiple of {span}; '
+        f'expected a bn_group_size that divides {per_device} (0: global statistics), or '
+        'bn_span_across_devices=True to accept the collectives in every BatchNorm layer it '
+        'costs (docs/scaling.md)',
+    )
 
 
 def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int):

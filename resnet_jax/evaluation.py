@@ -209,15 +209,16 @@ def evaluate_split(
 ) -> dict[str, float]:
     """Exact metrics over a whole split: masked sums divided by the real example count.
 
-    The batch size, workers and read threads are the config's, for the trainer's evaluations
-    and `evaluate` alike; batches are sharded over the one mesh (`sharding.data_mesh`).
+    The batch size (`eval_batch_size`, rounded up to a multiple of the devices:
+    `sharding.eval_batch_size`), workers and read threads are the config's, for the trainer's
+    evaluations and `evaluate` alike; batches are sharded over the one mesh.
     """
     mesh = sharding.data_mesh()
     sums = None
     for local in pipelines.eval_dataset(
         source,
         preprocess,
-        batch_size=sharding.local_batch_size(config.eval_batch_size, mesh),
+        batch_size=sharding.local_eval_batch_size(config.eval_batch_size, mesh),
         reading=pipelines.Reading.of(config.dataset),
     ):
         out = eval_step(state, sharding.global_batch(local, mesh))

@@ -11,6 +11,9 @@ divisible axis, as in ZeRO-3 / FSDP: XLA inserts the all-gathers and reduce-scat
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
 from typing import Any
 
 import jax
@@ -20,6 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from resnet_jax import options
 
 DATA_AXIS = 'data'
+
+logger = logging.getLogger('resnet_jax')
 
 
 def data_mesh(devices: list | None = None) -> Mesh:
@@ -73,6 +78,38 @@ def local_batch_size(global_batch_size: int, mesh: Mesh | None = None) -> int:
     except ValueError as e:
         raise ValueError(f'batch_size {global_batch_size!r} {e}') from None
     return global_batch_size // jax.process_count()
+
+
+def eval_batch_size(requested: int, devices: int, processes: int = 1) -> int:
+    """The eval batch `requested` becomes on `devices`: the smallest multiple of the device
+    count (and of the process count, which divides it on every real cluster) that is at least
+    `requested`. An eval batch is padded and masked anyway, so rounding it up changes no
+    metric, where refusing it would stop a config on a larger slice (512 on 1,024 devices)."""
+    unit = math.lcm(devices, processes)
+    return -(-requested // unit) * unit
+
+
+@functools.cache
+def note_eval_batch_size(requested: int, devices: int, processes: int) -> int:
+    """`eval_batch_size(...)`, logged (on process 0, once per process) where it differs."""
+    effective = eval_batch_size(requested, devices, processes)
+    if effective != requested and jax.process_index() == 0:
+        logger.info(
+            'eval_batch_size=%d is used as %d: the smallest multiple of the %d devices at least '
+            'as large (padded examples are masked out)',
+            requested,
+            effective,
+            devices,
+        )
+    return effective
+
+
+def local_eval_batch_size(requested: int, mesh: Mesh | None = None) -> int:
+    """This process's share of the eval batch `requested` becomes on `mesh` (rounded up to
+    the devices: `eval_batch_size`)."""
+    mesh = data_mesh() if mesh is None else mesh
+    effective = note_eval_batch_size(requested, mesh.devices.size, jax.process_count())
+    return local_batch_size(effective, mesh)
 
 
 def global_batch(local_batch: Any, mesh: Mesh) -> Any:

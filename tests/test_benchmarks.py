@@ -116,6 +116,19 @@ def test_input_pipeline_benchmark_measures_uint8_batches_and_cores(cifar10_data_
     assert record['large_photo']['crop_aware_ms'] > 0
 
 
+def test_read_bytes_benchmark_measures_what_a_random_record_costs(cifar10_data_dir):
+    _, record = _run(
+        'read_bytes.py', f'--data_dir={cifar10_data_dir}', '--reads=200', '--photos=16'
+    )
+    cifar, photos = record['cifar10'], record['imagenet_like']
+    # A random read of a record costs at least the record (ArrayRecord reads whole blocks).
+    assert cifar['records'] == 50_000 and cifar['bytes_per_read'] >= cifar['file_bytes_per_record']
+    assert photos['count'] == 16 and photos['mean_jpeg_bytes'] > 30_000
+    assert photos['array_record_bytes_per_read'] >= photos['mean_jpeg_bytes']
+    need = record['host_needs']['10000']
+    assert need['MB_per_s'] == pytest.approx(1e4 * photos['array_record_bytes_per_read'] / 1e6)
+
+
 @pytest.mark.slow
 def test_cifar_loop_benchmark_runs_the_trainer_both_ways(cifar10_data_dir):
     out, record = _run(
@@ -184,6 +197,7 @@ print('imported')
             '--photos=10: expected at least 128',
         ),
         (['input_pipeline.py', '--data_dir=/nowhere', '--rounds=0'], '--rounds=0: expected at'),
+        (['read_bytes.py', '--rates=8000,x'], "--rates='8000,x': expected comma-separated"),
         (['input_pipeline.py', '--data_dir=/x', '--workers=0,-1'], '--workers=-1: expected at'),
         (['input_pipeline.py', '--data_dir=/x', '--workers=2,a'], "--workers='2,a': expected"),
         (

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from configs import cifar10
+from configs import cifar10, imagenet
 from resnet_jax import config as config_lib
 from resnet_jax import optim
 
@@ -120,3 +120,41 @@ def test_boundaries_in_epochs_must_not_merge_with_others_or_come_first():
 def test_the_shipped_configs_still_validate():
     for name in ('resnet20', 'resnet110', 'plain56'):
         config_lib.validate(cifar10.get_config(name), device_count=8, process_count=1)
+
+
+def test_a_batchnorm_span_that_straddles_devices_is_refused_unless_asked_for():
+    """The ImageNet configs' span of 32 at batch 4096 on a v5e-256 (16 images per chip) passed
+    before and compiled into collectives in every BatchNorm layer (docs/scaling.md)."""
+    config = imagenet.get_config('resnet50')
+    config_lib.apply_overrides(config, {'batch_size': 4096})
+    message = (
+        'invalid config: bn_group_size=32 straddles devices: batch_size=4096 over 256 devices '
+        'is 16 examples per device, not a multiple of 32; expected a bn_group_size that '
+        'divides 16 (0: global statistics), or bn_span_across_devices=True to accept the '
+        'collectives in every BatchNorm layer it costs (docs/scaling.md)'
+    )
+    with pytest.raises(ValueError, match=f'^{re.escape(message)}$'):
+        config_lib.validate(config, device_count=256, process_count=64)
+    config_lib.validate(config, device_count=32, process_count=8)  # 128 per device: inside
+    # Groups of 8 over 12 examples per device straddle device boundaries unevenly.
+    config_lib.apply_overrides(config, {'batch_size': 96, 'bn_group_size': 8})
+    with pytest.raises(ValueError, match='is 12 examples per device, not a multiple of 8'):
+        config_lib.validate(config, device_count=8, process_count=1)
+    for overrides in ({'bn_span_across_devices': True}, {'bn_group_size': 0}):
+        ok = imagenet.get_config('resnet50')
+        config_lib.apply_overrides(ok, {'batch_size': 4096, **overrides})
+        config_lib.validate(ok, device_count=256, process_count=64)
+
+
+def test_an_eval_batch_smaller_than_the_devices_is_no_error():
+    """eval_batch_size=512 on more than 512 devices was refused; it is rounded up instead
+    (sharding.eval_batch_size; tests/test_sharding.py)."""
+    config = imagenet.get_config('resnet50')
+    config_lib.apply_overrides(config, {'batch_size': 4096, 'bn_group_size': 0})
+    config_lib.validate(config, device_count=1024, process_count=256)
+    config = cifar10.get_config('resnet20')
+    config_lib.apply_overrides(config, {'eval_batch_size': 4})
+    config_lib.validate(config, device_count=8, process_count=1)
+    config_lib.apply_overrides(config, {'eval_batch_size': 0})
+    with pytest.raises(ValueError, match=r'^invalid config: eval_batch_size=0; expected a'):
+        config_lib.validate(config, device_count=8, process_count=1)

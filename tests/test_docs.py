@@ -17,10 +17,11 @@ TOP_DIRS = (
     'docs',
     'results',
     'notebooks',
+    'deploy',
 )
 FILE_REFERENCE = re.compile(
-    r'(?<![\w/.])((?:' + '|'.join(TOP_DIRS) + r')/[\w./-]*\w\.(?:py|md|png|sh|ipynb|json|csv|txt))'
-    r'(?:::(\w+))?'
+    r'(?<![\w/.])((?:' + '|'.join(TOP_DIRS) + r')/[\w./-]*\w'
+    r'\.(?:py|md|png|sh|ipynb|json|csv|txt|yaml|sbatch))(?:::(\w+))?'
 )
 TEST_FILE_REFERENCE = re.compile(r'(?<![\w/])(test_\w+\.py)::(\w+)')
 TEST_NAME = re.compile(r'`(test_\w+)`')
@@ -74,6 +75,11 @@ def test_the_checker_sees_references():
         ('tests/test_cli.py', 'test_verbose_adds_the_traceback')
     ]
     assert TEST_NAME.findall(sample) == ['test_nope']
+    launchers = 'deploy/gke_jobset_gpu.yaml and scripts/slurm_train.sbatch'
+    assert FILE_REFERENCE.findall(launchers) == [
+        ('deploy/gke_jobset_gpu.yaml', ''),
+        ('scripts/slurm_train.sbatch', ''),
+    ]
 
 
 # --- Examples and generated tables -------------------------------------------------------------

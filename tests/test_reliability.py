@@ -151,6 +151,45 @@ def test_sigterm_saves_at_a_step_exits_0_and_the_resumed_run_is_exact(tmp_path, 
     )
 
 
+@pytest.mark.slow
+def test_a_preempted_exit_code_tells_a_batch_script_to_requeue(tmp_path, cifar10_data_dir):
+    """--preempted_exit_code=75: the save and the line of a preemption, then status 75
+    (scripts/slurm_train.sbatch requeues on it); a finished run still exits 0."""
+    run = tmp_path / 'run'
+    argv = [*_train_argv(run, cifar10_data_dir, **RESUME), '--preempted_exit_code=75']
+    proc = subprocess.Popen(
+        [sys.executable, *argv],
+        cwd=REPO,
+        env=_env(8),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_step(run, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 75, err[-2000:]
+    saved = int(re.search(r'preempted: saved step (\d+)', out).group(1))
+    assert checkpoint.committed_steps(str(run / 'checkpoints')) == [saved]
+    finished = subprocess.run(
+        [sys.executable, *argv], cwd=REPO, env=_env(8), capture_output=True, timeout=TIMEOUT
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+
+
+@pytest.mark.parametrize('code', ['1', '126'])
+def test_a_preempted_exit_code_of_an_error_or_the_shell_is_refused(tmp_path, code, run_process):
+    result = run_process(
+        ['train.py', f'--workdir={tmp_path / "run"}', f'--preempted_exit_code={code}']
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f'error: flag --preempted_exit_code={code}: expected 0 or 3..125 (1 and 2 are errors, '
+        "126 and up the shell's)"
+    ]
+    assert not (tmp_path / 'run').exists()
+
+
 def _pids(launcher_lines):
     return [
         int(m.group(1)) for m in re.finditer(r'\[launch\] process \d+ pid (\d+)', launcher_lines)

@@ -3,6 +3,8 @@ device, exact masked eval, BatchNorm spans, bfloat16 compute with float32 state,
 average.
 """
 
+import collections
+import math
 import re
 
 import chex
@@ -201,6 +203,37 @@ def test_batchnorm_spans_within_a_device_leave_a_handful_of_all_reduces():
 
 
 @pytest.mark.slow
+def test_batchnorm_spans_that_straddle_devices_compile_to_collectives_in_every_layer():
+    """What `bn_span_across_devices=True` buys: ResNet-20 on 8 devices (jax 0.10.2's XLA on
+    this CPU; the counts docs/scaling.md quotes). 16 examples per device with spans of 32, as
+    a v5e-256 at batch 4096 with the ImageNet configs' span: the two devices of a span
+    all-reduce in every BatchNorm layer, forward and backward, as many all-reduces as global
+    statistics. Spans off the device boundaries (12 per device, spans of 8): pairs of devices
+    all-gather their examples and each computes both halves, twice the work."""
+    model = rj.create_model('resnet20', num_classes=10)
+    variables = jax.eval_shape(lambda: rj.init_variables(model, jax.random.key(0), (32, 32, 3)))
+    bn_layers = len(jax.tree.leaves(variables['batch_stats'])) // 2  # a mean and a variance
+    assert bn_layers == 19
+    assert _collectives(_compiled_train_step('resnet20', 128, 0)) == {
+        ('all-reduce', 8): 2 * bn_layers + 1
+    }
+    assert _collectives(_compiled_train_step('resnet20', 128, 16)) == {('all-reduce', 8): 1}
+    assert _collectives(_compiled_train_step('resnet20', 128, 32)) == {
+        ('all-reduce', 2): 2 * bn_layers,
+        ('all-reduce', 4): 1,
+        ('all-reduce', 8): 1,
+    }
+    uneven = _compiled_train_step('resnet20', 96, 8)
+    assert _collectives(uneven) == {
+        ('all-gather', 2): 2,
+        ('all-reduce', 4): 1,
+        ('all-reduce', 8): 1,
+    }
+    # The stem's output of both devices of a pair (24 examples) on each: the rest runs on it.
+    assert re.search(r'= f32\[24,32,32,16\]\S* all-gather\(', uneven)
+
+
+@pytest.mark.slow
 def test_bfloat16_train_step_keeps_float32_state():
     config = _with(smoke.get_config(), dtype='bfloat16')
     model = config_lib.create_model_from_config(config, num_classes=10)
@@ -221,8 +254,14 @@ def test_bfloat16_train_step_keeps_float32_state():
 
 def _all_reduces_in_a_resnet50_step(bn_group_size):
     """All-reduce ops in the compiled ResNet-50 train step on 8 devices, batch 16 (2 each)."""
+    counts = _collectives(_compiled_train_step('resnet50', 16, bn_group_size))
+    return sum(n for (kind, _), n in counts.items() if kind == 'all-reduce')
+
+
+def _compiled_train_step(name, batch_size, bn_group_size):
+    """The HLO text of the compiled train step of `name` on 8 devices (32x32 images)."""
     config = smoke.get_config()
-    model = rj.create_model('resnet50', num_classes=10)
+    model = rj.create_model(name, num_classes=10)
     shape = (32, 32, 3)
     params = jax.eval_shape(lambda: rj.init_variables(model, jax.random.key(0), shape))
     tx, schedule = optim.create_optimizer(
@@ -232,12 +271,40 @@ def _all_reduces_in_a_resnet50_step(bn_group_size):
     abstract = jax.eval_shape(lambda: create_train_state(model, tx, 0, shape))
     shardings = sharding.state_shardings(abstract, mesh)
     batch = {
-        'image': jax.ShapeDtypeStruct((16, *shape), jnp.float32),
-        'label': jax.ShapeDtypeStruct((16,), jnp.int32),
+        'image': jax.ShapeDtypeStruct((batch_size, *shape), jnp.float32),
+        'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32),
     }
     step = jax.jit(
         steps.make_train_step(model, tx, schedule, steps.StepOptions(bn_group_size=bn_group_size)),
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
     )
-    hlo = step.lower(abstract, batch).compile().as_text()
-    return len(re.findall(r'^\s*%\S+ = .*?\ball-reduce(?:-start)?\(', hlo, re.M))
+    return step.lower(abstract, batch).compile().as_text()
+
+
+COLLECTIVE = re.compile(
+    r'^\s*%\S+ = .*?\b(all-reduce|all-gather|collective-permute|reduce-scatter|all-to-all)'
+    r'(?:-start)?\(',
+    re.M,
+)
+
+
+def _collectives(hlo):
+    """Collective ops of compiled HLO text, counted by (kind, devices in each replica group)."""
+    counts = collections.Counter()
+    for line in hlo.splitlines():
+        if match := COLLECTIVE.match(line):
+            counts[match.group(1), _group_size(line)] += 1
+    return dict(counts)
+
+
+def _group_size(line):
+    """Devices in each replica group of one HLO collective; None where it has none
+    (collective-permute names source-target pairs instead)."""
+    if match := re.search(r'replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}', line):
+        sizes = {axis: int(n) for axis, n in re.findall(r"'(\w+)'=(\d+)", match.group(1))}
+        return math.prod(sizes[axis] for axis in re.findall(r"'(\w+)'", match.group(2)))
+    if match := re.search(r'replica_groups=\[\d+,(\d+)\]', line):  # [groups,size]<=[devices]
+        return int(match.group(1))
+    if match := re.search(r'replica_groups=\{\{([\d,]*)\}', line):
+        return len(match.group(1).split(','))
+    return None
