@@ -3,6 +3,9 @@
     python3 benchmarks/gpu_check.py                           # on the GPU; results in $OUT
     SMALL=1 OUT=/tmp/check python3 benchmarks/gpu_check.py    # the same phases, tiny, on a CPU
 
+SMALL=1 runs the same code at ResNet-18, batch 8, 64x64, 3 timed steps and 16 JPEGs (about
+1-1.5 min on the 2-core development CPU; BENCHMARKS.md has the measured time).
+
 Runs from the checkout alone (it puts its checkout first on sys.path: no install, no network)
 with jax, flax, optax, numpy, opencv and, for the last phase, torch and torchvision; never
 Grain, tensorflow-datasets, TensorFlow, ml-collections, tensorboardX or gcsfs (checked at the
@@ -32,19 +35,18 @@ install costs seconds of the slot, not all of it.
 Results: $OUT (or --out) gets two files, gpu_check.json (rewritten after every phase, and
 marked 'running' when one starts, so a killed run still reports what it measured) and
 gpu_check.txt (the lines printed); the JSON is written through a third, hidden temporary file.
-No persistent compilation cache is used (one process compiles each program once), no traces,
-nothing else.
+No persistent compilation cache is used (one process compiles each program once: the cache
+is switched off, whatever JAX_COMPILATION_CACHE_DIR says), no traces, nothing else.
 
 Estimate on one H200, full size (nothing of it measured yet on a GPU; reasoning from the
 figures in BENCHMARKS.md): start-up (python3, jax, CUDA) 15-20 s; phase 1, 256 JPEGs made
-(about 4 s) and about 1,000 decodes timed, 10-15 s; phase 2, two ResNet-50 step compiles with
+(3-6 s) and 768 decodes timed, 10-15 s; phase 2, two ResNet-50 step compiles with
 cuDNN autotuning (30-60 s each) plus two init compiles (5-10 s each), the FLOP count (a few s),
 3 + 30 steps of each model in turns (about 80 ms each: 5 s) and the matrix product (2 s),
 80-150 s; phase 3 reuses the compiled step: 2 x 33 steps, the host-fed ones at the threads'
 decode rate (about 256 images per step at 1,500-3,000 images/s), 15-25 s; phase 4, torch
 import and CUDA context (10 s), cuDNN benchmark warm-up (5-10 s), 30 steps (3 s), 20-30 s.
-In all 2.5-4 min, at most about 5 with the compiles at their slow end. SMALL=1 on the 2-core
-development CPU: see BENCHMARKS.md.
+In all 2.5-4 min, at most about 5 with the compiles at their slow end.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # this checkout's resnet_jax, whatever is installed
 # Torch runs in this process after JAX: JAX must not take 75% of the GPU up front.
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+# No persistent compilation cache: nothing compiles twice here, and it must not write to $OUT.
+os.environ.pop('JAX_COMPILATION_CACHE_DIR', None)
 
 import cv2  # noqa: E402
 import flax_reference  # noqa: E402  (benchmarks/, beside this file)
@@ -80,6 +84,7 @@ import resnet_jax as rj  # noqa: E402
 from resnet_jax import augment, datasets, decode, optim, prefetch, sharding, steps  # noqa: E402
 from resnet_jax.train_state import create_train_state  # noqa: E402
 
+jax.config.update('jax_enable_compilation_cache', False)
 PHASES = ('host', 'step', 'loop', 'torch')
 NOT_ALLOWED = (
     'grain',
@@ -105,6 +110,7 @@ OUT_JSON, OUT_TEXT = 'gpu_check.json', 'gpu_check.txt'
 class Settings:
     out: str
     small: bool
+    model: str
     phases: tuple[str, ...]
     fail: str
     batch_size: int
@@ -343,7 +349,7 @@ def random_batch(cfg: Settings, seed: int) -> dict:
 def build_ours(cfg: Settings) -> Ours:
     """The trainer's step (uint8 in, normalised inside, explicit shardings, state donated)."""
     model = rj.create_model(
-        'resnet50', num_classes=CLASSES, shortcut='B', stride_on='3x3', dtype='bfloat16'
+        cfg.model, num_classes=CLASSES, shortcut='B', stride_on='3x3', dtype='bfloat16'
     )
     shape = (cfg.image_size, cfg.image_size, 3)
     mesh = sharding.data_mesh(jax.devices()[:1])
@@ -374,7 +380,7 @@ def build_ours(cfg: Settings) -> Ours:
 def build_flax(cfg: Settings):
     """The plain-Flax peer's step (float32 images ready on the device), initialised under jit
     at batch 1 (the parameters do not depend on the batch); (run, compile_s, init_s)."""
-    model = flax_reference.create('resnet50', CLASSES, jnp.bfloat16)
+    model = flax_reference.create(cfg.model, CLASSES, jnp.bfloat16)
     shape = (cfg.image_size, cfg.image_size, 3)
     start = time.perf_counter()
     init = jax.jit(lambda key: model.init(key, jnp.zeros((1, *shape)), train=False))
@@ -483,17 +489,27 @@ def phase_step(cfg: Settings, shared: Shared, rec: dict, log) -> None:
 # --- Phase 3: the loop fed by host decoding ---------------------------------------------------
 
 
-def host_batches(jpegs: list[bytes], cfg: Settings, pool):
-    """Endless uint8 batches decoded and cropped from `jpegs` by the threads of `pool`."""
-    rng = np.random.default_rng(2)
-    first = 0
-    while True:
-        indices = range(first, first + cfg.batch_size)
-        work = lambda i: decode_crop(jpegs[i % len(jpegs)], i, cfg.image_size)
-        images = np.stack(list(pool.map(work, indices)))
-        labels = rng.integers(0, CLASSES, cfg.batch_size).astype(np.int32)
-        yield {'image': images, 'label': labels}
-        first += cfg.batch_size
+class HostBatches:
+    """Endless uint8 batches decoded and cropped from `jpegs` by the threads of `pool`.
+
+    An iterator, not a generator: the prefetcher's `close()` closes it while its thread may be
+    inside `next()`, which a generator refuses (ValueError: generator already executing).
+    """
+
+    def __init__(self, jpegs: list[bytes], cfg: Settings, pool):
+        self.jpegs, self.cfg, self.pool = jpegs, cfg, pool
+        self.rng = np.random.default_rng(2)
+        self.first = 0
+
+    def __iter__(self) -> HostBatches:
+        return self
+
+    def __next__(self) -> dict:
+        size, crop, jpegs = self.cfg.batch_size, self.cfg.image_size, self.jpegs
+        work = lambda i: decode_crop(jpegs[i % len(jpegs)], i, crop)
+        images = np.stack(list(self.pool.map(work, range(self.first, self.first + size))))
+        self.first += size
+        return {'image': images, 'label': self.rng.integers(0, CLASSES, size).astype(np.int32)}
 
 
 def timed_loop(ours: Ours, batches, steps_: int, warmup: int) -> dict:
@@ -526,7 +542,7 @@ def phase_loop(cfg: Settings, shared: Shared, rec: dict, log) -> None:
     cycle = (on_device[i % 2] for i in range(2**62))
     rec['on_device'] = timed_loop(ours, cycle, cfg.steps, cfg.warmup)
     with concurrent.futures.ThreadPoolExecutor(cfg.threads) as pool:
-        fed = prefetch.prefetch_to_device(host_batches(jpegs, cfg, pool), ours.to_device, 2)
+        fed = prefetch.prefetch_to_device(HostBatches(jpegs, cfg, pool), ours.to_device, 2)
         try:
             rec['host_fed'] = timed_loop(ours, fed, cfg.steps, cfg.warmup)
         finally:
@@ -559,7 +575,7 @@ def phase_torch(cfg: Settings, shared: Shared, rec: dict, log) -> None:
         return log(f'torch: skipped ({rec["reason"]})')
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     torch.backends.cudnn.benchmark = True
-    model = torchvision.models.resnet50(num_classes=CLASSES)
+    model = getattr(torchvision.models, cfg.model)(num_classes=CLASSES)
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     size = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
@@ -653,6 +669,9 @@ def parse(argv: list[str] | None = None) -> Settings:
     parser.add_argument('--out', default=os.environ.get('OUT'), help='default: $OUT')
     parser.add_argument('--phases', default=','.join(PHASES), help='comma-separated, in order')
     parser.add_argument('--fail', default='', help='make this phase fail (tests the failure path)')
+    parser.add_argument(
+        '--model', default='resnet18' if small else 'resnet50', choices=('resnet50', 'resnet18')
+    )
     parser.add_argument('--batch_size', type=int, default=8 if small else 256)
     parser.add_argument('--image_size', type=int, default=64 if small else 224)
     parser.add_argument('--steps', type=int, default=3 if small else 30, help='timed steps')
