@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -84,7 +85,8 @@ import resnet_jax as rj  # noqa: E402
 from resnet_jax import augment, datasets, decode, optim, prefetch, sharding, steps  # noqa: E402
 from resnet_jax.train_state import create_train_state  # noqa: E402
 
-jax.config.update('jax_enable_compilation_cache', False)
+with contextlib.suppress(AttributeError):  # an option a later jax may drop; the env is cleared
+    jax.config.update('jax_enable_compilation_cache', False)
 PHASES = ('host', 'step', 'loop', 'torch')
 NOT_ALLOWED = (
     'grain',
@@ -176,6 +178,7 @@ def summarize(phases: dict) -> dict:
             out['host_cores_to_feed_ours'] = (
                 ours['images_per_s'] / out['host_images_per_s_per_core']
             )
+        out['ours_fraction_of_matmul'] = ours.get('fraction_of_matmul')
     if 'images_per_s' in step.get('flax', {}):
         out['flax_step_over_ours'] = step['flax']['p50_ms'] / ours['p50_ms']
     loop = phases.get('loop', {})
@@ -444,10 +447,15 @@ def matmul_ceiling(n: int, repeats: int = 10) -> float:
     return 2 * n**3 / float(np.median(seconds)) / 1e12
 
 
+def xla_flops(compiled) -> float | None:
+    """FLOPs of one call by XLA's cost analysis; None where the backend gives none."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    return float(cost['flops']) if isinstance(cost, dict) and 'flops' in cost else None
+
+
 def phase_step(cfg: Settings, shared: Shared, rec: dict, log) -> None:
     ours = shared.ours()
-    cost = ours.compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     memory = ours.compiled.memory_analysis()
     rec['memory_bytes'] = {
         name: int(getattr(memory, f'{name}_size_in_bytes'))
@@ -456,7 +464,9 @@ def phase_step(cfg: Settings, shared: Shared, rec: dict, log) -> None:
     }
     shape = (cfg.image_size, cfg.image_size, 3)
     model_flops = 2 * 3 * rj.count_flops(ours.model, shape) * cfg.batch_size
-    rec['flops_per_step'] = {'xla': float(cost['flops']), 'model': model_flops}
+    rec['flops_per_step'] = {'xla': xla_flops(ours.compiled), 'model': model_flops}
+    if rec['flops_per_step']['xla'] is None:
+        del rec['flops_per_step']['xla']
     kind = jax.devices()[0].device_kind
     peak = PEAK_BF16.get(kind)
     rec['peak_bf16_tflops'] = peak and peak / 1e12
@@ -470,11 +480,11 @@ def phase_step(cfg: Settings, shared: Shared, rec: dict, log) -> None:
         flops = rec['flops_per_step'] if name == 'ours' else {'model': model_flops}
         figures = step_figures(times[name], cfg.batch_size, flops, peak)
         rec['runs'][name] = {'compile_s': compile_s[name], 'init_s': init_s[name], **figures}
-        mfu = figures['mfu_model']
+        mfu = ', '.join(f'{count} {100 * figures[f"mfu_{count}"]:.1f}%' for count in flops if peak)
         log(
             f'{name:5s} compile {compile_s[name]:6.1f} s, p50 step {figures["p50_ms"]:8.1f} ms, '
-            f'{figures["images_per_s"]:8.1f} images/s, MFU (model FLOPs) '
-            + (f'{100 * mfu:.1f}%' if mfu is not None else f'n/a (no peak known for {kind!r})')
+            f'{figures["images_per_s"]:8.1f} images/s, MFU by FLOPs of '
+            + (mfu or f'-: no peak known for {kind!r}')
         )
     ceiling = matmul_ceiling(cfg.matmul)
     rec['matmul'] = {'n': cfg.matmul, 'tflops': ceiling}
