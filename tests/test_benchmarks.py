@@ -1,5 +1,6 @@
 """The benchmark scripts run and print their JSON record (tiny settings; figures not checked)."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -153,32 +154,134 @@ def test_prefetch_benchmark_reports_the_stall_of_each_setting():
 
 
 # What the GPU machine's image lacks of resnet_jax's dependencies (the device tool's package
-# list): the GPU suite's scripts must run without them.
-NOT_ON_THE_GPU_IMAGE = ('grain', 'tensorflow_datasets', 'tensorflow', 'array_record')
-GPU_SUITE_SCRIPTS = ('train_step', 'loop_throughput', 'steps_per_call', 'profile_step')
-
-
-@pytest.mark.usefixtures('run_process')
-def test_the_gpu_suite_needs_neither_grain_nor_tensorflow_datasets():
-    blocker = f"""
+# list): the scripts a GPU session runs must work without them.
+NOT_ON_THE_GPU_IMAGE = (
+    'grain',
+    'tensorflow_datasets',
+    'tensorflow',
+    'array_record',
+    'ml_collections',
+    'tensorboardX',
+    'gcsfs',
+)
+# BENCHMARKS.md's follow-ups for a longer GPU slot, each run on its own.
+GPU_FOLLOW_UP_SCRIPTS = ('train_step', 'loop_throughput', 'steps_per_call', 'profile_step')
+BLOCKER = """
 import importlib, importlib.abc, sys
 class Absent(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name.split('.')[0] in {NOT_ON_THE_GPU_IMAGE!r}:
+        if name.split('.')[0] in {absent!r}:
             raise ImportError(name + ' is not on the GPU image')
 sys.meta_path.insert(0, Absent())
+"""
+
+
+@pytest.mark.usefixtures('run_process')
+def test_the_gpu_follow_up_scripts_need_neither_grain_nor_tensorflow_datasets():
+    program = (
+        BLOCKER.format(absent=NOT_ON_THE_GPU_IMAGE)
+        + f"""
 sys.path.insert(0, 'benchmarks')
-for script in {GPU_SUITE_SCRIPTS!r}:
+for script in {GPU_FOLLOW_UP_SCRIPTS!r}:
     importlib.import_module(script)
 print('imported')
 """
-    with open(os.path.join(REPO, 'benchmarks', 'gpu_suite.sh')) as f:
-        suite = f.read()
-    assert all(f'benchmarks/{script}.py' in suite for script in GPU_SUITE_SCRIPTS)
+    )
+    with open(os.path.join(REPO, 'BENCHMARKS.md')) as f:
+        benchmarks_md = f.read()
+    assert all(f'benchmarks/{script}.py' in benchmarks_md for script in GPU_FOLLOW_UP_SCRIPTS)
     result = subprocess.run(
-        [sys.executable, '-c', blocker], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, '-c', program], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and 'imported' in result.stdout, result.stderr[-3000:]
+
+
+def _gpu_check(out, *flags, program=None):
+    """benchmarks/gpu_check.py, SMALL, run from elsewhere with no PYTHONPATH (as on the GPU
+    machine: the checkout alone); its exit status, record and files."""
+    env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'OUT')}
+    env.update(SMALL='1', OUT=str(out), XLA_FLAGS='')
+    # A compilation cache asked for under $OUT (as gpu_suite.sh did) must not be written there.
+    env.update(JAX_COMPILATION_CACHE_DIR=str(out / 'xla_cache'))
+    env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+    script = os.path.join(REPO, 'benchmarks', 'gpu_check.py')
+    argv = ['-c', program, script, *flags] if program else [script, *flags]
+    result = subprocess.run(
+        [sys.executable, *argv],
+        cwd=out.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    files = sorted(p.name for p in out.iterdir())
+    record = json.loads((out / 'gpu_check.json').read_text())
+    return result, record, files
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures('run_process')
+def test_gpu_check_small_runs_every_phase_into_two_files(tmp_path):
+    result, record, files = _gpu_check(tmp_path / 'out')
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert files == ['gpu_check.json', 'gpu_check.txt']  # the device tool brings back 8
+    assert record['environment']['resnet_jax'] == os.path.join(REPO, 'resnet_jax')
+    assert record['not_allowed_loaded'] == []  # sys.modules at the end of the run
+    phases = record['phases']
+    assert [phases[p]['status'] for p in ('host', 'step', 'loop', 'torch')] == ['ok'] * 4
+    assert phases['host']['one_thread']['images_per_s'] > 0
+    ours, flax = phases['step']['runs']['ours'], phases['step']['runs']['flax']
+    for run in (ours, flax):
+        assert run['compile_s'] > 0 and run['p90_ms'] >= run['p50_ms'] >= run['p10_ms'] > 0
+    assert ours['mfu_model'] is None and ours['mfu_xla'] is None  # no peak known for a CPU
+    flops = phases['step']['flops_per_step']
+    # The two counts of one step agree roughly (XLA skips the taps on padding and the stem's
+    # input gradient, which 3 x the forward count includes: most at ResNet-18, 64x64).
+    assert 0.7 < flops['xla'] / flops['model'] < 1.1
+    loop = phases['loop']
+    assert 0 <= loop['stall_fraction'] <= 1 and loop['on_device']['images_per_s'] > 0
+    assert phases['torch']['images_per_s'] > 0
+    summary = record['summary']
+    assert set(summary) >= {'ours_images_per_s', 'flax_step_over_ours', 'loop_stall_fraction'}
+    assert (tmp_path / 'out' / 'gpu_check.txt').read_text() == result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures('run_process')
+def test_gpu_check_records_a_failing_phase_runs_the_rest_and_exits_1(tmp_path):
+    # Without the packages the GPU image lacks, nor torch or scikit-image: the torch phase
+    # skips with its reason, the JPEGs come from synthetic scenes.
+    absent = (*NOT_ON_THE_GPU_IMAGE, 'torch', 'torchvision', 'skimage')
+    program = (
+        BLOCKER.format(absent=absent)
+        + """
+import os, runpy
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as python does for a script
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+    )
+    result, record, files = _gpu_check(tmp_path / 'out', '--fail=step', program=program)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert files == ['gpu_check.json', 'gpu_check.txt']
+    phases = record['phases']
+    assert phases['step']['status'] == 'failed' and '--fail=step' in phases['step']['error']
+    assert phases['host']['status'] == 'ok'
+    assert phases['host']['jpegs']['source'].startswith('synthetic')
+    # The loop builds the step that the failed phase did not.
+    assert phases['loop']['status'] == 'ok' and phases['loop']['host_fed']['images_per_s'] > 0
+    assert phases['torch']['status'] == 'skipped' and 'torch' in phases['torch']['reason']
+    assert 'failed: step' in result.stdout
+
+
+def test_gpu_check_sees_a_package_the_gpu_image_lacks(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(REPO, 'benchmarks'))
+    gpu_check = importlib.import_module('gpu_check')
+    assert gpu_check.not_allowed_loaded({'jax': 0, 'grain.python': 0, 'gcsfs': 0}) == [
+        'gcsfs',
+        'grain',
+    ]
+    assert set(gpu_check.NOT_ALLOWED) == set(NOT_ON_THE_GPU_IMAGE)
 
 
 @pytest.mark.parametrize(
@@ -192,6 +295,12 @@ print('imported')
         ),
         (['steps_per_call.py', '--ks=1,x'], "--ks='1,x': expected comma-separated positive ints"),
         (['prefetch.py', '--steps=0'], '--steps=0: expected > 0'),
+        (['gpu_check.py', '--out='], 'no output folder: set OUT or pass --out=DIR'),
+        (
+            ['gpu_check.py', '--out=/tmp/x', '--phases=host,gpu'],
+            "unknown phase 'gpu'; expected names from host, step, loop, torch",
+        ),
+        (['gpu_check.py', '--out=/tmp/x', '--steps=0'], '--steps=0: expected at least 1'),
         (
             ['input_pipeline.py', '--data_dir=/nowhere', '--photos=10'],
             '--photos=10: expected at least 128',
