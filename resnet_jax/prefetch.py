@@ -85,7 +85,11 @@ class DevicePrefetcher:
             except queue.Empty:
                 break
         close = getattr(self._host, 'close', None)
-        if close is not None:
+        try:
+            if close is not None:
+                close()  # unblocks a thread waiting in Grain's next()
+        except ValueError:  # a generator inside next() on the thread: close it once it left
+            self._thread.join(timeout)
             close()
         self._thread.join(timeout)
 

@@ -88,3 +88,28 @@ def test_a_negative_prefetch_is_one_clear_error():
         ValueError, match=r'invalid config: prefetch_batches=-1; expected a non-negative int'
     ):
         config_lib.validate(config, device_count=1, process_count=1)
+
+
+def test_closing_while_a_generator_is_inside_next_waits_for_it_then_closes_it():
+    """A host iterator that is a generator cannot be closed from another thread while it runs
+    (ValueError: generator already executing): close waits for it instead of failing."""
+    import threading
+
+    from resnet_jax import prefetch
+
+    inside = threading.Event()
+    closed = []
+
+    def slow_batches():
+        try:
+            while True:
+                inside.set()
+                time.sleep(0.3)
+                yield {'x': np.zeros(2)}
+        finally:
+            closed.append(True)
+
+    prefetcher = prefetch.DevicePrefetcher(slow_batches(), lambda b: b, size=1)
+    inside.wait(5)
+    prefetcher.close(timeout=5)
+    assert closed == [True]
