@@ -89,6 +89,21 @@ def read_run(
       ValueError: no such checkpoint, a damaged one, one of another network than `config`, or
         weights that are not finite; naming the step and the workdir.
     """
+    return _read(workdir, step, config, whole_state=False)[1]
+
+
+def read_train_state(
+    workdir: str, *, step: int | None = None, config: ml_collections.ConfigDict | None = None
+) -> tuple[TrainState, Run]:
+    """The whole train state at `step` (optimizer state and RNG too), replicated, without the
+    run's dataset: its structure follows from the config and the recorded input; and the run
+    as `read_run` gives it."""
+    return _read(workdir, step, config, whole_state=True)
+
+
+def _read(
+    workdir: str, step: int | None, config: Any, *, whole_state: bool
+) -> tuple[TrainState | None, Run]:
     config = config if config is not None else workdir_lib.read_config(workdir)
     directory = checkpoint_dir(workdir)
     # A live trainer deletes old steps as it saves new ones: the newest is looked up again if
@@ -96,7 +111,7 @@ def read_run(
     for _ in range(3):
         chosen = _committed_step(directory, step)
         try:
-            return _read_step(workdir, directory, chosen, config)
+            return _read_step(workdir, directory, chosen, config, whole_state)
         except Exception:
             if chosen in checkpoint.committed_steps(directory):
                 raise  # still there: the error is the checkpoint's own
@@ -109,7 +124,11 @@ def read_run(
     raise ValueError(f'the checkpoints in {directory!r} kept changing while they were read')
 
 
-def _read_step(workdir: str, directory: str, step: int, config: ml_collections.ConfigDict) -> Run:
+def _read_step(
+    workdir: str, directory: str, step: int, config: Any, whole_state: bool
+) -> tuple[TrainState | None, Run]:
+    """The step verified and checked against `config`, then read once: the whole state, or the
+    evaluation variables alone."""
     problem = checkpoint.verify(directory, step)
     if problem is not None:
         raise ValueError(f'checkpoint step {step} in {directory!r} is damaged: {problem}')
@@ -118,36 +137,37 @@ def _read_step(workdir: str, directory: str, step: int, config: ml_collections.C
     model = config_lib.create_model_from_config(config, run_input.num_classes)
     where = f'checkpoint step {step} in {directory!r}'
     workdir_lib.check_identity(meta['identity'], workdir_lib.identity(config, model), where)
-    variables, averaged = _read_eval_variables(directory, step)
+    state = None
+    if whole_state:
+        state = _read_whole_state(directory, step, config, model, run_input)
+        variables, averaged = state.eval_variables(), state.ema is not None
+    else:
+        variables, averaged = _read_eval_variables(directory, step)
     weights.check_finite(variables, where)
-    return Run(paths.normalize(workdir), step, config, model, run_input, variables, averaged)
+    run = Run(paths.normalize(workdir), step, config, model, run_input, variables, averaged)
+    return state, run
 
 
-def read_train_state(
-    workdir: str, *, step: int | None = None, config: ml_collections.ConfigDict | None = None
-) -> tuple[TrainState, Run]:
-    """The whole train state at `step` (optimizer state and RNG too), replicated, without the
-    run's dataset: its structure follows from the config and the recorded input."""
-    run = read_run(workdir, step=step, config=config)
-    cfg = run.config
-    shape = run.input.network_shape()
+def _read_whole_state(
+    directory: str, step: int, config: Any, model: Any, run_input: preprocessing.RunInput
+) -> TrainState:
+    shape = run_input.network_shape()
     abstract_params = jax.eval_shape(
-        lambda: create_train_state(run.model, optax.identity(), cfg.seed, shape).params
+        lambda: create_train_state(model, optax.identity(), config.seed, shape).params
     )
     # The schedule is no part of the state: any steps_per_epoch gives the same structure.
     tx, _ = optim.create_optimizer(
-        cfg.optimizer, abstract_params, total_steps=cfg.total_steps, steps_per_epoch=1
+        config.optimizer, abstract_params, total_steps=config.total_steps, steps_per_epoch=1
     )
     init = lambda: create_train_state(
-        run.model, tx, cfg.seed, shape, ema=bool(cfg.optimizer.ema_decay)
+        model, tx, config.seed, shape, ema=bool(config.optimizer.ema_decay)
     )
     abstract = jax.eval_shape(init)
     replicated = NamedSharding(sharding.data_mesh(), PartitionSpec())
     target = checkpoint.abstract_with_shardings(
         abstract, jax.tree.map(lambda _: replicated, abstract)
     )
-    state, _ = checkpoint.read_state(checkpoint_dir(workdir), run.step, target)
-    return state, run
+    return checkpoint.read_state(directory, step, target)[0]
 
 
 def _committed_step(directory: str, step: int | None) -> int:
